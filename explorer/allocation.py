@@ -1,0 +1,187 @@
+"""Per-layer sparsity allocation and its conversion into unit counts.
+
+  S_L = clip(S_base - A·Î_L, 0, S_max)                         (reference, Adapt-Pruner)
+  exact mode (our default, a departure from the reference): S_L = clip(S_base - A·Î_L + c, 0, S_max)
+  with the shift c found by bisection so that Σ P_L·S_L = S_base·Σ P_L, i.e. what clipping
+  removed is redistributed and the parameter budget is met exactly.
+  uniform: S_L = S_base.
+
+Counts: a layer keeps round((1-S_L)·G) attention units (KV groups; at least one), and its
+FFN neurons fill the rest of the layer's parameter budget (at least one), so each layer's
+pruned size follows S_L to within one neuron even though heads are coarse. In exact mode
+the neuron counts are rounded by largest remainder so the total is within one neuron of
+the target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .config import AllocationConfig
+from .errors import ExplorerError
+
+
+@dataclass
+class LayerPlan:
+    index: int
+    importance: float  # Î_L
+    sparsity: float  # S_L from the formula (or the manual value)
+    clipped: bool  # the formula hit 0 or S_max here
+    manual: bool
+    keep_groups: int
+    keep_neurons: int
+    groups: int  # before
+    neurons: int  # before
+    params_before: int
+    params_after: int
+
+    @property
+    def actual_sparsity(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+
+@dataclass
+class Allocation:
+    layers: list[LayerPlan]
+    target: float
+    amplitude: float
+    mode: str
+
+    @property
+    def params_before(self) -> int:
+        return sum(l.params_before for l in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(l.params_after for l in self.layers)
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    @property
+    def clipped_layers(self) -> list[int]:
+        return [l.index for l in self.layers if l.clipped]
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "amplitude": self.amplitude, "mode": self.mode,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "removed_fraction": self.removed_fraction,
+                "layers": [{**asdict(l), "actual_sparsity": l.actual_sparsity} for l in self.layers]}
+
+
+def validate(cfg: AllocationConfig) -> None:
+    if not (isinstance(cfg.target, (int, float)) and math.isfinite(cfg.target) and 0 <= cfg.target < 1):
+        raise ExplorerError(f"target sparsity must be in [0, 1), got {cfg.target}")
+    if not (math.isfinite(cfg.amplitude) and 0 <= cfg.amplitude <= 1):
+        raise ExplorerError(f"amplitude A must be in [0, 1] (sparsity units), got {cfg.amplitude}")
+    if not (0 < cfg.max_sparsity < 1):
+        raise ExplorerError(f"S_max must be in (0, 1), got {cfg.max_sparsity}")
+    if cfg.target > cfg.max_sparsity:
+        raise ExplorerError(f"target {cfg.target} exceeds S_max {cfg.max_sparsity}")
+    if cfg.mode not in ("exact", "reference", "uniform"):
+        raise ExplorerError(f"unknown allocation mode '{cfg.mode}': use exact, reference or uniform")
+    if cfg.round_to < 1:
+        raise ExplorerError(f"round_to must be at least 1, got {cfg.round_to}")
+    if not (cfg.prune_attention or cfg.prune_mlp):
+        raise ExplorerError("nothing to prune: enable attention and/or MLP pruning")
+
+
+def layer_sparsities(norm_imp, weights, cfg: AllocationConfig,
+                     manual: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous S_L per layer and whether the formula was clipped there."""
+    imp = np.asarray(norm_imp, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    manual = {int(k): float(v) for k, v in (manual or {}).items()}
+    for k, v in manual.items():
+        if not (0 <= k < len(imp)):
+            raise ExplorerError(f"manual sparsity for layer {k}, but the model has layers 0..{len(imp) - 1}")
+        if not (math.isfinite(v) and 0 <= v < 1):
+            raise ExplorerError(f"manual sparsity for layer {k} must be in [0, 1), got {v}")
+    raw = np.full_like(imp, cfg.target) if cfg.mode == "uniform" else cfg.target - cfg.amplitude * imp
+    free = np.array([i not in manual for i in range(len(imp))])
+    s = np.clip(raw, 0.0, cfg.max_sparsity)
+    if cfg.mode == "exact" and free.any():
+        fixed = sum(w[i] * v for i, v in manual.items())
+        goal = cfg.target * w.sum() - fixed
+
+        def removed(c):
+            return (w[free] * np.clip(raw[free] + c, 0.0, cfg.max_sparsity)).sum()
+
+        lo, hi = -2.0, 2.0
+        if removed(lo) <= goal <= removed(hi):
+            for _ in range(80):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if removed(mid) < goal else (lo, mid)
+            s = np.clip(raw + (lo + hi) / 2, 0.0, cfg.max_sparsity)
+        else:  # manual values make the target unreachable: best effort
+            s = np.clip(raw + (lo if removed(lo) > goal else hi), 0.0, cfg.max_sparsity)
+        clipped = (raw + (lo + hi) / 2 <= 0) | (raw + (lo + hi) / 2 >= cfg.max_sparsity)
+    else:
+        clipped = (raw <= 0) | (raw >= cfg.max_sparsity)
+    if cfg.mode == "uniform":
+        clipped = np.zeros_like(free)
+    for i, v in manual.items():
+        s[i] = v
+    clipped = clipped & free
+    return s, clipped
+
+
+def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
+             manual: dict[int, float] | None = None) -> Allocation:
+    """`structure`: per layer {groups, n_neurons, group_params, neuron_params, block_params}
+    (as recorded by importance analysis)."""
+    validate(cfg)
+    if len(structure) != len(norm_imp):
+        raise ExplorerError("importance and model structure disagree on the number of layers")
+    P = np.array([l["block_params"] for l in structure], dtype=np.float64)
+    s, clipped = layer_sparsities(norm_imp, P, cfg, manual)
+    manual = manual or {}
+    k = cfg.round_to
+    keep_g, neuron_f = [], []
+    for l, sl in zip(structure, s):
+        G, N, pg, pn, Pl = l["groups"], l["n_neurons"], l["group_params"], l["neuron_params"], l["block_params"]
+        fixed = Pl - G * pg - N * pn  # layer norms, output biases: never pruned
+        budget = (1 - sl) * Pl
+        if cfg.prune_attention and cfg.prune_mlp:
+            g = int(min(G, max(1, round((1 - sl) * G))))
+            n = (budget - fixed - g * pg) / pn
+        elif cfg.prune_attention:
+            n = N
+            g = int(min(G, max(1, round((budget - fixed - N * pn) / pg))))
+        else:
+            g = G
+            n = (budget - fixed - G * pg) / pn
+        keep_g.append(g)
+        neuron_f.append(float(np.clip(n, 1, N)))
+    # neurons in blocks of k, largest-remainder rounding so the total matches the budget
+    units = np.array(neuron_f) / k
+    floor = np.floor(units)
+    max_units = np.array([math.floor(l["n_neurons"] / k) for l in structure], dtype=np.float64)
+    n_units = np.minimum(np.maximum(floor, 1 if k == 1 else 0), np.maximum(max_units, 1))
+    if cfg.mode == "exact" and cfg.prune_mlp:
+        pn_k = np.array([l["neuron_params"] * k for l in structure])
+        want = P.sum() * (1 - cfg.target) - sum(
+            l["block_params"] - l["n_neurons"] * l["neuron_params"] - (l["groups"] - g) * l["group_params"]
+            for l, g in zip(structure, keep_g))  # params the neurons should hold in total
+        order = np.argsort(-(units - floor), kind="stable")
+        for i in order:
+            have = (n_units * pn_k).sum()
+            if want - have < pn_k[i] / 2:
+                break
+            if n_units[i] < max_units[i] and i not in manual:
+                n_units[i] += 1
+    else:
+        n_units = np.minimum(np.round(units), np.maximum(max_units, 1))
+    layers = []
+    for i, (l, g, nu) in enumerate(zip(structure, keep_g, n_units)):
+        n = int(min(l["n_neurons"], max(1, nu * k)))
+        if not cfg.prune_mlp:
+            n = l["n_neurons"]
+        after = l["block_params"] - (l["groups"] - g) * l["group_params"] - (l["n_neurons"] - n) * l["neuron_params"]
+        assert 1 <= g <= l["groups"] and 1 <= n <= l["n_neurons"]
+        layers.append(LayerPlan(i, float(norm_imp[i]), float(s[i]), bool(clipped[i]), i in manual,
+                                g, n, l["groups"], l["n_neurons"], int(l["block_params"]), int(after)))
+    return Allocation(layers, cfg.target, cfg.amplitude, cfg.mode)

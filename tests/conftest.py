@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random models built from configs (never downloaded)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM)
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_distilbert():
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=120, dim=32, n_layers=3, n_heads=4, hidden_dim=64,
+                           max_position_embeddings=64, num_labels=2)
+    return DistilBertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=120, n_embd=32, n_layer=3, n_head=4, n_inner=64, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+                      num_key_value_heads=3, head_dim=8, intermediate_size=64,
+                      max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+TINY = {"bert": tiny_bert, "distilbert": tiny_distilbert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny(request):
+    """(name, model) for every tiny architecture."""
+    return request.param, TINY[request.param]()
+
+
+def tiny_batch(n=4, t=12, vocab=120, pad_last=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    if pad_last:
+        mask[-1, t // 2:] = 0
+        ids[-1, t // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

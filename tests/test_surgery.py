@@ -1,0 +1,80 @@
+"""Removing units gives the same outputs as zeroing them in the unpruned model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from explorer.adapters import adapter_for
+from explorer.surgery import drop_layers, keep_units, prune_block, widths
+from conftest import tiny_batch
+
+
+def _zero_units(group, keep):
+    drop = [u for u in range(group.n_units) if u not in keep]
+    with torch.no_grad():
+        for s in group.slices:
+            for u in drop:
+                s.param.narrow(s.dim, s.offset + u * s.unit_size, s.unit_size).zero_()
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_pruned_equals_zeroed(tiny):
+    name, model = tiny
+    ad = adapter_for(model.config.model_type)
+    zeroed = copy.deepcopy(model)
+    plan = {}
+    for b in ad.blocks(model):
+        keep_a = [u for u in range(b.attn.n_units) if (u + b.index) % 3 != 0]
+        keep_m = list(range(0, b.mlp.n_units, 2))
+        plan[b.index] = (keep_a, keep_m)
+    for b in ad.blocks(zeroed):
+        _zero_units(b.attn, plan[b.index][0])
+        _zero_units(b.mlp, plan[b.index][1])
+    params_before = sum(p.numel() for p in model.parameters())
+    for i, (ka, km) in plan.items():
+        prune_block(ad, model, i, ka, km)
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    for w, (ka, km) in zip(widths(ad, model), plan.values()):
+        assert w["groups"] == len(ka) and w["neurons"] == len(km)
+    batch = tiny_batch()
+    torch.testing.assert_close(_logits(model, batch), _logits(zeroed, batch), atol=1e-5, rtol=1e-4)
+
+
+def test_gqa_groups_carry_their_query_heads(tiny):
+    name, model = tiny
+    ad = adapter_for(model.config.model_type)
+    b = ad.block(model, 0)
+    n_q_rows = b.attn.n_units * b.heads_per_group * b.head_dim
+    keep_units(b.attn, [0])
+    ad.after_prune(ad.block(model, 0))
+    b2 = ad.block(model, 0)
+    assert b2.attn.n_units == 1
+    per_q = b.heads_per_group * b.head_dim
+    q_like = [s for s in b2.attn.slices if s.name == "weight"][0].param
+    assert n_q_rows // b.attn.n_units == per_q
+    assert per_q in q_like.shape or 3 * per_q in q_like.shape
+
+
+def test_drop_layers_keeps_model_working(tiny):
+    name, model = tiny
+    ad = adapter_for(model.config.model_type)
+    drop_layers(ad, model, [1])
+    assert len(ad.layers(model)) == 2 and model.config.num_hidden_layers == 2
+    out = _logits(model, tiny_batch())
+    assert torch.isfinite(out).all()
+
+
+def test_generate_after_pruning():
+    from conftest import tiny_llama
+    model = tiny_llama()
+    ad = adapter_for("llama")
+    for i in range(3):
+        prune_block(ad, model, i, [i % 3], list(range(10 + i)))
+    drop_layers(ad, model, [0])
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 8)
