@@ -1,0 +1,115 @@
+"""Evaluation: quality on held-out data (accuracy or perplexity), size, analytic FLOPs and
+measured latency. Dense and pruned models are measured the same way."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+from .data import TextData
+from .models import LoadedModel
+
+
+@torch.inference_mode()
+def accuracy(lm: LoadedModel, texts: list[str], labels: list[int], batch_size: int = 64) -> float:
+    """Fraction of correct predictions (examples in the given order, no shuffling)."""
+    lm.model.eval()
+    correct = 0
+    for i in range(0, len(texts), batch_size):
+        batch = lm.encode(texts[i:i + batch_size])
+        pred = lm.model(**batch).logits.argmax(-1).cpu()
+        correct += int((pred == torch.as_tensor(labels[i:i + batch_size])).sum())
+    return correct / max(len(texts), 1)
+
+
+@torch.inference_mode()
+def perplexity(lm: LoadedModel, texts: list[str], max_tokens: int = 16384,
+               window: int | None = None, stride: int | None = None) -> float:
+    """Strided perplexity over the concatenated texts (EOS between documents): each window
+    of `window` tokens scores only its last `stride` tokens, so every scored token sees up
+    to window-stride tokens of context."""
+    lm.model.eval()
+    tok = lm.tokenizer
+    sep = tok.eos_token or "\n\n"
+    ids = tok(sep.join(texts), return_tensors="pt", truncation=False).input_ids[0][:max_tokens + 1]
+    window = window or lm.max_length
+    stride = stride or window // 2
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids) - 1, stride):
+        end = min(begin + window, len(ids))
+        chunk = ids[begin:end].unsqueeze(0).to(lm.device)
+        target = chunk.clone()
+        n_new = end - prev_end  # tokens not scored by an earlier window
+        target[:, :-n_new] = -100
+        loss = lm.model(input_ids=chunk, labels=target).loss
+        scored = int((target[:, 1:] != -100).sum())
+        nll += float(loss) * scored
+        count += scored
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll / max(count, 1))
+
+
+def flops_per_token(lm: LoadedModel, seq_len: int = 128) -> int:
+    """Analytic forward FLOPs per token in the transformer blocks: 2 per weight of every
+    matrix multiply, plus attention scores and mixing (2·2·seq·heads·head_dim)."""
+    total = 0
+    for b in lm.adapter.blocks(lm.model):
+        mat = sum(p.numel() for n, p in b.module.named_parameters() if p.dim() == 2)
+        total += 2 * mat + 4 * seq_len * b.attn.n_units * b.heads_per_group * b.head_dim
+    return int(total)
+
+
+@torch.inference_mode()
+def latency(lm: LoadedModel, batch_size: int = 32, seq_len: int = 128, repeats: int = 5, warmup: int = 2) -> dict:
+    """Median wall time of one forward pass on random tokens (after warm-up)."""
+    lm.model.eval()
+    vocab = lm.model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=g).to(lm.device)
+    mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        t = time.perf_counter()
+        lm.model(input_ids=ids, attention_mask=mask)
+        sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - t) * 1000)
+    return {"latency_ms": statistics.median(times), "latency_min_ms": min(times),
+            "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats}
+
+
+def quality(lm: LoadedModel, data: TextData, eval_samples: int = 0) -> dict:
+    """Accuracy on the test split (classifiers) or perplexity on test text (LMs)."""
+    if lm.task == "classification":
+        if not data.has_labels:
+            raise ValueError("accuracy needs a labelled data set")
+        n = eval_samples or len(data.texts["test"])
+        return {"accuracy": accuracy(lm, data.texts["test"][:n], data.labels["test"][:n]), "eval_examples": n}
+    if lm.task == "causal-lm":
+        n = eval_samples or 16384
+        return {"perplexity": perplexity(lm, data.texts["test"], max_tokens=n), "eval_tokens": n}
+    return {}
+
+
+def evaluate(lm: LoadedModel, data: TextData, eval_samples: int = 0, timing: bool = True,
+             batch_size: int = 32, seq_len: int = 128) -> dict:
+    """Everything the reports show for one model."""
+    out = {"params": lm.n_params, "block_params": lm.block_params,
+           "flops_per_token": flops_per_token(lm, seq_len), **quality(lm, data, eval_samples)}
+    if timing:
+        if lm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        out.update(latency(lm, batch_size=batch_size, seq_len=seq_len))
+        if lm.device.type == "cuda":
+            out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def metric_name(lm: LoadedModel) -> str:
+    return {"classification": "accuracy", "causal-lm": "perplexity"}.get(lm.task, "")

@@ -1,0 +1,216 @@
+"""Incremental structural pruning with recovery (Adapt-Accel).
+
+From dense to the target in K stages. Each stage: re-estimate importance on fresh
+calibration samples, re-allocate per-layer sparsity with the same A, physically remove the
+least salient units, recover, evaluate. `PruningRun.events()` is a generator yielding one
+record per stage (and per recovery step) so the UI and the CLI can stream it; `stop()`
+cancels between steps and leaves the last completed model in place.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterator
+
+import numpy as np
+
+from .allocation import Allocation, allocate
+from .config import AllocationConfig, AnalysisConfig, PruneConfig
+from .data import TextData
+from .errors import Cancelled, ExplorerError
+from .evaluate import evaluate, metric_name
+from .importance import Importance, analyze
+from .models import LoadedModel
+from .recovery import recover_steps
+from .surgery import drop_layers, prune_block, widths
+
+
+def choose_units(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the k highest scores, ties broken by the lower index; sorted."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((np.arange(len(scores)), -scores))  # by -score, then index
+    return sorted(int(i) for i in order[:k])
+
+
+def apply_allocation(lm: LoadedModel, imp: Importance, alloc: Allocation, metric: str | None = None) -> None:
+    """Prune every layer to its allocated counts, keeping the most salient units."""
+    m = metric or imp.metric
+    assert len(alloc.layers) == len(lm.adapter.layers(lm.model)), "allocation does not fit the model"
+    for lp in alloc.layers:
+        keep_g = choose_units(imp.groups[m][lp.index], lp.keep_groups)
+        keep_n = choose_units(imp.neurons[m][lp.index], lp.keep_neurons)
+        prune_block(lm.adapter, lm.model, lp.index, keep_g, keep_n)
+    for lp, w in zip(alloc.layers, widths(lm.adapter, lm.model)):
+        assert (w["groups"], w["neurons"]) == (lp.keep_groups, lp.keep_neurons)
+
+
+def interpolate_plan(final: Allocation, current: list[dict], original: list[dict], frac: float,
+                     imp: Importance, template: AllocationConfig) -> Allocation:
+    """Counts for a stage that moves each layer `frac` of the way from its original widths
+    to a fixed final plan (used when the user edited the per-layer table by hand)."""
+    layers = []
+    for lp, cur, org in zip(final.layers, current, original):
+        g = int(round(org["groups"] - (org["groups"] - lp.keep_groups) * frac))
+        n = int(round(org["n_neurons"] - (org["n_neurons"] - lp.keep_neurons) * frac))
+        g, n = max(1, min(g, cur["groups"])), max(1, min(n, cur["n_neurons"]))
+        after = cur["block_params"] - (cur["groups"] - g) * cur["group_params"] - (cur["n_neurons"] - n) * cur["neuron_params"]
+        layers.append(replace(lp, keep_groups=g, keep_neurons=n, groups=cur["groups"], neurons=cur["n_neurons"],
+                              params_before=cur["block_params"], params_after=int(after)))
+    return Allocation(layers, template.target, template.amplitude, "manual")
+
+
+@dataclass
+class StageRecord:
+    stage: int
+    params: int
+    block_params: int
+    removed_fraction: float  # of the original prunable-block parameters
+    quality: dict
+    latency_ms: float | None
+    flops_per_token: int
+    losses: list[float]
+    seconds: float
+    widths: list[dict]
+    sparsity: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class PruningRun:
+    """One pruning run over a loaded model. Mutates `lm.model`; keeps a copy of the last
+    completed stage so that Stop or an error never leaves a half-pruned model behind."""
+
+    def __init__(self, lm: LoadedModel, data: TextData, analysis: AnalysisConfig | None = None,
+                 allocation: AllocationConfig | None = None, prune: PruneConfig | None = None,
+                 final_plan: Allocation | None = None, timing: bool = True, label: str = ""):
+        self.lm, self.data = lm, data
+        self.analysis = analysis or AnalysisConfig()
+        self.allocation = allocation or AllocationConfig()
+        self.prune = prune or PruneConfig()
+        self.final_plan = final_plan
+        self.timing = timing
+        self.label = label or f"{self.allocation.mode} A={self.allocation.amplitude:g}"
+        self.records: list[StageRecord] = []
+        self.dense: dict = {}
+        self.status = "ready"
+        self.error = ""
+        self._stop = False
+        if self.prune.stages < 1:
+            raise ExplorerError(f"stages must be at least 1, got {self.prune.stages}")
+        if lm.task == "encoder" and self.prune.recovery != "none":
+            raise ExplorerError("this model has no task head: use recovery 'none'")
+        if lm.task == "classification" and not data.has_labels:
+            raise ExplorerError(f"data '{data.name}' has no labels, but '{lm.name}' is a classifier")
+        if lm.task == "classification" and data.num_labels > lm.model.config.num_labels:
+            raise ExplorerError(f"data '{data.name}' has {data.num_labels} classes but the model's head has "
+                                f"{lm.model.config.num_labels}")
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _should_stop(self) -> bool:
+        return self._stop
+
+    def _eval(self) -> dict:
+        return evaluate(self.lm, self.data, self.prune.eval_samples, timing=self.timing)
+
+    def _calibration(self, stage: int):
+        return self.data.calibration(self.analysis.samples, stage=stage, seed=self.analysis.seed)
+
+    def events(self) -> Iterator[dict]:
+        """Yields {"type": "dense"|"analysis"|"step"|"stage"|"stopped"|"error"|"done", ...}."""
+        lm, cfg = self.lm, self.prune
+        self.status = "running"
+        t_run = time.perf_counter()
+        original = lm.block_params
+        self.dense = self._eval()
+        yield {"type": "dense", "eval": self.dense, "metric": metric_name(lm)}
+        last_good = copy.deepcopy(lm.model)
+        teacher = copy.deepcopy(lm.model).eval() if cfg.recovery == "kd" else None
+        original_structure = None
+        try:
+            if cfg.layer_drop:
+                yield from self._drop_layers()
+                last_good = copy.deepcopy(lm.model)
+            for k in range(1, cfg.stages + 1):
+                t0 = time.perf_counter()
+                goal = original * (1 - self.allocation.target * k / cfg.stages)
+                current = lm.block_params
+                stage_target = max(0.0, 1 - goal / current)
+                texts, labels = self._calibration(k)
+                imp = analyze(lm, texts, labels, self.analysis, should_stop=self._should_stop)
+                original_structure = original_structure or imp.params
+                yield {"type": "analysis", "stage": k, "importance": imp}
+                if self.final_plan is not None:
+                    alloc = interpolate_plan(self.final_plan, imp.params, original_structure, k / cfg.stages,
+                                             imp, self.allocation)
+                else:
+                    alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target))
+                apply_allocation(lm, imp, alloc)
+                losses: list[float] = []
+                for ev in self._recover(k, teacher, losses):
+                    yield ev
+                rec = self._record(k, original, losses, time.perf_counter() - t0, alloc)
+                self.records.append(rec)
+                last_good = copy.deepcopy(lm.model)
+                yield {"type": "stage", "record": rec}
+        except Cancelled:
+            lm.model = last_good
+            self.status = "stopped"
+            yield {"type": "stopped", "completed": len(self.records)}
+            return
+        except ExplorerError as e:
+            lm.model = last_good
+            self.status, self.error = "error", str(e)
+            yield {"type": "error", "message": str(e), "completed": len(self.records)}
+            return
+        except Exception as e:  # an unexpected failure inside a stage: keep the last good model
+            lm.model = last_good
+            self.status, self.error = "error", f"stage {len(self.records) + 1} failed: {type(e).__name__}: {e}"
+            yield {"type": "error", "message": self.error, "completed": len(self.records)}
+            return
+        self.status = "done"
+        yield {"type": "done", "seconds": time.perf_counter() - t_run}
+
+    def _recover(self, stage: int, teacher, losses: list[float]) -> Iterator[dict]:
+        """Run recovery, yielding one event per optimiser step."""
+        for step, loss in recover_steps(self.lm, self.data, self.prune, stage, teacher, self._should_stop):
+            losses.append(loss)
+            yield {"type": "step", "stage": stage, "step": step, "loss": loss}
+
+    def _drop_layers(self) -> Iterator[dict]:
+        texts, _ = self._calibration(0)
+        imp = analyze(self.lm, texts, None, replace(self.analysis, metric="magnitude_l1"),
+                      metrics=("magnitude_l1",), should_stop=self._should_stop)
+        order = np.argsort(imp.layer_cos, kind="stable")[: self.prune.layer_drop]
+        drop_layers(self.lm.adapter, self.lm.model, [int(i) for i in order])
+        yield {"type": "layer_drop", "dropped": sorted(int(i) for i in order)}
+
+    def _record(self, k, original, losses, seconds, alloc) -> StageRecord:
+        ev = self._eval()
+        q = {key: ev[key] for key in ("accuracy", "perplexity") if key in ev}
+        return StageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / original, q,
+                           ev.get("latency_ms"), ev["flops_per_token"], losses, seconds,
+                           widths(self.lm.adapter, self.lm.model), [l.sparsity for l in alloc.layers])
+
+    def run(self) -> dict:
+        """Run to the end (no streaming) and return the report."""
+        for _ in self.events():
+            pass
+        return self.report()
+
+    def report(self) -> dict:
+        m = metric_name(self.lm)
+
+        def brief(ev):
+            return {"params": ev.get("params"), "block_params": ev.get("block_params"), m: ev.get(m),
+                    "latency_ms": ev.get("latency_ms"), "flops_per_token": ev.get("flops_per_token")}
+        final = brief({**asdict(self.records[-1]), **self.records[-1].quality}) if self.records else brief(self.dense)
+        return {"label": self.label, "model": self.lm.name, "data": self.data.name, "metric": m,
+                "status": self.status, "error": self.error,
+                "config": {"analysis": asdict(self.analysis), "allocation": asdict(self.allocation),
+                           "prune": asdict(self.prune)},
+                "dense": brief(self.dense), "final": final,
+                "stages": [r.to_json() for r in self.records]}
