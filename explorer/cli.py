@@ -1,0 +1,232 @@
+"""Command line: `python -m explorer {analyze,allocate,prune,eval} ...`.
+
+Bad input (model, data, numbers) prints one line on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .config import AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args
+from .errors import ExplorerError
+
+EXIT_USAGE = 2
+
+
+def _write_json(obj: dict, path: str | None) -> None:
+    text = json.dumps(obj, indent=1, default=float)
+    if path in (None, "-"):
+        print(text)
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(p)
+
+
+def _load(args):
+    from .data import load_data
+    from .models import load_model
+    lm = load_model(args.model, task=args.task, device=args.device, trust_remote_code=args.trust_remote_code,
+                    allow_pickle=args.allow_pickle)
+    data_name = args.data or lm.default_data
+    if not data_name:
+        raise ExplorerError(f"no --data given and '{args.model}' has no default data set")
+    data = load_data(data_name, text_column=args.text_column, label_column=args.label_column)
+    return lm, data
+
+
+def _add_model_args(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--model", required=True, help="built-in name (minilm-rt, smollm2-135m, minilm), HF id or directory")
+    if data:
+        p.add_argument("--data", default=None, help="built-in data (rotten-tomatoes, imdb, bbc-news) or a CSV/JSONL/TXT "
+                                                    "file (default: the model's own data set)")
+        p.add_argument("--text-column", default="text", help="text column of a CSV/JSONL file")
+        p.add_argument("--label-column", default="label", help="label column of a CSV/JSONL file")
+    p.add_argument("--task", default=None, choices=["classification", "causal-lm", "encoder"],
+                   help="override the task inferred from the config")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (unsafe)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based .bin weights (unsafe for untrusted files)")
+
+
+def cmd_analyze(args) -> None:
+    from .importance import analyze
+    lm, data = _load(args)
+    cfg = from_args(AnalysisConfig, args)
+    texts, labels = data.calibration(cfg.samples, seed=cfg.seed)
+    if lm.task == "encoder":
+        labels = None
+    imp = analyze(lm, texts, labels, cfg, progress=_progress("analysis"))
+    out = {"model": args.model, "data": data.name, "task": lm.task, "summary": lm.summary(),
+           **imp.to_json(all_metrics=args.all_metrics)}
+    _write_json(out, args.json)
+    print(f"analysed {len(imp.layer_cos)} layers on {imp.samples} samples in {imp.seconds:.1f} s -> {args.json}",
+          file=sys.stderr)
+
+
+def cmd_allocate(args) -> None:
+    from .allocation import allocate
+    from .importance import Importance
+    try:
+        analysis = json.loads(Path(args.analysis).read_text())
+        imp = Importance.from_json(analysis)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExplorerError(f"cannot read analysis file '{args.analysis}': {e}") from None
+    cfg = from_args(AllocationConfig, args)
+    if args.uniform:
+        cfg = replace(cfg, mode="uniform")
+    manual = _parse_manual(args.manual)
+    alloc = allocate(imp.normalized, imp.params, cfg, manual)
+    out = dict(analysis)
+    for layer, lp in zip(out["layers"], alloc.layers):
+        layer.update({"sparsity": lp.sparsity, "actual_sparsity": lp.actual_sparsity, "clipped": lp.clipped,
+                      "keep_groups": lp.keep_groups, "keep_heads": lp.keep_groups * layer.get("heads_per_group", 1),
+                      "keep_neurons": lp.keep_neurons, "params_after": lp.params_after})
+    out["allocation"] = {k: v for k, v in alloc.to_json().items() if k != "layers"}
+    _write_json(out, args.json)
+    print(f"allocated {alloc.removed_fraction:.4f} of block parameters (target {cfg.target}, A {cfg.amplitude}, "
+          f"{cfg.mode}); clipped layers: {alloc.clipped_layers or 'none'}", file=sys.stderr)
+
+
+def _parse_manual(items: list[str] | None) -> dict[int, float]:
+    out = {}
+    for item in items or []:
+        try:
+            k, v = item.split("=")
+            out[int(k)] = float(v)
+        except ValueError:
+            raise ExplorerError(f"--manual expects LAYER=SPARSITY (e.g. 3=0.5), got '{item}'") from None
+    return out
+
+
+def _progress(what: str):
+    from tqdm import tqdm
+    bar = {}
+
+    def cb(done, total):
+        if "b" not in bar:
+            bar["b"] = tqdm(total=total, desc=what, file=sys.stderr, leave=False)
+        bar["b"].n = done
+        bar["b"].refresh()
+        if done >= total:
+            bar.pop("b").close()
+    return cb
+
+
+def cmd_prune(args) -> None:
+    from tqdm import tqdm
+
+    from .models import save_model
+    from .pruning import PruningRun
+    lm, data = _load(args)
+    analysis = from_args(AnalysisConfig, args)
+    alloc = from_args(AllocationConfig, args)
+    if args.allocation == "uniform":
+        alloc = replace(alloc, mode="uniform")
+    prune = from_args(PruneConfig, args)
+    if prune.stages < 1:
+        raise ExplorerError(f"--stages must be at least 1, got {prune.stages}")
+    from .allocation import validate
+    validate(alloc)
+    run = PruningRun(lm, data, analysis, alloc, prune, label=f"{args.allocation} A={alloc.amplitude:g}")
+    total = prune.stages * (1 + max(prune.recovery_steps, 0) * (prune.recovery != "none"))
+    bar = tqdm(total=total, desc="pruning", file=sys.stderr)
+    m = None
+    for ev in run.events():
+        t = ev["type"]
+        if t == "dense":
+            m = ev["metric"]
+            bar.write(f"dense: {m} {ev['eval'].get(m)}  params {ev['eval']['params']:,}")
+        elif t in ("analysis", "step"):
+            bar.update(1)
+            if t == "step":
+                bar.set_postfix(stage=ev["stage"], loss=f"{ev['loss']:.3f}")
+        elif t == "stage":
+            r = ev["record"]
+            bar.write(f"stage {r.stage}: removed {r.removed_fraction:.3f} of block params, {m} "
+                      f"{r.quality.get(m):.4f}, latency {r.latency_ms:.1f} ms")
+        elif t in ("error", "stopped"):
+            bar.close()
+            _write_json(run.report(), args.json)
+            raise ExplorerError(ev.get("message", "stopped"))
+    bar.close()
+    report = run.report()
+    if args.out:
+        path = save_model(lm, args.out, extra={"report": {k: report[k] for k in ("dense", "final", "metric")}})
+        report["saved_to"] = str(path)
+    _write_json(report, args.json)
+    f, d = report["final"], report["dense"]
+    print(f"{m}: dense {d[m]:.4f} -> pruned {f[m]:.4f}; params {d['params']:,} -> {f['params']:,}; "
+          f"latency {d['latency_ms']:.1f} -> {f['latency_ms']:.1f} ms", file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate, metric_name
+    lm, data = _load(args)
+    ev = evaluate(lm, data, args.eval_samples, batch_size=args.batch_size, seq_len=args.seq_len)
+    m = metric_name(lm)
+    out = {"model": args.model, "data": data.name, "metric": m, **ev}
+    _write_json(out, args.json)
+    print(f"{m}: {ev.get(m)}  params {ev['params']:,}  latency {ev['latency_ms']:.1f} ms "
+          f"(batch {args.batch_size} x {args.seq_len})", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m explorer", description="Pruning Explorer: analyse, allocate, "
+                                 "prune and evaluate transformer models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="layer cosine importance and head/neuron salience")
+    _add_model_args(p)
+    add_arguments(p, AnalysisConfig)
+    p.add_argument("--all-metrics", action="store_true", help="include every metric per layer in the JSON")
+    p.add_argument("--json", required=True, help="output file")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("allocate", help="per-layer sparsity from an analysis: S_L = S_base - A*Î_L")
+    p.add_argument("--analysis", required=True, help="JSON written by `analyze`")
+    add_arguments(p, AllocationConfig, rename={"amplitude": "amplitude"})
+    p.add_argument("--uniform", action="store_true", help="uniform allocation (same as --mode uniform)")
+    p.add_argument("--manual", nargs="*", metavar="L=S", help="per-layer overrides, e.g. 0=0.1 5=0.6")
+    p.add_argument("--json", required=True, help="output file")
+    p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("prune", help="incremental structural pruning with recovery; saves the smaller model")
+    _add_model_args(p)
+    add_arguments(p, AnalysisConfig)
+    add_arguments(p, AllocationConfig, skip=("mode",))
+    p.add_argument("--allocation", default="adaptive", choices=["adaptive", "uniform"],
+                   help="adaptive (S_L = S_base - A*Î_L, exact budget) or uniform")
+    p.add_argument("--mode", default="exact", choices=["exact", "reference"],
+                   help="adaptive budget: exact (default, departure) or reference (clip only)")
+    add_arguments(p, PruneConfig, skip=("seed",))
+    p.add_argument("--out", default=None, help="directory to save the pruned model")
+    p.add_argument("--json", required=True, help="report file")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="quality, size and latency of one model")
+    _add_model_args(p)
+    p.add_argument("--eval-samples", type=int, default=0, help="test examples / tokens (0: all / 16384)")
+    p.add_argument("--batch-size", type=int, default=32, help="latency batch size")
+    p.add_argument("--seq-len", type=int, default=128, help="latency sequence length")
+    p.add_argument("--json", required=True, help="output file")
+    p.set_defaults(func=cmd_eval)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ExplorerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
