@@ -59,3 +59,40 @@ def tiny_batch(n=4, t=12, vocab=120, pad_last=True, seed=1):
         mask[-1, t // 2:] = 0
         ids[-1, t // 2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_tokenizer():
+    """A real (saveable) word-level tokenizer over the tiny models' 120-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, 120)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def tiny_lm(name: str):
+    """LoadedModel around a tiny random model (classifiers for BERT-likes, LMs otherwise)."""
+    from explorer.adapters import adapter_for
+    from explorer.models import LoadedModel
+    model = TINY[name]()
+    task = "classification" if name in ("bert", "distilbert") else "causal-lm"
+    model.config.pad_token_id = 0
+    return LoadedModel(model, tiny_tokenizer(), task, f"tiny-{name}", adapter_for(model.config.model_type),
+                       torch.device("cpu"), max_length=16)
+
+
+def tiny_data(n: int = 80, seed: int = 0):
+    """Labelled word sequences over the tiny vocabulary; the label depends on the words."""
+    import random
+
+    from explorer.data import TextData
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        words = [rng.randrange(3, 120) for _ in range(rng.randrange(4, 12))]
+        texts.append(" ".join(f"w{w}" for w in words))
+        labels.append(int(sum(words) / len(words) > 60))
+    a, b = int(n * 0.7), int(n * 0.8)
+    return TextData("tiny", {"train": texts[:a], "val": texts[a:b], "test": texts[b:]},
+                    {"train": labels[:a], "val": labels[a:b], "test": labels[b:]}, ["low", "high"])
