@@ -121,19 +121,25 @@ def _progress(what: str):
 def cmd_prune(args) -> None:
     from tqdm import tqdm
 
+    from .methods import METHODS, make_run
     from .models import save_model
-    from .pruning import PruningRun
+    if args.method not in METHODS:
+        raise ExplorerError(f"unknown method '{args.method}': use one of {', '.join(METHODS)}")
     lm, data = _load(args)
     analysis = from_args(AnalysisConfig, args)
     alloc = from_args(AllocationConfig, args)
+    method = args.method
     if args.allocation == "uniform":
         alloc = replace(alloc, mode="uniform")
+        method = "uniform" if method == "adaptive" else method
     prune = from_args(PruneConfig, args)
     if prune.stages < 1:
         raise ExplorerError(f"--stages must be at least 1, got {prune.stages}")
     from .allocation import validate
     validate(alloc)
-    run = PruningRun(lm, data, analysis, alloc, prune, label=f"{args.allocation} A={alloc.amplitude:g}")
+    options = {k: getattr(args, k) for k in ("trials", "rounds", "pattern", "rewind_step")
+               if getattr(args, k) is not None}
+    run = make_run(method, lm, data, analysis, alloc, prune, **options)
     total = prune.stages * (1 + max(prune.recovery_steps, 0) * (prune.recovery != "none"))
     bar = tqdm(total=total, desc="pruning", file=sys.stderr)
     m = None
@@ -150,6 +156,10 @@ def cmd_prune(args) -> None:
             r = ev["record"]
             bar.write(f"stage {r.stage}: removed {r.removed_fraction:.3f} of block params, {m} "
                       f"{r.quality.get(m):.4f}, latency {r.latency_ms:.1f} ms")
+        elif t == "trial":
+            bar.write(f"trial {ev['trial']}: {ev['value']:.4f} (best {ev['best_value']:.4f})")
+        elif t == "round":
+            bar.write("round " + ", ".join(f"{k} {v}" for k, v in ev.items() if k != "type"))
         elif t in ("error", "stopped"):
             bar.close()
             _write_json(run.report(), args.json)
@@ -205,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="exact", choices=["exact", "reference"],
                    help="adaptive budget: exact (default, departure) or reference (clip only)")
     add_arguments(p, PruneConfig, skip=("seed",))
+    p.add_argument("--method", default="adaptive",
+                   help="pruning method: adaptive (default), uniform, apt, adapruner, fusion, magnitude, wanda, "
+                        "lottery, layer-drop, distill-baseline, lora-before, lora-after")
+    p.add_argument("--trials", type=int, default=None, help="adapruner: TPE trials")
+    p.add_argument("--rounds", type=int, default=None, help="lottery: pruning rounds")
+    p.add_argument("--rewind-step", type=int, default=None, help="lottery: rewind to this training step (0: start)")
+    p.add_argument("--pattern", default=None, choices=["none", "2:4"], help="magnitude/wanda: N:M pattern")
     p.add_argument("--out", default=None, help="directory to save the pruned model")
     p.add_argument("--json", required=True, help="report file")
     p.set_defaults(func=cmd_prune)

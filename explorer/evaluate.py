@@ -113,3 +113,31 @@ def evaluate(lm: LoadedModel, data: TextData, eval_samples: int = 0, timing: boo
 
 def metric_name(lm: LoadedModel) -> str:
     return {"classification": "accuracy", "causal-lm": "perplexity"}.get(lm.task, "")
+
+
+def same_width_reference(lm: LoadedModel) -> LoadedModel:
+    """A dense model built from the config and given the pruned model's *average* widths in
+    every layer (uniform): the speed-up a pruned model can hope for. Random weights; for
+    timing only."""
+    import copy
+
+    from .surgery import reshape_to, widths
+    ws = widths(lm.adapter, lm.model)
+    avg_g = max(1, round(sum(w["groups"] for w in ws) / len(ws)))
+    avg_n = max(1, round(sum(w["neurons"] for w in ws) / len(ws)))
+    model = type(lm.model)(copy.deepcopy(lm.model.config)).to(lm.device).eval()
+    dense_depth = len(lm.adapter.layers(model))
+    assert dense_depth == len(ws), "reference must have the pruned depth"
+    reshape_to(lm.adapter, model, [{"groups": avg_g, "neurons": avg_n}] * len(ws))
+    return LoadedModel(model, lm.tokenizer, lm.task, lm.name + " (same-width dense)", lm.adapter, lm.device,
+                       lm.default_data, lm.max_length)
+
+
+def speedup_report(dense_ms: float, lm: LoadedModel, batch_size: int = 32, seq_len: int = 128) -> dict:
+    """Measured speed-up of `lm` over dense, and over the same-width dense limit."""
+    pruned = latency(lm, batch_size, seq_len)["latency_ms"]
+    limit = latency(same_width_reference(lm), batch_size, seq_len)["latency_ms"]
+    return {"dense_ms": dense_ms, "pruned_ms": pruned, "same_width_ms": limit,
+            "speedup": dense_ms / pruned, "limit_speedup": dense_ms / limit,
+            "fraction_of_limit": (dense_ms / pruned) / (dense_ms / limit),
+            "batch_size": batch_size, "seq_len": seq_len}

@@ -1,0 +1,119 @@
+"""The command line: JSON outputs, and one clear line on stderr with exit code 2 on bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_data, tiny_lm
+from explorer.cli import main
+from explorer.models import save_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A tiny BERT classifier and a tiny LLaMA saved as ordinary model directories, and a CSV."""
+    root = tmp_path_factory.mktemp("cli")
+    out = {}
+    for name in ("bert", "llama"):
+        lm = tiny_lm(name)
+        out[name] = str(save_model(lm, root / name))
+    data = tiny_data(120)
+    csv = root / "data.csv"
+    rows = ["text,label"] + [f"{t},{l}" for t, l in zip(sum(data.texts.values(), []), sum(data.labels.values(), []))]
+    csv.write_text("\n".join(rows))
+    txt = root / "data.txt"
+    txt.write_text("\n\n".join(sum(data.texts.values(), [])))
+    out["csv"], out["txt"], out["root"] = str(csv), str(txt), root
+    return out
+
+
+def _err_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected a message on stderr"
+    return err[-1]
+
+
+def test_analyze_then_allocate(tiny_dirs, capsys):
+    a = tiny_dirs["root"] / "a.json"
+    assert main(["analyze", "--model", tiny_dirs["bert"], "--data", tiny_dirs["csv"], "--samples", "16",
+                 "--batch-size", "8", "--json", str(a)]) == 0
+    d = json.loads(a.read_text())
+    assert len(d["layers"]) == 3
+    for layer in d["layers"]:
+        assert {"index", "cosine_importance", "normalized_importance", "heads", "neurons"} <= set(layer)
+        assert len(layer["heads"]) == 4 and len(layer["neurons"]) == 64
+    b = tiny_dirs["root"] / "b.json"
+    assert main(["allocate", "--analysis", str(a), "--target", "0.4", "--amplitude", "0.2", "--json", str(b)]) == 0
+    d2 = json.loads(b.read_text())
+    assert all(0 <= layer["sparsity"] < 1 for layer in d2["layers"])
+    assert abs(d2["allocation"]["removed_fraction"] - 0.4) < 0.02
+    u = tiny_dirs["root"] / "u.json"
+    assert main(["allocate", "--analysis", str(a), "--target", "0.4", "--amplitude", "0.2", "--uniform",
+                 "--json", str(u)]) == 0
+    assert {layer["sparsity"] for layer in json.loads(u.read_text())["layers"]} == {0.4}
+
+
+def test_prune_saves_a_model_that_eval_reproduces(tiny_dirs, capsys):
+    out, rep = tiny_dirs["root"] / "pruned", tiny_dirs["root"] / "p.json"
+    assert main(["prune", "--model", tiny_dirs["llama"], "--data", tiny_dirs["txt"], "--target", "0.3",
+                 "--amplitude", "0.1", "--stages", "2", "--recovery", "lora", "--recovery-steps", "2",
+                 "--train-batch-size", "4", "--samples", "8", "--batch-size", "4", "--eval-samples", "200",
+                 "--out", str(out), "--json", str(rep)]) == 0
+    r = json.loads(rep.read_text())
+    assert {"dense", "final", "stages"} <= set(r) and len(r["stages"]) == 2
+    for k in ("params", "perplexity", "latency_ms"):
+        assert k in r["dense"] and k in r["final"]
+    assert r["final"]["params"] < r["dense"]["params"]
+    ev = tiny_dirs["root"] / "e.json"
+    assert main(["eval", "--model", str(out), "--data", tiny_dirs["txt"], "--eval-samples", "200",
+                 "--batch-size", "2", "--seq-len", "8", "--json", str(ev)]) == 0
+    e = json.loads(ev.read_text())
+    assert e["perplexity"] == r["final"]["perplexity"]  # exact, in a fresh load
+    assert e["params"] == r["final"]["params"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["analyze", "--model", "no-such-model-xyz", "--json", "x.json"], "no-such-model-xyz"),
+    (["analyze", "--model", "./does/not/exist", "--json", "x.json"], "no such model directory"),
+    (["allocate", "--analysis", "missing.json", "--target", "0.3", "--json", "x.json"], "missing.json"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    line = _err_line(capsys)
+    assert line.startswith("error:") and needle in line
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bad_numbers_and_files(tiny_dirs, capsys, tmp_path):
+    a = tmp_path / "a.json"
+    assert main(["analyze", "--model", tiny_dirs["bert"], "--data", tiny_dirs["csv"], "--samples", "8",
+                 "--metric", "magnitude_l1", "--json", str(a)]) == 0
+    for target in ("1.0", "-0.1", "nan"):
+        assert main(["allocate", "--analysis", str(a), "--target", target, "--json", str(tmp_path / "b.json")]) == 2
+        assert "target" in _err_line(capsys)
+    assert main(["allocate", "--analysis", str(a), "--amplitude", "-1", "--json", str(tmp_path / "b.json")]) == 2
+    assert "amplitude" in _err_line(capsys)
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    assert main(["analyze", "--model", str(not_a_model), "--json", str(a)]) == 2
+    assert "not a model directory" in _err_line(capsys)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,sentiment\nhello,1\n")
+    assert main(["analyze", "--model", tiny_dirs["bert"], "--data", str(bad), "--json", str(a)]) == 2
+    line = _err_line(capsys)
+    assert "bad.csv" in line and ("label" in line or "text" in line)
+    assert main(["prune", "--model", tiny_dirs["bert"], "--data", tiny_dirs["csv"], "--stages", "0",
+                 "--json", str(a)]) == 2
+    assert "stages" in _err_line(capsys)
+
+
+def test_module_entry_point_exit_code():
+    p = subprocess.run([sys.executable, "-m", "explorer", "eval", "--model", "definitely/not-here", "--json", "x"],
+                       capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and "Traceback" not in p.stderr
