@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from .config import AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args
-from .errors import ExplorerError
+from .errors import OOM_HINT, ExplorerError, is_oom
 
 EXIT_USAGE = 2
 
@@ -246,4 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # not the user's fault: short message, traceback on request
+        if os.environ.get("EXPLORER_DEBUG"):
+            raise
+        if is_oom(e):
+            print(f"error: {OOM_HINT}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"error: internal error: {type(e).__name__}: {e} (set EXPLORER_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0

@@ -16,3 +16,13 @@ class ModelError(ExplorerError):
 
 class Cancelled(Exception):
     """Raised inside a long computation when the user pressed Stop."""
+
+
+OOM_HINT = ("out of GPU memory: use fewer calibration samples, a smaller batch size or a shorter "
+            "max length (or run on the CPU)")
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA (or CPU allocator) out-of-memory, whatever the torch version calls it."""
+    import torch
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()

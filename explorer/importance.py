@@ -250,6 +250,12 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
     if cfg.metric not in LABEL_FREE_METRICS and not grads_ok:
         raise ExplorerError(f"metric '{cfg.metric}' needs gradients, which need a task head and labels; "
                             f"this {lm.task} model/data only supports {', '.join(LABEL_FREE_METRICS)} (and cosine)")
+    if lm.task == "classification" and labels is not None:
+        n_cls = lm.model.config.num_labels
+        bad = [y for y in labels if not 0 <= int(y) < n_cls]
+        if bad:
+            raise ExplorerError(f"label {bad[0]} does not match the model's {n_cls} classes "
+                                f"({', '.join(map(str, lm.model.config.id2label.values()))})")
     metrics = tuple(metrics or (METRICS if grads_ok else LABEL_FREE_METRICS))
     if cfg.metric not in metrics:
         metrics = metrics + (cfg.metric,)

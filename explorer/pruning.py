@@ -18,7 +18,7 @@ import numpy as np
 from .allocation import Allocation, allocate
 from .config import AllocationConfig, AnalysisConfig, PruneConfig
 from .data import TextData
-from .errors import Cancelled, ExplorerError
+from .errors import OOM_HINT, Cancelled, ExplorerError, is_oom
 from .evaluate import evaluate, metric_name
 from .importance import Importance, analyze
 from .models import LoadedModel
@@ -168,7 +168,8 @@ class PruningRun:
             return
         except Exception as e:  # an unexpected failure inside a stage: keep the last good model
             lm.model = last_good
-            self.status, self.error = "error", f"stage {len(self.records) + 1} failed: {type(e).__name__}: {e}"
+            reason = OOM_HINT if is_oom(e) else f"{type(e).__name__}: {e}"
+            self.status, self.error = "error", f"stage {len(self.records) + 1} failed: {reason}"
             yield {"type": "error", "message": self.error, "completed": len(self.records)}
             return
         self.status = "done"
