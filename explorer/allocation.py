@@ -118,9 +118,9 @@ def layer_sparsities(norm_imp, weights, cfg: AllocationConfig,
             s = np.clip(raw + (lo + hi) / 2, 0.0, cfg.max_sparsity)
         else:  # manual values make the target unreachable: best effort
             s = np.clip(raw + (lo if removed(lo) > goal else hi), 0.0, cfg.max_sparsity)
-        clipped = (raw + (lo + hi) / 2 <= 0) | (raw + (lo + hi) / 2 >= cfg.max_sparsity)
+        clipped = (raw + (lo + hi) / 2 < 0) | (raw + (lo + hi) / 2 > cfg.max_sparsity)
     else:
-        clipped = (raw <= 0) | (raw >= cfg.max_sparsity)
+        clipped = (raw < 0) | (raw > cfg.max_sparsity)
     if cfg.mode == "uniform":
         clipped = np.zeros_like(free)
     for i, v in manual.items():
@@ -156,28 +156,36 @@ def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
             n = (budget - fixed - G * pg) / pn
         keep_g.append(g)
         neuron_f.append(float(np.clip(n, 1, N)))
-    # neurons in blocks of k, largest-remainder rounding so the total matches the budget
+    # neurons in blocks of k (the last block of a width that is no multiple of k may be partial)
+    widths_n = np.array([l["n_neurons"] for l in structure])
     units = np.array(neuron_f) / k
-    floor = np.floor(units)
-    max_units = np.array([math.floor(l["n_neurons"] / k) for l in structure], dtype=np.float64)
-    n_units = np.minimum(np.maximum(floor, 1 if k == 1 else 0), np.maximum(max_units, 1))
+    max_units = np.ceil(widths_n / k)
+    n_units = np.clip(np.floor(units) if cfg.mode == "exact" else np.floor(units + 0.5), 1, max_units)
+
+    def kept(u):
+        return np.minimum(widths_n, u * k)
+
     if cfg.mode == "exact" and cfg.prune_mlp:
-        pn_k = np.array([l["neuron_params"] * k for l in structure])
+        # largest remainder: add blocks where rounding down cost the most, until the total
+        # neuron parameters are within half a block of what the budget leaves for neurons
+        pn = np.array([l["neuron_params"] for l in structure], dtype=np.float64)
         want = P.sum() * (1 - cfg.target) - sum(
             l["block_params"] - l["n_neurons"] * l["neuron_params"] - (l["groups"] - g) * l["group_params"]
-            for l, g in zip(structure, keep_g))  # params the neurons should hold in total
-        order = np.argsort(-(units - floor), kind="stable")
-        for i in order:
-            have = (n_units * pn_k).sum()
-            if want - have < pn_k[i] / 2:
-                break
-            if n_units[i] < max_units[i] and i not in manual:
+            for l, g in zip(structure, keep_g))
+        order = [int(i) for i in np.argsort(-(units - np.floor(units)), kind="stable") if int(i) not in manual]
+        grew = True
+        while grew:
+            grew = False
+            for i in order:
+                step = min(widths_n[i], (n_units[i] + 1) * k) - min(widths_n[i], n_units[i] * k)  # neurons
+                if n_units[i] >= max_units[i] or want - (kept(n_units) * pn).sum() < step * pn[i] / 2:
+                    continue
                 n_units[i] += 1
-    else:
-        n_units = np.minimum(np.round(units), np.maximum(max_units, 1))
+                grew = True
+    neurons_kept = kept(n_units).astype(int)
     layers = []
-    for i, (l, g, nu) in enumerate(zip(structure, keep_g, n_units)):
-        n = int(min(l["n_neurons"], max(1, nu * k)))
+    for i, (l, g, n) in enumerate(zip(structure, keep_g, neurons_kept)):
+        n = int(n)
         if not cfg.prune_mlp:
             n = l["n_neurons"]
         after = l["block_params"] - (l["groups"] - g) * l["group_params"] - (l["n_neurons"] - n) * l["neuron_params"]

@@ -89,16 +89,10 @@ class Importance:
     def from_json(cls, d: dict) -> "Importance":
         layers = d["layers"]
         m = d["metric"]
-        metrics = {m: ("heads", "kv_groups", "neurons")}
-        heads = {m: [np.asarray(l["heads"], float) for l in layers]}
-        groups = {m: [np.asarray(l["kv_groups"], float) for l in layers]}
-        neurons = {m: [np.asarray(l["neurons"], float) for l in layers]}
-        for l in layers:
-            for k, v in l.get("by_metric", {}).items():
-                metrics[k] = ()
-                heads.setdefault(k, []).append(np.asarray(v["heads"], float))
-                groups.setdefault(k, []).append(np.asarray(v["kv_groups"], float))
-                neurons.setdefault(k, []).append(np.asarray(v["neurons"], float))
+        per_layer = [l.get("by_metric") or {m: l} for l in layers]  # every metric, or just the chosen one
+        heads = {k: [np.asarray(pl[k]["heads"], float) for pl in per_layer] for k in per_layer[0]}
+        groups = {k: [np.asarray(pl[k]["kv_groups"], float) for pl in per_layer] for k in per_layer[0]}
+        neurons = {k: [np.asarray(pl[k]["neurons"], float) for pl in per_layer] for k in per_layer[0]}
         keys = ("group_params", "neuron_params", "block_params", "groups", "heads_per_group", "n_neurons")
         return cls(np.asarray([l["cosine_importance"] for l in layers]),
                    np.asarray([l.get("attention_cosine_importance", 0.0) for l in layers]),
@@ -259,6 +253,12 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
     metrics = tuple(metrics or (METRICS if grads_ok else LABEL_FREE_METRICS))
     if cfg.metric not in metrics:
         metrics = metrics + (cfg.metric,)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ExplorerError(f"unknown metric '{unknown[0]}': use one of {', '.join(METRICS)}")
+    if not grads_ok and any(m in GRAD_METRICS for m in metrics):
+        raise ExplorerError(f"metrics {', '.join(m for m in metrics if m in GRAD_METRICS)} need gradients, which "
+                            f"need a task head and labels; use {', '.join(LABEL_FREE_METRICS)}")
     grads = grads_ok and any(m in GRAD_METRICS for m in metrics)
     model, adapter = lm.model, lm.adapter
     blocks = adapter.blocks(model)
