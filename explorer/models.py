@@ -83,6 +83,11 @@ class LoadedModel:
     plan: dict = field(default_factory=dict)  # provenance of a pruned model (see save_model)
 
     @property
+    def max_positions(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1_000_000
+
+    @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
@@ -94,7 +99,7 @@ class LoadedModel:
                max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenise a batch; for LMs, labels are the input ids with padding ignored (-100)."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=max_length or self.max_length, return_tensors="pt")
+                             max_length=min(max_length or self.max_length, self.max_positions), return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         if self.task == "causal-lm":
             lab = batch["input_ids"].clone()
