@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args
+from .config import AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args, validate
 from .errors import OOM_HINT, ExplorerError, is_oom
 
 EXIT_USAGE = 2
@@ -57,8 +57,9 @@ def _add_model_args(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 def cmd_analyze(args) -> None:
     from .importance import analyze
-    lm, data = _load(args)
     cfg = from_args(AnalysisConfig, args)
+    validate(cfg)
+    lm, data = _load(args)
     texts, labels = data.calibration(cfg.samples, seed=cfg.seed)
     if lm.task == "encoder":
         labels = None
@@ -187,6 +188,22 @@ def cmd_eval(args) -> None:
           f"(batch {args.batch_size} x {args.seq_len})", file=sys.stderr)
 
 
+def cmd_sensitivity(args) -> None:
+    from .sensitivity import sensitivity
+    lm, data = _load(args)
+    try:
+        sparsities = [float(x) for x in args.sparsities.split(",")]
+    except ValueError:
+        raise ExplorerError(f"--sparsities expects comma-separated numbers, got '{args.sparsities}'") from None
+    res = sensitivity(lm, data, sparsities, metric=args.metric, eval_samples=args.eval_samples,
+                      progress=_progress("sensitivity"), kind=args.kind, calibration_samples=args.samples)
+    _write_json(res, args.json)
+    if args.html:
+        from .plots import sensitivity_figure
+        sensitivity_figure(res).write_html(args.html, include_plotlyjs="cdn")
+    print(f"sensitivity of {len(res['layers'])} layers at {sparsities} -> {args.json}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m explorer", description="Pruning Explorer: analyse, allocate, "
                                  "prune and evaluate transformer models.")
@@ -226,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory to save the pruned model")
     p.add_argument("--json", required=True, help="report file")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("sensitivity", help="quality against sparsity when pruning one layer at a time (val split)")
+    _add_model_args(p)
+    p.add_argument("--sparsities", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated sparsities per layer")
+    p.add_argument("--metric", default="taylor", help="salience metric that picks the units")
+    p.add_argument("--kind", default="structured", choices=["structured", "unstructured"],
+                   help="structured: whole heads/neurons; unstructured: weights by magnitude")
+    p.add_argument("--samples", type=int, default=64, help="calibration samples for the salience")
+    p.add_argument("--eval-samples", type=int, default=200, help="val examples / tokens per measurement")
+    p.add_argument("--json", required=True, help="output file")
+    p.add_argument("--html", default=None, help="also write the curves as an HTML chart")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("eval", help="quality, size and latency of one model")
     _add_model_args(p)

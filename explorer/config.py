@@ -15,10 +15,10 @@ def opt(default, help: str, choices=None, **kw):
 
 @dataclass
 class AnalysisConfig:
-    samples: int = opt(128, "calibration samples for importance estimation")
-    batch_size: int = opt(16, "calibration batch size")
+    samples: int = opt(128, "calibration samples for importance estimation", min=1)
+    batch_size: int = opt(16, "calibration batch size", min=1)
     metric: str = opt("taylor", "salience metric used to choose heads / neurons", METRICS)
-    max_length: int = opt(0, "tokens per sample (0: the model's default: 128 for classifiers, 256 for LMs)")
+    max_length: int = opt(0, "tokens per sample (0: the model's default: 128 for classifiers, 256 for LMs)", min=0)
     seed: int = opt(0, "seed for the choice of calibration samples")
 
 
@@ -37,17 +37,37 @@ class AllocationConfig:
 
 @dataclass
 class PruneConfig:
-    stages: int = opt(4, "K: prune from dense to the target in this many stages (1 = one-shot)")
+    stages: int = opt(4, "K: prune from dense to the target in this many stages (1 = one-shot)", min=1, max=100)
     recovery: str = opt("lora", "recovery training after each stage", ("none", "full", "lora", "kd"))
-    recovery_steps: int = opt(30, "optimiser steps of recovery per stage")
-    lr: float = opt(0.0, "recovery learning rate (0: 5e-5 full, 5e-4 LoRA/KD)")
-    train_batch_size: int = opt(16, "recovery batch size")
-    lora_rank: int = opt(8, "LoRA rank for LoRA recovery")
-    kd_alpha: float = opt(0.5, "weight of the distillation (KL) loss; the task loss gets 1 - alpha")
-    kd_temperature: float = opt(2.0, "distillation temperature")
-    layer_drop: int = opt(0, "also remove this many whole blocks first (lowest cosine importance, ShortGPT style)")
-    eval_samples: int = opt(0, "test examples for accuracy (0: all) / tokens for perplexity (0: 16384)")
+    recovery_steps: int = opt(30, "optimiser steps of recovery per stage", min=0, max=100_000)
+    lr: float = opt(0.0, "recovery learning rate (0: 5e-5 full, 5e-4 LoRA, 1e-4 KD)", min=0, max=1)
+    train_batch_size: int = opt(16, "recovery batch size", min=1)
+    lora_rank: int = opt(8, "LoRA rank for LoRA recovery", min=1, max=1024)
+    kd_alpha: float = opt(0.5, "weight of the distillation (KL) loss; the task loss gets 1 - alpha", min=0, max=1)
+    kd_temperature: float = opt(2.0, "distillation temperature", min=0.01, max=100)
+    layer_drop: int = opt(0, "also remove this many whole blocks first (lowest cosine importance, ShortGPT style)", min=0)
+    eval_samples: int = opt(0, "test examples for accuracy (0: all) / tokens for perplexity (0: 16384)", min=0)
     seed: int = opt(0, "random seed for recovery and sampling")
+
+
+def validate(cfg) -> None:
+    """Check every field against its `choices` and `min`/`max` metadata; raises ExplorerError
+    naming the field and the bad value."""
+    import math
+
+    from .errors import ExplorerError
+    for f in fields(cfg):
+        v, md = getattr(cfg, f.name), f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        if md.get("choices") and v not in md["choices"]:
+            raise ExplorerError(f"{flag} must be one of {', '.join(md['choices'])}, got '{v}'")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise ExplorerError(f"{flag} must be a finite number, got {v}")
+        if "min" in md and v < md["min"] or "max" in md and v > md["max"]:
+            lo, hi = md.get("min", "-inf"), md.get("max", "inf")
+            raise ExplorerError(f"{flag} must be in [{lo}, {hi}], got {v}")
 
 
 def help_of(cls, name: str) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .allocation import Allocation, allocate
 from .config import AllocationConfig, AnalysisConfig, PruneConfig
+from .config import validate as validate_config
 from .data import TextData
 from .errors import OOM_HINT, Cancelled, ExplorerError, is_oom
 from .evaluate import evaluate, metric_name
@@ -99,6 +100,8 @@ class PruningRun:
         self._stop = False
         if self.prune.stages < 1:
             raise ExplorerError(f"stages must be at least 1, got {self.prune.stages}")
+        validate_config(self.analysis)
+        validate_config(self.prune)
         if lm.task == "encoder" and self.prune.recovery != "none":
             raise ExplorerError("this model has no task head: use recovery 'none'")
         if lm.task == "classification" and not data.has_labels:

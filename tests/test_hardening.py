@@ -96,11 +96,15 @@ def test_zero_stages_and_unknown_recovery():
     lm = tiny_lm("bert")
     with pytest.raises(ExplorerError, match="stages must be at least 1"):
         PruningRun(lm, tiny_data(), prune=PruneConfig(stages=0))
-    run = PruningRun(lm, tiny_data(), AnalysisConfig(samples=4, batch_size=4), AllocationConfig(target=0.2),
-                     PruneConfig(stages=1, recovery="magic", recovery_steps=1), timing=False)
-    events = list(run.events())
-    assert events[-1]["type"] == "error" and "unknown recovery 'magic'" in events[-1]["message"]
-    assert run.status == "error"
+    with pytest.raises(ExplorerError, match="--recovery must be one of none, full, lora, kd, got 'magic'"):
+        PruningRun(lm, tiny_data(), prune=PruneConfig(stages=1, recovery="magic"))
+    for bad, needle in [(AnalysisConfig(samples=0), "--samples must be in"),
+                        (AnalysisConfig(batch_size=-3), "--batch-size must be in"),
+                        (PruneConfig(lr=float("nan")), "--lr must be a finite number"),
+                        (PruneConfig(kd_alpha=2.0), "--kd-alpha must be in")]:
+        kw = {"analysis": bad} if isinstance(bad, AnalysisConfig) else {"prune": bad}
+        with pytest.raises(ExplorerError, match=needle):
+            PruningRun(lm, tiny_data(), **kw)
 
 
 def test_cuda_out_of_memory_gets_a_helpful_message(monkeypatch):
