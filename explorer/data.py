@@ -294,23 +294,33 @@ _INT_RE = re.compile(r"[+-]?\d{1,18}(?:\.0{0,18})?")
 _CONTROL = set(range(0, 32)) - {9, 10, 11, 12, 13}
 
 
+def _size(n: int) -> str:
+    if n < 2**10:
+        return f"{n} bytes"
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _read_text_file(path: pathlib.Path, shown: str, max_bytes: int) -> str:
     try:
         size = path.stat().st_size
     except OSError as e:
         raise DataError(f"cannot read data file '{shown}': {e.strerror or e}") from None
     if size > max_bytes:
-        raise DataError(f"{shown} is {size / 2**20:.1f} MiB, larger than the limit of "
-                        f"{max_bytes / 2**20:.1f} MiB; use a smaller file or a larger max_bytes")
+        raise DataError(f"{shown} is {_size(size)}, larger than the limit of {_size(max_bytes)}; "
+                        "use a smaller file or a larger max_bytes")
     try:
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
     except OSError as e:
         raise DataError(f"cannot read data file '{shown}': {e.strerror or e}") from None
     if len(raw) > max_bytes:
-        raise DataError(f"{shown} is larger than the limit of {max_bytes / 2**20:.1f} MiB")
+        raise DataError(f"{shown} is larger than the limit of {_size(max_bytes)}")
     if not raw.strip():
         raise DataError(f"{shown} is empty")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{shown} is UTF-16 text; save it as UTF-8")
     head = raw[:8192]
     if b"\x00" in raw or sum(b in _CONTROL for b in head) > 0.1 * len(head):
         raise DataError(f"{shown} does not look like a text file (binary content)")
@@ -376,7 +386,7 @@ def _encode_labels(raw: list[str | int], shown: str, label_column: str) -> tuple
 
 
 def _parse_csv(text: str, shown: str, ext: str, text_column: str, label_column: str):
-    first_line = text.split("\n", 1)[0]
+    first_line = next((ln for ln in text.split("\n") if ln.strip()), "")
     delimiter = "\t" if ext == ".tsv" else ","
     if ext != ".tsv":
         header = next(csv.reader([first_line]), [])
@@ -389,6 +399,8 @@ def _parse_csv(text: str, shown: str, ext: str, text_column: str, label_column: 
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
+        while not any(h.strip() for h in header):  # blank lines before the header
+            header = next(reader)
     except StopIteration:
         raise DataError(f"{shown} is empty") from None
     except csv.Error as e:
@@ -444,7 +456,7 @@ def _parse_json_records(text: str, shown: str, text_column: str, label_column: s
         unit = "item"
     else:
         unit = "line"
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -505,7 +517,7 @@ def _parse_plain(text: str) -> list[str]:
 
 
 def _sniff(text: str, text_column: str) -> str:
-    first = next((ln for ln in text.splitlines() if ln.strip()), "").strip()
+    first = next((ln for ln in text.split("\n") if ln.strip()), "").strip()
     if first.startswith(("{", "[")):
         return ".jsonl"
     if text_column.lower() in [c.strip().lower() for c in re.split(r"[,\t;|]", first)]:

@@ -167,6 +167,8 @@ def main() -> None:
     adir.mkdir(parents=True, exist_ok=True)
     model.peft_config["default"].base_model_name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
     model.save_pretrained(str(adir), safe_serialization=True)
+    # peft's boilerplate model card names this machine's venv path: the README one level up says it all.
+    (adir / "README.md").unlink(missing_ok=True)
     adapter_bytes = sum(f.stat().st_size for f in adir.iterdir() if f.is_file())
     seconds = time.time() - t0
 
@@ -226,7 +228,9 @@ hidden 384, FFN 1536). Only a LoRA adapter and the trained head are stored here.
 - LoRA r={r}, alpha={alpha}, dropout {dropout} on every encoder linear layer (query, key, value,
   attention output, FFN in/out); pooler and classifier trained in full (`modules_to_save`)
 - AdamW lr {lr}, weight decay 0.01, linear warm-up (6 %) and decay, batch {bs}, max length {ml},
-  {epochs} epochs, seed {seed}, {threads} CPU threads: {minutes:.1f} minutes on 2 CPU cores
+  {epochs} epochs, seed {seed}, {threads} CPU threads; wall time of the run that made this
+  adapter: {minutes:.1f} minutes (it depends on the machine's load: about 5 min per epoch on
+  2 idle CPU cores)
 - adapter size {kb:.0f} KiB (`adapter/adapter_model.safetensors`)
 
 Made with

@@ -56,8 +56,9 @@ def test_rotten_tomatoes():
         assert c[0] == c[1] == sizes[s] // 2
     assert "7,030 train" in d.summary() and "2 classes" in d.summary()
     # label 1 is positive
-    i = d.texts["train"].index(next(t for t in d.texts["train"] if t.startswith("the rock is destined")))
-    assert d.labels["train"][i] == 1
+    pairs = {t: y for s in SPLITS for t, y in zip(d.texts[s], d.labels[s])}
+    assert pairs[next(t for t in pairs if t.startswith("the rock is destined"))] == 1
+    assert pairs[next(t for t in pairs if t.startswith("interminably bleak"))] == 0
 
 
 def test_imdb():
@@ -266,6 +267,16 @@ def test_error_not_utf8(tmp_path):
     assert "x.csv is not UTF-8 text (byte 0xff at offset 13)" in msg
 
 
+def test_error_utf16(tmp_path):
+    assert "UTF-16" in _error(tmp_path, "x.csv", "text,label\na,0\nb,1\nc,0\n".encode("utf-16"))
+
+
+def test_blank_lines_before_header(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("\n\ntext,label\na,0\nb,1\nc,0\n")
+    assert load_data(str(p)).num_labels == 2
+
+
 def test_error_one_class(tmp_path):
     msg = _error(tmp_path, "x.csv", "text,label\na,1\nb,1\nc,1\n")
     assert "x.csv has only one class (label 1): a classifier needs at least two" in msg
@@ -305,7 +316,7 @@ def test_error_unknown_name_and_missing_file(tmp_path):
 # ------------------------------------------------------------------------------ any bytes
 
 @pytest.mark.parametrize("ext", [".csv", ".jsonl", ".txt", ".json", ".dat"])
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=st.binary(max_size=2000))
 def test_any_bytes_load_or_dataerror(tmp_path, ext, content):
     p = tmp_path / f"fuzz{ext}"
@@ -318,11 +329,12 @@ def test_any_bytes_load_or_dataerror(tmp_path, ext, content):
     _check_consistent(d)
 
 
-_TEXTY = st.text(alphabet=st.sampled_from(list('ab ,;"\'\n\r\t{}[]:\\0123é') + ["text", "label", "\ufeff"]), max_size=300)
+_PIECES = list('ab ,;"\'\n\r\t{}[]:\\0123.-é\x0b\x1c\u2028') + ["text", "label", "\ufeff", "null", "true", "1e999"]
+_TEXTY = st.lists(st.sampled_from(_PIECES), max_size=120).map("".join)
 
 
 @pytest.mark.parametrize("ext", [".csv", ".jsonl", ".txt"])
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=_TEXTY)
 def test_any_texty_content_load_or_dataerror(tmp_path, ext, content):
     """Text built from the characters that matter to the parsers reaches deeper paths than random bytes."""
