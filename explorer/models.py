@@ -251,7 +251,10 @@ def _apply_bundled_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     from peft import PeftModel
     if not (adapter_dir / "adapter_config.json").exists():
         raise ModelError(f"the bundled adapter is missing at {adapter_dir} (run scripts/train_minilm_rt.py)")
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    for p in merged.parameters():  # peft froze the base weights; a plain model trains them all
+        p.requires_grad_(True)
+    return merged
 
 
 def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict) -> nn.Module:

@@ -80,6 +80,9 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
     if method == "kd" and teacher is None:
         raise ExplorerError("distillation needs the dense teacher model")
     torch.manual_seed(cfg.seed + stage)
+    if method != "lora":
+        for p in lm.model.parameters():  # full fine-tuning / KD train every weight
+            p.requires_grad_(True)
     model = _lora_wrap(lm, cfg.lora_rank) if method == "lora" else lm.model
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr or default_lr(method)

@@ -129,3 +129,14 @@ def test_uniform_llama_loads_with_plain_from_pretrained(tmp_path):
     with torch.no_grad():
         out = plain(**{k: v for k, v in lm.encode(["w5 w6 w7 w8", "w9 w10 w11"]).items() if k != "labels"}).logits
     torch.testing.assert_close(out, before)
+
+
+def test_full_recovery_trains_a_model_with_frozen_weights():
+    """Models merged from a peft adapter come back with requires_grad=False everywhere."""
+    lm, run = _run("bert", stages=1, recovery_="full", steps=2)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    before = [p.detach().clone() for p in lm.model.parameters()]
+    run.run()
+    assert run.status == "done", run.error
+    assert any(not torch.equal(a, b) for a, b in zip(before, lm.model.parameters()) if a.shape == b.shape)
