@@ -6,6 +6,7 @@ Safety defaults: no `trust_remote_code`, safetensors only (pickle-based `.bin` w
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -225,6 +226,9 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
             model = _load_pruned(cls, Path(src), adapter, plan, kw)
         elif gguf:
             model = cls.from_pretrained(src, gguf_file=gguf, **kw, **extra)
+        elif builtin and builtin.lora_adapter:  # the head is missing on purpose: the adapter brings it
+            with _quiet_transformers():
+                model = cls.from_pretrained(src, **kw, **extra)
         else:
             model = cls.from_pretrained(src, use_safetensors=not allow_pickle or None, **kw, **extra)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf, **kw) if gguf else AutoTokenizer.from_pretrained(src, **kw)
@@ -244,6 +248,17 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_length
     return LoadedModel(model, tok, task, name, adapter, dev, default_data,
                        min(max_length, max_pos), plan)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _apply_bundled_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
