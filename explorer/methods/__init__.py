@@ -58,3 +58,31 @@ def make_run(name: str, lm: LoadedModel, data: TextData, analysis: AnalysisConfi
         raise ExplorerError(f"unknown method '{name}': use one of {', '.join(METHODS)}")
     return METHODS[name].factory(lm, data, analysis or AnalysisConfig(), allocation or AllocationConfig(),
                                  prune or PruneConfig(), **options)
+
+
+# --- the other methods: one file each ---------------------------------------------------------
+from . import adapruner, apt, distill, fusion, layer_drop, lora_order, lottery, unstructured  # noqa: E402
+
+for _method in (
+    Method("apt", "APT: outlier-aware salience, cubic density schedule, density-ranked cut, soft masks "
+           "decaying 0.01 per step during full fine-tuning, physical removal at the end", apt.make),
+    Method("adapruner", "AdaPruner: TPE search over calibration subsets and the coarse/fine Taylor mix, scored "
+           "on the val split; then staged pruning with the best configuration and recovery", adapruner.make),
+    Method("fusion", "adaptive estimation fusion: coarse (vector) and fine (element) Taylor mixed per layer and "
+           "kind by inverse split-half variance, then Adapt-Pruner stages", fusion.make),
+    Method("magnitude", "unstructured |W| pruning with the per-layer allocation (masks: no dense speed-up); "
+           "option pattern='2:4'", unstructured.make_magnitude, structural=False),
+    Method("wanda", "unstructured Wanda |W|·||X|| pruning per output row with the per-layer allocation "
+           "(masks: no dense speed-up); option pattern='2:4'", unstructured.make_wanda, structural=False),
+    Method("lottery", "lottery ticket: iterative magnitude pruning over rounds with rewinding to the dense "
+           "weights (or step rewind_step), unstructured masks", lottery.make, structural=False),
+    Method("layer-drop", "ShortGPT: remove whole blocks with the lowest cosine importance, then recover",
+           layer_drop.make),
+    Method("distill-baseline", "uniform one-shot prune to the target, trained only by distillation from the "
+           "dense teacher for the whole recovery budget", distill.make),
+    Method("lora-before", "LoRA fine-tune the dense model (merged), then prune adaptively without recovery",
+           lora_order.make_before),
+    Method("lora-after", "prune adaptively without recovery, then LoRA fine-tune the pruned model (merged)",
+           lora_order.make_after),
+):
+    register(_method)

@@ -1,0 +1,445 @@
+"""results.json -> REPORT.md (tables, targets with pass/fail per row) and plots.html.
+Everything in the report is computed from results.json; nothing is typed in."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+ORDER = ["dense", "uniform", "adaptive", "torch-pruning", "torch-pruning-magnitude", "one-shot"]
+TARGET_FRACTION_OF_LIMIT = 0.85
+TARGET_ANALYSIS_RATIO = 1.5
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=_json_default))
+    tmp.replace(out / "results.json")
+    (out / "REPORT.md").write_text(render(results))
+    try:
+        html = plots_html(results)
+    except Exception as e:  # plots are a convenience: never lose the numbers over them
+        html = f"<html><body>plots could not be drawn: {type(e).__name__}: {e}</body></html>"
+    (out / "plots.html").write_text(html)
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+def _higher(metric: str) -> bool:
+    return metric == "accuracy"
+
+
+def _fmt(metric: str, v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:.1f}" if metric == "accuracy" else f"{v:.2f}"
+
+
+def _fmt_ms(mean, std, metric) -> str:
+    s = _fmt(metric, mean)
+    if std:
+        s += f" ± {_fmt(metric, std)}"
+    return s
+
+
+def _pf(ok: bool | None) -> str:
+    return "–" if ok is None else ("**pass**" if ok else "**FAIL**")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _models(results: dict) -> list[str]:
+    """Models in the preset's order (minilm-rt first), then any others found."""
+    seen = [m["name"] for m in results.get("meta", {}).get("config", {}).get("models", [])]
+    found = {r["model"] for sec in ("quality", "speed", "analysis_cost") for r in results.get(sec, [])}
+    seen = [m for m in seen if m in found]
+    for sec in ("quality", "speed", "analysis_cost"):
+        for r in results.get(sec, []):
+            if r["model"] not in seen:
+                seen.append(r["model"])
+    return seen
+
+
+def _q(results, model, budget, method):
+    for r in results.get("quality", []):
+        if r["model"] == model and r["method"] == method and (method == "dense" or abs(r["budget"] - budget) < 1e-9):
+            return r
+    return None
+
+
+def _speed(results, model, budget, method):
+    for r in results.get("speed", []):
+        if r["model"] == model and r["method"] == method and abs(r["budget"] - budget) < 1e-9:
+            return r
+    return None
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+def targets(results: dict) -> list[dict]:
+    out = []
+    for model in _models(results):
+        rows = [r for r in results.get("quality", []) if r["model"] == model]
+        for budget in sorted({r["budget"] for r in rows if r["method"] != "dense"}):
+            ad = _q(results, model, budget, "adaptive")
+            if not ad:
+                continue
+            metric = ad["metric"]
+            for other, name in (("uniform", "adaptive ≥ uniform"), ("torch-pruning", "adaptive ≥ Torch-Pruning"),
+                                ("torch-pruning-magnitude", "adaptive ≥ Torch-Pruning (magnitude)")):
+                o = _q(results, model, budget, other)
+                if not o:
+                    continue
+                diff = ad["mean"] - o["mean"]
+                ok = diff >= 0 if _higher(metric) else diff <= 0
+                noise = math.hypot(ad["std"], o["std"])
+                out.append({"target": name, "model": model, "budget": budget, "ok": ok,
+                            "detail": f"{_fmt(metric, ad['mean'])} vs {_fmt(metric, o['mean'])} "
+                                      f"({'+' if diff >= 0 else '−'}{_fmt(metric, abs(diff))}"
+                                      f"{'; seed spread ' + _fmt(metric, noise) if noise else ''})"})
+    for r in results.get("speed", []):
+        out.append({"target": "speed-up ≥ 85 % of the same-width limit", "model": r["model"], "budget": r["budget"],
+                    "method": r["method"], "ok": r["fraction_of_limit"] >= TARGET_FRACTION_OF_LIMIT,
+                    "detail": f"{r['speedup']:.2f}x of {r['limit_speedup']:.2f}x = {r['fraction_of_limit']:.0%} "
+                              f"({r['method']})"})
+    for r in results.get("analysis_cost", []):
+        out.append({"target": "analysis ≤ 1.5x forward+backward", "model": r["model"], "budget": None,
+                    "ok": r["ratio"] <= TARGET_ANALYSIS_RATIO,
+                    "detail": f"{r['samples']} samples: {r['analysis_s']:.2f} s vs {r['forward_backward_s']:.2f} s = "
+                              f"{r['ratio']:.2f}x"})
+    return out
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def headline(results: dict) -> str:
+    parts = []
+    for model in _models(results):
+        rows = [r for r in results.get("quality", []) if r["model"] == model]
+        if not rows:
+            continue
+        metric = rows[0]["metric"]
+        budgets = sorted({r["budget"] for r in rows if r["method"] != "dense"})
+        methods = [m for m in ORDER if any(r["method"] == m for r in rows)]
+        dense = _q(results, model, 0, "dense")
+        head = ["removed"] + [("adaptive (A)" if m == "adaptive" else m) for m in methods if m != "dense"] + \
+               ["speed-up (adaptive / limit)"]
+        table = []
+        for b in budgets:
+            line = [f"{b:.0%}"]
+            for m in methods:
+                if m == "dense":
+                    continue
+                r = _q(results, model, b, m)
+                cell = _fmt_ms(r["mean"], r["std"], metric) if r else "–"
+                if r and m == "adaptive" and r.get("amplitude") is not None:
+                    cell += f" (A={r['amplitude']:g})"
+                line.append(cell)
+            s = _speed(results, model, b, "adaptive")
+            line.append(f"{s['speedup']:.2f}x / {s['limit_speedup']:.2f}x" if s else "–")
+            table.append(line)
+        unit = "test accuracy, %" if metric == "accuracy" else "test perplexity, lower is better"
+        seeds = max((len(r["seeds"]) for r in rows if r["method"] != "dense"), default=0)
+        parts.append(f"**{model}** ({unit}; dense {_fmt(metric, dense['mean']) if dense else '–'}; "
+                     f"mean ± std over {seeds} seed{'s' if seeds != 1 else ''}):\n\n" + _table(head, table))
+    return "\n\n".join(parts) if parts else "_quality section not run_"
+
+
+def render(results: dict) -> str:
+    meta = results.get("meta", {})
+    m = meta.get("machine", {})
+    cfg = meta.get("config", {})
+    L = [f"# Pruning Explorer benchmark ({meta.get('mode', '?')} mode)", "",
+         "Generated by `python -m bench` from `bench/results.json`; every number below is computed by the run, "
+         "none is typed in.", ""]
+    L += ["## Machine and commands", "",
+          f"- CPU: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb', '?')} GiB; torch threads "
+          f"{m.get('torch_threads')}; GPU: {m.get('gpu') or 'none'}",
+          f"- torch {m.get('torch')}, transformers {m.get('transformers')}, peft {m.get('peft')}, "
+          f"torch-pruning {m.get('torch_pruning')}, numpy {m.get('numpy')}, Python {m.get('python')} "
+          f"({m.get('platform')})",
+          f"- date: {m.get('date')}; load average (1/5/15 min) at start {meta.get('load_average_start')}, "
+          f"at end {meta.get('load_average_end')} (above the core count means other jobs shared the CPU and "
+          "timings are noisy: latencies are interleaved and medians)",
+          f"- runtime: {meta.get('total_seconds', 0) / 60:.1f} min in all (sections run one after another; a "
+          "section marked 'parallel run' ran at the same time in a second process and is not added in); per section "
+          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta.get("section_seconds", {}).items())
+          + "; quality runs by model (sum of pruning + evaluation time over its runs): " + ", ".join(
+              f"{mod} {sum(r.get('run_seconds', 0) + r.get('eval_seconds', 0) for r in results.get('runs', []) if r.get('model') == mod) / 60:.1f} min"
+              for mod in _models(results)),
+          "- commands (run from the repository root; `make bench` runs `.venv/bin/python -m bench $(BENCH_ARGS)` "
+          "with HF_HUB_OFFLINE=1):", ""]
+    L += [f"      {c}" for c in meta.get("commands", [])] + [""]
+    for mf in meta.get("merged_from", []):
+        L += [f"- merged in from a run started {mf.get('date')} (load average at start/end {mf.get('load_average')}): "
+              + "; ".join(f"`{c}`" for c in mf.get("commands") or []), ""]
+    L += ["## Headline (quality at equal parameters, same recovery budget)", "",
+          "Budget = fraction of the transformer-block parameters removed. `adaptive` is ours (Adapt-Pruner "
+          "allocation, exact budget, K stages; A picked on the val split, test reported), `uniform` the same "
+          "pipeline with S_L = S_base, `torch-pruning` the external baseline (Torch-Pruning's GroupTaylor "
+          "importance and BasePruner, uniform, same K stages and recovery), `one-shot` = adaptive with K = 1 "
+          "and the same total recovery steps.", "", headline(results), ""]
+    L += _targets_section(results)
+    L += _quality_section(results)
+    L += _speed_section(results)
+    L += _cost_section(results)
+    L += _ui_section(results)
+    L += _methods_section(results)
+    L += ["## Settings", ""]
+    for mb in cfg.get("models", []):
+        L.append(f"- **{mb['name']}**: budgets {mb['budgets']}, seeds {mb['seeds']}, A swept over {mb['amplitudes']} "
+                 f"({'every seed' if mb['sweep_all_seeds'] else 'first seed; other seeds use the chosen A'}), "
+                 f"K = {mb['stages']} stages x {mb['steps_per_stage']} {mb['recovery']} recovery steps of batch "
+                 f"{mb['train_batch_size']} (one-shot: 1 x {mb['stages'] * mb['steps_per_stage']}), "
+                 f"{mb['calib_samples']} calibration samples per stage, tokens per sample "
+                 f"{mb['max_length'] or 'model default'}; test {mb['test_n'] or 'all'}, val {mb['val_n'] or 'all'}"
+                 + (f" tokens, perplexity window {mb['ppl_window']} stride {mb['ppl_stride']}"
+                    if 'llama' in mb['name'] or 'smollm' in mb['name'] else " examples")
+                 + f"; latency batch {mb['speed_batch']} x {mb['speed_seq']}, {mb['speed_repeats']} repeats.")
+    if meta.get("quick_cuts"):
+        L += ["", "### What quick mode cuts", "", meta["quick_cuts"]]
+    L += ["", "## Method notes", "",
+          "- Every pruned model starts from the same dense weights and gets the same recovery (LoRA, merged back "
+          "after each stage) and the same number of optimiser steps; calibration samples differ per stage and "
+          "per seed (`TextData.calibration(n, stage, seed)`); the seed also sets the recovery batches.",
+          "- Torch-Pruning is given the per-layer counts of the uniform allocation, so `uniform` and "
+          "`torch-pruning` have identical widths and differ only in which heads/channels they keep (explorer "
+          "Taylor score vs Torch-Pruning's GroupTaylorImportance over its dependency graph; "
+          "`torch-pruning-magnitude`: its GroupMagnitudeImportance, p = 2). " + _tp_identity(results) + " After each cut the "
+          "cached `num_attention_heads` / `all_head_size` of `BertSelfAttention` are refreshed from the weights. "
+          "On SmolLM2 (GQA) Torch-Pruning's head pruning would remove query heads inside KV groups only, so it "
+          "prunes FFN channels (the same parameter count).",
+          "- Accuracy is `explorer.evaluate.accuracy` with examples sorted by length (less padding; the same "
+          "predictions); perplexity is `explorer.evaluate.perplexity` with the window/stride given above.",
+          "- Latency depends only on the architecture: each pruned model is rebuilt from the per-layer widths its "
+          "run recorded. `limit` = dense / same-width dense (`explorer.evaluate.same_width_reference`: every layer "
+          "at the pruned model's average widths).", ""]
+    return "\n".join(L) + "\n"
+
+
+def _tp_identity(results) -> str:
+    """How often Torch-Pruning (Taylor) ended exactly where `uniform` did (computed, per seed)."""
+    same = total = 0
+    for r in results.get("runs", []):
+        if r.get("method") != "torch-pruning" or r.get("error"):
+            continue
+        twin = [u for u in results["runs"] if u.get("method") == "uniform" and u["model"] == r["model"]
+                and u["budget"] == r["budget"] and u["seed"] == r["seed"]]
+        if twin:
+            total += 1
+            vals = (twin[0].get("val"), r.get("val"))
+            same += int(twin[0]["test"] == r["test"] and (None in vals or vals[0] == vals[1]))
+    if not total:
+        return ""
+    msg = f"In {same} of {total} runs Torch-Pruning (Taylor) reached exactly the test quality of `uniform`"
+    if same == total:
+        msg += (": both rank units by the group sum of |W·dL/dW| over the same coupled parameters, so at equal "
+                "widths they keep the same units, and the explorer's `uniform` is Torch-Pruning's Taylor pruning "
+                "with the same schedule.")
+    return msg + "."  if same != total else msg
+
+
+def _targets_section(results) -> list[str]:
+    ts = targets(results)
+    if not ts:
+        return []
+    L = ["## Targets", ""]
+    groups: dict[str, list[dict]] = {}
+    for t in ts:
+        groups.setdefault(t["target"], []).append(t)
+    summary = []
+    for name, items in groups.items():
+        n_ok = sum(1 for t in items if t["ok"])
+        summary.append([name, f"{n_ok} / {len(items)}", "**pass**" if n_ok == len(items) else "**FAIL**"])
+    L += [_table(["target", "rows passing", "verdict"], summary), ""]
+    rows = [[t["target"], t["model"], f"{t['budget']:.0%}" if t["budget"] is not None else "–", t["detail"],
+             _pf(t["ok"])] for t in ts]
+    L += ["<details><summary>every row</summary>", "", _table(["target", "model", "budget", "measured", "verdict"], rows),
+          "", "</details>", ""]
+    return L
+
+
+def _quality_section(results) -> list[str]:
+    rows = results.get("quality", [])
+    if not rows:
+        return []
+    L = ["## Quality (all rows)", ""]
+    table = []
+    for r in rows:
+        extra = ""
+        if r.get("val_by_amplitude"):
+            extra = "val by A: " + ", ".join(f"{float(a):g}→{_fmt(r['metric'], v)}" for a, v in r["val_by_amplitude"].items())
+        if r.get("scope"):
+            extra = r["scope"]
+        table.append([r["model"], f"{r['budget']:.0%}", r["method"], r["metric"],
+                      _fmt_ms(r["mean"], r["std"], r["metric"]),
+                      ", ".join(_fmt(r["metric"], v) for v in r.get("values", [])),
+                      f"{r.get('removed_fraction', 0):.3f}", f"{r.get('params', 0) / 1e6:.2f} M",
+                      r.get("recovery_steps_total", "–"), extra])
+    L += [_table(["model", "budget", "method", "metric", "test mean ± std", "per seed", "removed (blocks)",
+                  "params", "recovery steps", "notes"], table), ""]
+    failed = [r for r in results.get("runs", []) if r.get("error")]
+    if failed:
+        L += ["Failed runs (left out of the means above):", ""]
+        L += [f"- {r['model']} {r['method']} {r['budget']:.0%} seed {r['seed']}: {r['error']}" for r in failed] + [""]
+    return L
+
+
+def _speed_section(results) -> list[str]:
+    rows = results.get("speed", [])
+    if not rows:
+        return []
+    L = ["## Speed", "", "Inference forward pass on random tokens; median of interleaved repeats.", ""]
+    table = [[r["model"], f"{r['budget']:.0%}", r["method"], f"{r['batch_size']} x {r['seq_len']}",
+              f"{r['dense_ms']:.0f}", f"{r['pruned_ms']:.0f}", f"{r['same_width_ms']:.0f}",
+              f"{r['speedup']:.2f}x", f"{r['limit_speedup']:.2f}x", f"{r['fraction_of_limit']:.0%}",
+              f"{r['throughput_tokens_s']:.0f} (dense {r['dense_throughput_tokens_s']:.0f})",
+              f"{r['params'] / 1e6:.2f} M / {r['dense_params'] / 1e6:.2f} M", f"{r['flops_ratio']:.2f}",
+              " ".join(str(h) for h in r["heads"])] for r in rows]
+    L += [_table(["model", "budget", "method", "batch x tokens", "dense ms", "pruned ms", "same-width ms", "speed-up",
+                  "limit", "of limit", "tokens/s", "params", "FLOPs vs dense", "heads (KV groups) per layer"], table), ""]
+    return L
+
+
+def _cost_section(results) -> list[str]:
+    rows = results.get("analysis_cost", [])
+    if not rows:
+        return []
+    L = ["## Cost of analysis", "",
+         "`explorer.importance.analyze` with every metric (cosine, magnitude, Taylor, Fisher, act×grad, APT, "
+         "vector Taylor) against a plain forward + backward over the same batches; alternated, median.", ""]
+    table = [[r["model"], f"{r['params'] / 1e6:.1f} M", r["samples"], r["tokens"], f"{r['analysis_s']:.2f}",
+              f"{r['forward_backward_s']:.2f}", f"{r['ratio']:.2f}x",
+              f"{1000 * r['analysis_s'] / max(r['tokens'], 1):.2f}"] for r in rows]
+    L += [_table(["model", "params", "samples", "tokens", "analysis s", "forward+backward s", "ratio",
+                  "analysis ms / token"], table), ""]
+    return L
+
+
+def _ui_section(results) -> list[str]:
+    rows = results.get("ui", [])
+    if not rows:
+        return []
+    L = ["## UI server time", ""]
+    table = []
+    for r in rows:
+        v = r["server_ms"]
+        cell = f"{v:.2f} ms" if v < 1000 else f"{v / 1000:.1f} s"
+        parts = "; ".join(f"{k} {p / 1000:.1f} s" for k, p in r.get("parts_ms", {}).items())
+        table.append([r["action"], cell, parts or r.get("note", "")])
+    L += [_table(["action", "server time (median)", "breakdown"], table), ""]
+    return L
+
+
+def _methods_section(results) -> list[str]:
+    rows = results.get("methods", [])
+    if not rows:
+        return []
+    meta = results.get("meta", {})
+    cfg = meta.get("config", {})
+    for mf in meta.get("merged_from", []):
+        if "methods" in (mf.get("sections") or []) and mf.get("config"):
+            cfg = mf["config"]
+    mb = next((m for m in cfg.get("models", []) if m["name"] == cfg.get("methods_model")), None)
+    r0 = next((r for r in rows if not r.get("error")), rows[0])
+    sched = (f"K = {r0.get('stages')} stages x {r0.get('recovery_steps_per_stage')} {r0.get('recovery')} recovery steps, "
+             f"A = {r0.get('amplitude')}, seed {r0.get('seed')}")
+    if mb:
+        sched += (f", {mb['calib_samples']} calibration samples per stage, test on "
+                  f"{cfg.get('methods_test_n') or 'all'} examples, latency batch {mb['speed_batch']} x {mb['speed_seq']} "
+                  f"over {cfg.get('methods_speed_repeats')} interleaved repeats")
+    L = ["## All methods (issue #5)", "",
+         "Every method registered in `explorer.methods.METHODS`, one recovery budget for all: " + sched + ". "
+         "Masks-only methods report the fraction of block weights set to zero and no speed-up.", ""]
+    table = []
+    for r in rows:
+        if r.get("error"):
+            table.append([r["method"], f"{r['budget']:.0%}", "–", "–", "–", "–", f"failed: {r['error']}"])
+            continue
+        removed = r["removed_fraction"] if r["structural"] else r.get("zero_fraction_of_blocks", 0)
+        speed = f"{r['speedup']:.2f}x" if r.get("speedup") else r.get("speed_note", "–")
+        table.append([r["method"], f"{r['budget']:.0%}", f"{100 * r['test']:.1f}", f"{100 * r['dense']:.1f}",
+                      f"{removed:.3f}" + ("" if r["structural"] else " (zeros)"), r.get("recovery_steps_run", "–"),
+                      speed])
+    L += [_table(["method", "budget", "test accuracy %", "dense %", "removed (blocks)", "recovery steps run",
+                  "speed-up (batch 32 x 128)"], table), ""]
+    return L
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def plots_html(results: dict) -> str:
+    import plotly.graph_objects as go
+    try:
+        from explorer.plots import charts_html
+    except ImportError:
+        charts_html = None
+    figs = {}
+    for model in _models(results):
+        rows = [r for r in results.get("quality", []) if r["model"] == model]
+        if rows:
+            fig = go.Figure()
+            metric = rows[0]["metric"]
+            dense = _q(results, model, 0, "dense")
+            for m in ORDER[1:]:
+                rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"])
+                if rs:
+                    fig.add_scatter(x=[100 * r["budget"] for r in rs], y=[r["mean"] for r in rs],
+                                    error_y=dict(type="data", array=[r["std"] for r in rs]), mode="lines+markers", name=m)
+            if dense:
+                fig.add_hline(y=dense["mean"], line=dict(dash="dash", color="grey"), annotation_text="dense")
+            fig.update_layout(title=f"{model}: test {metric} vs parameters removed", xaxis_title="% of block parameters removed",
+                              yaxis_title=metric, template="plotly_white")
+            figs[f"Quality: {model}"] = fig
+        srows = [r for r in results.get("speed", []) if r["model"] == model]
+        if srows:
+            fig = go.Figure()
+            labels = [f"{r['method']} {r['budget']:.0%}" for r in srows]
+            fig.add_bar(x=labels, y=[r["speedup"] for r in srows], name="measured speed-up")
+            fig.add_bar(x=labels, y=[r["limit_speedup"] for r in srows], name="same-width dense limit")
+            fig.update_layout(title=f"{model}: speed-up over dense (batch {srows[0]['batch_size']} x {srows[0]['seq_len']})",
+                              yaxis_title="x dense", barmode="group", template="plotly_white")
+            figs[f"Speed: {model}"] = fig
+    crows = results.get("analysis_cost", [])
+    if crows:
+        fig = go.Figure()
+        for model in _models(results):
+            rs = [r for r in crows if r["model"] == model]
+            if rs:
+                fig.add_scatter(x=[r["samples"] for r in rs], y=[r["analysis_s"] for r in rs], mode="lines+markers",
+                                name=f"{model}: analysis")
+                fig.add_scatter(x=[r["samples"] for r in rs], y=[r["forward_backward_s"] for r in rs],
+                                mode="lines+markers", line=dict(dash="dot"), name=f"{model}: forward+backward")
+        fig.update_layout(title="Cost of analysis vs calibration samples", xaxis_title="samples",
+                          yaxis_title="seconds", xaxis_type="log", yaxis_type="log", template="plotly_white")
+        figs["Cost of analysis"] = fig
+    mrows = [r for r in results.get("methods", []) if not r.get("error")]
+    if mrows:
+        fig = go.Figure()
+        for b in sorted({r["budget"] for r in mrows}):
+            rs = [r for r in mrows if r["budget"] == b]
+            fig.add_bar(x=[r["method"] for r in rs], y=[100 * r["test"] for r in rs], name=f"{b:.0%} removed")
+        fig.add_hline(y=100 * mrows[0]["dense"], line=dict(dash="dash", color="grey"), annotation_text="dense")
+        fig.update_layout(title=f"All methods on {mrows[0]['model']} (test accuracy)", yaxis_title="accuracy %",
+                          barmode="group", template="plotly_white")
+        figs["All methods"] = fig
+    if not figs:
+        return "<html><body>no results yet</body></html>"
+    if charts_html:
+        return charts_html(figs, "Pruning Explorer benchmark")
+    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs.values())]
+    return "<!doctype html><html><head><meta charset='utf-8'></head><body>" + "".join(parts) + "</body></html>"

@@ -1,0 +1,283 @@
+"""What the methods share: a `MethodRun` (a `PruningRun` whose body is a generator that
+subclasses write), the Adapt-Accel stage loop with a pluggable importance estimate, and
+small helpers (validation loss, train-then-callback recovery, per-(layer, kind) score
+normalisation).
+
+A method run keeps PruningRun's contract: `events()` yields "dense" first, then whatever
+the method yields ("analysis", "step", "stage", "trial", "round"), then "done"; `stop()`
+cancels between steps; on Stop or any failure the model of the last completed stage (the
+last `_commit()`) is put back and "stopped"/"error" is yielded.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..allocation import allocate
+from ..config import PruneConfig
+from ..errors import Cancelled, ExplorerError
+from ..evaluate import metric_name, perplexity
+from ..importance import Importance, analyze
+from ..models import LoadedModel
+from ..pruning import PruningRun, StageRecord, apply_allocation
+from ..recovery import recover_steps
+from ..surgery import widths
+
+
+@dataclass
+class MethodStageRecord(StageRecord):
+    """A StageRecord with a few method-specific extras (all JSON-serialisable)."""
+
+    extra: dict | None = None
+
+
+class MethodRun(PruningRun):
+    """Base class: subclasses implement `_body()` (a generator) and call `_commit()` after
+    each completed stage. `note` (if any) goes into the "dense" event and the report."""
+
+    note: str = ""
+    method: str = ""
+
+    def __init__(self, lm, data, analysis=None, allocation=None, prune=None, *, label: str = "",
+                 timing: bool = True, **options):
+        super().__init__(lm, data, analysis, allocation, prune, timing=timing, label=label or self.method)
+        options.pop("final_plan", None)  # a hand-edited plan only applies to adaptive/uniform
+        self.options = options
+        self.original = 0
+        self.summary: dict = {}  # method-specific results for the report
+        self._last_good = None
+        self.teacher = None  # the dense model, for distillation
+
+    # --- the event loop -----------------------------------------------------------------
+    def events(self) -> Iterator[dict]:
+        lm = self.lm
+        self.status = "running"
+        t_run = time.perf_counter()
+        self.original = lm.block_params
+        self.dense = self._eval()
+        ev = {"type": "dense", "eval": self.dense, "metric": metric_name(lm), "method": self.method}
+        if self.note:
+            ev["note"] = self.note
+        yield ev
+        self.teacher = copy.deepcopy(lm.model).eval() if self.prune.recovery == "kd" else None
+        self._commit()
+        try:
+            yield from self._body()
+        except Cancelled:
+            self._restore()
+            self.status = "stopped"
+            yield {"type": "stopped", "completed": len(self.records)}
+            return
+        except ExplorerError as e:
+            self._restore()
+            self.status, self.error = "error", str(e)
+            yield {"type": "error", "message": str(e), "completed": len(self.records)}
+            return
+        except Exception as e:  # unexpected failure: keep the last good model
+            self._restore()
+            self.status, self.error = "error", f"stage {len(self.records) + 1} failed: {type(e).__name__}: {e}"
+            yield {"type": "error", "message": self.error, "completed": len(self.records)}
+            return
+        finally:
+            self._cleanup()
+        self.status = "done"
+        yield {"type": "done", "seconds": time.perf_counter() - t_run}
+
+    def _body(self) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        """The current model is a completed stage: Stop or an error will come back to it."""
+        self._last_good = self._snapshot()
+
+    def _snapshot(self):
+        return copy.deepcopy(self.lm.model)
+
+    def _restore(self) -> None:
+        if self._last_good is not None:
+            self.lm.model = self._last_good
+
+    def _cleanup(self) -> None:
+        """Remove hooks and the like (called after the body, whatever happened)."""
+
+    def _check_stop(self) -> None:
+        if self._stop:
+            raise Cancelled()
+
+    # --- pieces -------------------------------------------------------------------------
+    def _train(self, stage: int, cfg: PruneConfig, losses: list[float], teacher=None,
+               after_step: Callable[[], None] | None = None) -> Iterator[dict]:
+        """Recovery training with `cfg` (explorer.recovery), one "step" event per optimiser
+        step; `after_step` runs after each step (re-apply masks, move soft masks, ...)."""
+        teacher = teacher if teacher is not None else self.teacher
+        for step, loss in recover_steps(self.lm, self.data, cfg, stage, teacher, self._should_stop):
+            if after_step is not None:
+                after_step()
+            losses.append(loss)
+            yield {"type": "step", "stage": stage, "step": step, "loss": loss}
+
+    def _make_record(self, k: int, losses: list[float], seconds: float, sparsity: list[float],
+                     ev: dict | None = None, **extra) -> MethodStageRecord:
+        ev = ev or self._eval()
+        q = {key: ev[key] for key in ("accuracy", "perplexity") if key in ev}
+        return MethodStageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / self.original, q,
+                                 ev.get("latency_ms"), ev["flops_per_token"], list(losses), seconds,
+                                 widths(self.lm.adapter, self.lm.model), [float(s) for s in sparsity],
+                                 extra=extra or None)
+
+    def _stage_event(self, rec: StageRecord) -> dict:
+        self.records.append(rec)
+        self._commit()
+        return {"type": "stage", "record": rec}
+
+    def _labels_for_analysis(self, labels):
+        return labels if self.lm.task == "classification" else None
+
+    def _analyze(self, texts, labels, metrics: tuple[str, ...], metric: str | None = None) -> Importance:
+        cfg = replace(self.analysis, metric=metric or metrics[0])
+        return analyze(self.lm, texts, self._labels_for_analysis(labels), cfg, metrics=metrics,
+                       should_stop=self._should_stop)
+
+    def _structured_stages(self, importance: Callable[[int], Importance], cfg: PruneConfig | None = None,
+                           teacher=None, stages: int | None = None,
+                           before_record: Callable[[int, list], Iterator[dict]] | None = None) -> Iterator[dict]:
+        """The Adapt-Accel loop (as PruningRun) with importance from `importance(stage)`:
+        per stage re-estimate, allocate (self.allocation: adaptive or uniform) to k/K of the
+        target, remove the least salient units by `imp.metric`, train with `cfg`, record."""
+        cfg = cfg or self.prune
+        K = stages or self.prune.stages
+        for k in range(1, K + 1):
+            t0 = time.perf_counter()
+            goal = self.original * (1 - self.allocation.target * k / K)
+            stage_target = max(0.0, 1 - goal / self.lm.block_params)
+            imp = importance(k)
+            yield {"type": "analysis", "stage": k, "importance": imp}
+            alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target))
+            apply_allocation(self.lm, imp, alloc)
+            losses: list[float] = []
+            yield from self._train(k, cfg, losses, teacher)
+            if before_record is not None:
+                yield from before_record(k, losses)
+            rec = self._make_record(k, losses, time.perf_counter() - t0, [l.sparsity for l in alloc.layers])
+            yield self._stage_event(rec)
+
+    def report(self) -> dict:
+        rep = super().report()
+        rep["method"] = self.method
+        if self.note:
+            rep["note"] = self.note
+        if self.summary:
+            rep["summary"] = _jsonable(self.summary)
+        for st, r in zip(rep["stages"], self.records):
+            if isinstance(r, MethodStageRecord) and r.extra is None:
+                st.pop("extra", None)
+        return rep
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def clone_lm(lm: LoadedModel) -> LoadedModel:
+    """A LoadedModel around a deep copy of the model (tokenizer and adapter shared)."""
+    return replace(lm, model=copy.deepcopy(lm.model))
+
+
+@torch.inference_mode()
+def classification_loss(lm: LoadedModel, texts: list[str], labels: list[int], batch_size: int = 64) -> float:
+    """Mean cross-entropy over the examples."""
+    lm.model.eval()
+    total = 0.0
+    for i in range(0, len(texts), batch_size):
+        batch = lm.encode(texts[i:i + batch_size])
+        logits = lm.model(**batch).logits.float()
+        y = torch.as_tensor(labels[i:i + batch_size], device=logits.device)
+        total += float(F.cross_entropy(logits, y, reduction="sum"))
+    return total / max(len(texts), 1)
+
+
+def val_objective(lm: LoadedModel, data, n: int) -> tuple[float, str]:
+    """Lower is better: cross-entropy on the first n **val** examples (classifiers) or
+    perplexity on up to n val tokens (LMs). Never touches the test split."""
+    if lm.task == "classification":
+        texts, labels = data.texts["val"][:n], data.labels["val"][:n]
+        if not texts:
+            raise ExplorerError(f"data '{data.name}' has no val split to score on")
+        return classification_loss(lm, texts, labels), "val_loss"
+    if lm.task == "causal-lm":
+        if not data.texts["val"]:
+            raise ExplorerError(f"data '{data.name}' has no val split to score on")
+        return perplexity(lm, data.texts["val"], max_tokens=n), "val_perplexity"
+    raise ExplorerError("scoring on held-out data needs a task head (classification or causal LM)")
+
+
+def normalized_scores(values: np.ndarray) -> np.ndarray:
+    """Scores divided by their mean over the units of one (layer, kind): scale-free, mean 1."""
+    v = np.asarray(values, dtype=np.float64)
+    m = np.abs(v).mean() if len(v) else 0.0
+    return v / m if m > 0 else np.ones_like(v)
+
+
+def add_metric(imp: Importance, name: str, fn: Callable[[str, int, str], np.ndarray]) -> Importance:
+    """Add a derived metric `name` to imp: fn(unit_kind, layer, "heads"|"groups"|"neurons")
+    -> scores; makes it the Importance's metric."""
+    imp.heads[name] = [fn("attention", i, "heads") for i in range(imp.n_layers)]
+    imp.groups[name] = [fn("attention", i, "groups") for i in range(imp.n_layers)]
+    imp.neurons[name] = [fn("mlp", i, "neurons") for i in range(imp.n_layers)]
+    imp.metric = name
+    return imp
+
+
+def mixed_importance(imp: Importance, w_vector, w_element, name: str = "mix") -> Importance:
+    """name = w_vector·norm(taylor_vector) + w_element·norm(taylor), each normalised to mean 1
+    over the units of its (layer, kind). Weights are scalars or callables (kind, layer) -> w."""
+    def w(x, kind, i):
+        return x(kind, i) if callable(x) else x
+
+    def fn(kind, i, where):
+        src = getattr(imp, where)
+        return w(w_vector, kind, i) * normalized_scores(src["taylor_vector"][i]) \
+            + w(w_element, kind, i) * normalized_scores(src["taylor"][i])
+    return add_metric(imp, name, fn)
+
+
+def block_linear_weights(lm: LoadedModel) -> list[list[tuple[str, torch.nn.Parameter, int]]]:
+    """Per block: (name, weight, input dim) of every Linear / GPT-2 Conv1D inside it. The
+    input dimension is 1 for nn.Linear (out, in) and 0 for Conv1D (in, out)."""
+    out = []
+    layers = lm.adapter.layers(lm.model)
+    prefix = {id(m): n for n, m in lm.model.named_modules()}
+    for layer in layers:
+        items = []
+        for n, m in layer.named_modules():
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.nn.Parameter) and w.dim() == 2:
+                in_dim = 1 if isinstance(m, torch.nn.Linear) else 0
+                items.append((f"{prefix[id(layer)]}.{n}.weight", w, in_dim))
+        out.append(items)
+    return out
+
+
+def total_steps(cfg: PruneConfig) -> int:
+    """The whole recovery budget of a run: stages x recovery_steps."""
+    return cfg.stages * max(cfg.recovery_steps, 0)
+
+
+__all__ = ["MethodRun", "MethodStageRecord", "clone_lm", "val_objective", "classification_loss",
+           "normalized_scores", "add_metric", "mixed_importance", "block_linear_weights", "total_steps"]

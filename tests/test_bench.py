@@ -1,0 +1,96 @@
+"""The benchmark suite: `python -m bench --smoke` runs every section on tiny random models and
+writes results.json (in the documented schema), REPORT.md and plots.html."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_METHODS = {"dense", "uniform", "adaptive", "torch-pruning", "torch-pruning-magnitude", "one-shot"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def test_results_schema(smoke):
+    from explorer.methods import METHODS
+    _, res, _ = smoke
+    assert {"quality", "speed", "analysis_cost", "ui", "methods", "meta"} <= set(res)
+    allowed = BASE_METHODS | set(METHODS)
+    assert res["quality"], "no quality rows"
+    for r in res["quality"]:
+        assert {"model", "budget", "method", "metric", "mean", "std", "seeds"} <= set(r)
+        assert r["method"] in allowed
+        assert r["metric"] in ("accuracy", "perplexity")
+        assert isinstance(r["seeds"], list) and r["std"] >= 0
+    for model in {r["model"] for r in res["quality"]}:
+        methods = {r["method"] for r in res["quality"] if r["model"] == model}
+        assert {"dense", "uniform", "adaptive", "torch-pruning", "one-shot"} <= methods
+    for r in res["speed"]:
+        assert {"model", "budget", "method", "speedup", "limit_speedup"} <= set(r)
+        assert r["method"] in allowed and r["speedup"] > 0 and r["limit_speedup"] > 0
+    for r in res["analysis_cost"]:
+        assert {"model", "samples", "ratio"} <= set(r) and r["ratio"] > 0
+    assert res["ui"] and all({"action", "server_ms"} <= set(r) for r in res["ui"])
+    assert any("pruning stage" in r["action"] for r in res["ui"])
+    names = {r["method"] for r in res["methods"]}
+    assert names == set(METHODS), f"methods table misses {set(METHODS) - names}"
+    for r in res["methods"]:
+        if not METHODS[r["method"]].structural and not r.get("error"):
+            assert r["speed_note"] == "no speed-up (masks)"
+    meta = res["meta"]
+    assert meta["mode"] == "smoke" and meta["machine"]["cpu"] and meta["machine"]["torch"]
+    assert meta["commands"] and meta["commands"][-1].startswith("python -m bench")
+
+
+def test_equal_parameters(smoke):
+    """Pruned models of one budget remove the same share of block parameters (to a neuron or two)."""
+    _, res, _ = smoke
+    for (model, budget) in {(r["model"], r["budget"]) for r in res["quality"] if r["method"] != "dense"}:
+        fr = [r["removed_fraction"] for r in res["quality"] if (r["model"], r["budget"]) == (model, budget)
+              and r["method"] != "dense"]
+        assert max(fr) - min(fr) < 0.01, (model, budget, fr)
+        assert abs(fr[0] - budget) < 0.01
+
+
+def test_report_written(smoke):
+    out, res, stdout = smoke
+    report = (out / "REPORT.md").read_text()
+    for part in ("## Machine and commands", "## Headline", "## Targets", "## Speed", "## Cost of analysis",
+                 "## UI server time", "## All methods", "python -m bench --smoke"):
+        assert part in report, part
+    assert res["meta"]["machine"]["cpu"] in report
+    assert (out / "plots.html").stat().st_size > 1000
+    assert "== quality" in stdout  # figures are printed as it goes
+
+
+def test_targets_pass_fail():
+    from bench.report import targets
+    res = {"quality": [
+        {"model": "m", "budget": 0.2, "method": "adaptive", "metric": "accuracy", "mean": 0.8, "std": 0.0, "seeds": [0]},
+        {"model": "m", "budget": 0.2, "method": "uniform", "metric": "accuracy", "mean": 0.7, "std": 0.0, "seeds": [0]},
+        {"model": "m", "budget": 0.2, "method": "torch-pruning", "metric": "accuracy", "mean": 0.9, "std": 0.0,
+         "seeds": [0]},
+        {"model": "p", "budget": 0.2, "method": "adaptive", "metric": "perplexity", "mean": 20.0, "std": 0.0, "seeds": [0]},
+        {"model": "p", "budget": 0.2, "method": "uniform", "metric": "perplexity", "mean": 25.0, "std": 0.0, "seeds": [0]}],
+        "speed": [{"model": "m", "budget": 0.2, "method": "adaptive", "speedup": 1.2, "limit_speedup": 1.5,
+                   "fraction_of_limit": 0.8}],
+        "analysis_cost": [{"model": "m", "samples": 32, "ratio": 1.4, "analysis_s": 1.4, "forward_backward_s": 1.0}]}
+    got = {(t["target"], t["model"]): t["ok"] for t in targets(res)}
+    assert got[("adaptive ≥ uniform", "m")] is True
+    assert got[("adaptive ≥ Torch-Pruning", "m")] is False
+    assert got[("adaptive ≥ uniform", "p")] is True  # lower perplexity is better
+    assert got[("speed-up ≥ 85 % of the same-width limit", "m")] is False
+    assert got[("analysis ≤ 1.5x forward+backward", "m")] is True

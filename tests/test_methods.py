@@ -1,0 +1,356 @@
+"""Pruning methods: every method end to end on tiny models, and each one's defining property."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_data, tiny_lm
+from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig
+from explorer.methods import METHODS, make_run
+from explorer.methods.adapruner import tpe_search
+from explorer.methods.apt import APTRun, cubic_schedule, ema_update, select_by_density, step_masks
+from explorer.methods.base import block_linear_weights, val_objective
+from explorer.methods.fusion import fusion_weight
+from explorer.methods.layer_drop import blocks_to_drop
+from explorer.methods.lottery import LotteryRun
+from explorer.methods.unstructured import lowest_mask, nm_mask
+from explorer.surgery import widths
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _make(method, name="llama", stages=2, recovery="full", steps=2, target=0.4, amplitude=0.2, **options):
+    lm = tiny_lm(name)
+    run = make_run(method, lm, tiny_data(), AnalysisConfig(samples=8, batch_size=4),
+                   AllocationConfig(target=target, amplitude=amplitude),
+                   PruneConfig(stages=stages, recovery=recovery, recovery_steps=steps, train_batch_size=4,
+                               eval_samples=16), timing=False, **options)
+    return lm, run
+
+
+def _out(lm, texts=("w5 w6 w7 w8", "w9 w10 w11")):
+    with torch.no_grad():
+        return lm.model(**{k: v for k, v in lm.encode(list(texts)).items() if k != "labels"}).logits
+
+
+NEW = ["apt", "adapruner", "fusion", "magnitude", "wanda", "lottery", "layer-drop", "distill-baseline",
+       "lora-before", "lora-after"]
+CASES = [(m, n) for m in NEW for n in ("bert", "llama")] + [(m, "gpt2") for m in ("apt", "wanda", "lottery")]
+
+
+def test_every_method_is_registered():
+    assert set(NEW) <= set(METHODS)
+
+
+@pytest.mark.parametrize("method,name", CASES)
+def test_method_runs_end_to_end(method, name):
+    opts = {"trials": 3, "subsets": 2} if method == "adapruner" else {}
+    lm, run = _make(method, name, **opts)
+    dense_params = lm.n_params
+    events = list(run.events())
+    types = [e["type"] for e in events]
+    assert run.status == "done", events[-1]
+    assert types[0] == "dense" and types[-1] == "done"
+    assert "stage" in types and run.records
+    assert all(e["record"] is r for e, r in zip([e for e in events if e["type"] == "stage"], run.records))
+    rep = run.report()
+    json.dumps(rep, allow_nan=False)
+    assert rep["method"] == method and rep["final"]["params"] < dense_params
+    assert torch.isfinite(_out(lm)).all()
+    assert not any("lora" in n for n, _ in lm.model.named_parameters())
+    if method == "adapruner":
+        assert types.count("trial") == 3
+    if method == "lottery":
+        assert types.count("round") == 2
+
+
+# --- APT ----------------------------------------------------------------------------------
+
+def test_cubic_schedule():
+    assert cubic_schedule(0, 10, 0.6) == 1.0
+    assert cubic_schedule(10, 10, 0.6) == pytest.approx(0.6)
+    assert cubic_schedule(5, 10, 0.6) == pytest.approx(0.6 + 0.4 / 8)  # (1 - 1/2)^3 = 1/8
+    values = [cubic_schedule(t, 10, 0.3) for t in range(11)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert cubic_schedule(12, 10, 0.3) == pytest.approx(0.3)  # clipped after T
+
+
+def test_density_ranks_fewer_params_higher_and_binary_search_meets_budget():
+    keep, _ = select_by_density([4.0, 4.0], [10, 5], budget=5)
+    assert keep.tolist() == [False, True]  # same salience, fewer parameters: higher density
+    rng = np.random.default_rng(0)
+    sal, par = rng.random(200), rng.integers(1, 50, 200)
+    forced = np.zeros(200, bool)
+    forced[[3, 77]] = True
+    for budget in (0, 100, 1234.5, 3000, 10**6):
+        keep, thr = select_by_density(sal, par, budget, forced)
+        assert keep[forced].all()
+        kept = par[keep].sum()
+        assert kept <= max(budget, par[forced].sum())
+        density = sal / par
+        rest = np.flatnonzero(~keep)
+        if len(rest):  # the best unit left out would not have fitted
+            best_out = rest[np.argmax(density[rest])]
+            assert kept + par[best_out] > budget
+            assert density[rest].max() <= thr + 1e-12 or (keep & ~forced).sum() == 0
+
+
+def test_mask_moves_exactly_one_hundredth_per_update():
+    m = torch.tensor([1.0, 0.5, 0.005, 1.0])
+    keep = torch.tensor([False, True, False, True])
+    step_masks(m, keep, 0.01)
+    torch.testing.assert_close(m, torch.tensor([0.99, 0.51, 0.0, 1.0]))
+    lm, run = _make("apt", "llama", stages=2, steps=3)
+    for ev in run.events():
+        if ev["type"] == "stage" and ev["record"].stage == 1:
+            for key, mask in run.masks.items():
+                t = run.targets[key]
+                torch.testing.assert_close(mask[~t], torch.full_like(mask[~t], 0.97))  # 3 steps down
+                assert (mask[t] == 1).all()
+            assert ev["record"].extra["mask_updates"] == 3
+            assert any((~t).any() for t in run.targets.values())
+    # the cut meets the final budget: at least the target removed, within one attention unit
+    assert run.status == "done" and 0.4 <= run.records[-1].removed_fraction < 0.4 + 0.05
+
+
+def test_salience_ema_momentum(monkeypatch):
+    assert ema_update(None, [1.0, 2.0]).tolist() == [1.0, 2.0]
+    np.testing.assert_allclose(ema_update(np.array([1.0, 2.0]), [3.0, 0.0]), [1.2, 1.8])
+    fresh, ema_seen = [], []
+    real_sal, real_remove = APTRun._salience, APTRun._remove
+
+    def sal(self, imp):
+        out = real_sal(self, imp)
+        fresh.append({k: v.copy() for k, v in out.items()})
+        return out
+
+    def remove(self, final):
+        ema_seen.append({k: v.copy() for k, v in self.ema.items()})
+        return real_remove(self, final)
+    monkeypatch.setattr(APTRun, "_salience", sal)
+    monkeypatch.setattr(APTRun, "_remove", remove)
+    lm, run = _make("apt", "bert", stages=2, steps=2)
+    run.run()
+    assert run.momentum == 0.9 and run.status == "done"
+    for key in fresh[1]:  # no unit reached mask 0 after stage 1, so indices line up
+        np.testing.assert_allclose(ema_seen[1][key], 0.9 * fresh[0][key] + 0.1 * fresh[1][key])
+
+
+def test_apt_keeps_a_unit_per_layer_and_ends_without_hooks():
+    lm, run = _make("apt", "llama", stages=2, steps=1, target=0.9)
+    run.run()
+    assert run.status == "done"
+    # 90 % is more than the tiny model can lose: only the protected head group and neuron stay
+    assert [(w["groups"], w["neurons"]) for w in widths(lm.adapter, lm.model)] == [(1, 1)] * 3
+    for b in lm.adapter.blocks(lm.model):
+        assert not b.attn.out_module._forward_pre_hooks and not b.mlp.out_module._forward_pre_hooks
+
+
+def test_apt_stop_restores_a_plain_model_with_masks_folded():
+    lm, run = _make("apt", "gpt2", stages=2, steps=2)
+    snapshot = None
+    for ev in run.events():
+        if ev["type"] == "stage":
+            snapshot = _out(lm)  # the masked model of stage 1
+        if ev["type"] == "step" and ev["stage"] == 2:
+            run.stop()
+    assert run.status == "stopped" and len(run.records) == 1
+    for b in lm.adapter.blocks(lm.model):
+        assert not b.attn.out_module._forward_pre_hooks and not b.mlp.out_module._forward_pre_hooks
+    torch.testing.assert_close(_out(lm), snapshot)
+
+
+# --- AdaPruner ----------------------------------------------------------------------------
+
+def test_tpe_finds_better_than_first_trial_and_is_seeded():
+    def objective(p):
+        return (p["alpha1"] - 0.7) ** 2 + 0.05 * abs(p["subset"] - 3)
+    space = {"subset": ("int", 0, 7), "alpha1": ("float", 0.0, 1.0)}
+    runs = [list(tpe_search(objective, space, trials=20, seed=0)) for _ in range(2)]
+    values = [e["value"] for e in runs[0]]
+    assert values == [e["value"] for e in runs[1]]  # same seed, same trials
+    assert min(values[1:]) < values[0]
+    best = [e["best_value"] for e in runs[0]]
+    assert best == sorted(best, reverse=True) and best[-1] == min(values)
+    assert set(runs[0][-1]) >= {"trial", "value", "params", "best_value", "best_params"}
+
+
+def test_adapruner_scores_on_val_never_test():
+    lm = tiny_lm("bert")
+    data = tiny_data()
+    data.texts["test"], data.labels["test"] = [], []
+    value, name = val_objective(lm, data, 8)
+    assert name == "val_loss" and np.isfinite(value)
+    lm, run = _make("adapruner", "bert", stages=1, trials=4, subsets=3, search_amplitude=True)
+    trials = [e for e in run.events() if e["type"] == "trial"]
+    assert [t["trial"] for t in trials] == [1, 2, 3, 4]
+    assert {"subset", "alpha1", "alpha2", "amplitude"} <= set(trials[0]["params"])
+    assert trials[-1]["best_value"] == min(t["value"] for t in trials)
+    assert run.report()["summary"]["best_params"] == trials[-1]["best_params"]
+
+
+# --- fusion -------------------------------------------------------------------------------
+
+def test_fusion_weight_is_inverse_variance():
+    stable, noisy_a, noisy_b = [1.0, 2.0, 0.5], [1.0, 2.0, 0.5], [2.0, 0.5, 1.0]
+    assert fusion_weight(stable, stable, noisy_a, noisy_b) == 1.0  # coarse agrees across halves
+    assert fusion_weight(noisy_a, noisy_b, stable, stable) == 0.0
+    assert fusion_weight(stable, stable, stable, stable) == 0.5
+    w = fusion_weight([1, 2], [1.2, 1.8], [1, 2], [1.4, 1.6])  # fine twice as noisy (4x variance)
+    assert w == pytest.approx(0.8)
+
+
+def test_fusion_reports_weights_per_layer_and_kind():
+    lm, run = _make("fusion", "llama", stages=1, steps=1)
+    events = list(run.events())
+    an = next(e for e in events if e["type"] == "analysis")
+    assert an["importance"].metric == "fused"
+    w = an["fusion"]["w_coarse"]
+    assert len(w) == 3 and all(len(x) == 2 and all(0 <= v <= 1 for v in x) for x in w)
+
+
+# --- magnitude / wanda --------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,name", [("magnitude", "llama"), ("wanda", "gpt2"), ("wanda", "bert")])
+def test_unstructured_reaches_allocated_sparsity_and_masks_hold(method, name):
+    lm, run = _make(method, name, stages=1, recovery="full", steps=3, target=0.5, amplitude=0.3)
+    events = list(run.events())
+    assert "note" in events[0] and "no faster" in run.report()["note"]
+    rec = run.records[-1]
+    allocated = rec.extra["allocated"]
+    assert len(set(np.round(allocated, 6))) > 1, "expected non-uniform allocation"
+    for got, want in zip(rec.sparsity, allocated):  # block-parameter sparsity per layer
+        assert got == pytest.approx(want, abs=0.02)
+    assert abs(rec.removed_fraction - 0.5) < 0.01
+    for name_, w, _ in (x for block in block_linear_weights(lm) for x in block):
+        assert (w[~run.masks[name_]] == 0).all()  # recovery did not regrow pruned weights
+    zeros = sum(int((w == 0).sum()) for block in block_linear_weights(lm) for _, w, _ in block)
+    assert rec.params == lm.n_params - zeros
+    assert rec.extra["sparsity_reached"] == pytest.approx(
+        zeros / sum(w.numel() for block in block_linear_weights(lm) for _, w, _ in block))
+
+
+@pytest.mark.parametrize("method,name", [("magnitude", "llama"), ("wanda", "gpt2")])
+def test_two_four_pattern(method, name):
+    lm, run = _make(method, name, stages=1, recovery="lora", steps=2, pattern="2:4")
+    run.run()
+    assert run.status == "done"
+    for block in block_linear_weights(lm):
+        for _, w, in_dim in block:
+            g = w.detach().movedim(in_dim, -1)
+            g = g.reshape(*g.shape[:-1], -1, 4)
+            assert ((g != 0).sum(-1) == 2).all()
+
+
+def test_mask_helpers():
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 9.0]])
+    assert nm_mask(s, 2, 4, 1).tolist() == [[True, False, True, False, True, True]]
+    assert lowest_mask(s, 0.5).sum() == 3
+    assert lowest_mask(s, 0.5, per_row_dim=1).tolist() == [[True, False, True, False, False, True]]
+
+
+# --- lottery ------------------------------------------------------------------------------
+
+def test_lottery_rewinds_kept_weights_to_their_initial_values(monkeypatch):
+    starts = []
+    real = LotteryRun._train_masked
+
+    def spy(self, k, cfg, losses, teacher):
+        starts.append({n: p.detach().clone() for n, p in self.lm.model.named_parameters()})
+        yield from real(self, k, cfg, losses, teacher)
+    monkeypatch.setattr(LotteryRun, "_train_masked", spy)
+    lm, run = _make("lottery", "llama", stages=3, steps=2, target=0.5)
+    init = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    events = list(run.events())
+    assert run.status == "done" and [e["round"] for e in events if e["type"] == "round"] == [1, 2, 3]
+    assert len(starts) == 3
+    for state in starts:  # after pruning and rewinding (rounds 2, 3: after a round of training)
+        for n, v in state.items():
+            if n in run.masks:
+                kept = v != 0
+                assert kept.float().mean() < 0.95
+                assert torch.equal(v[kept], init[n][kept]), n
+            else:
+                assert torch.equal(v, init[n]), n
+    sparsity = [e["sparsity"] for e in events if e["type"] == "round"]
+    assert sparsity == sorted(sparsity) and sparsity[-1] > 0.4
+
+
+def test_lottery_without_training_is_exactly_the_masked_initial_model():
+    lm, run = _make("lottery", "gpt2", stages=2, recovery="none", target=0.5)
+    init = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    run.run()
+    for n, p in lm.model.named_parameters():
+        expected = init[n] * run.masks[n] if n in run.masks else init[n]
+        assert torch.equal(p.detach(), expected)
+
+
+# --- layer drop, distillation, LoRA order --------------------------------------------------
+
+def test_blocks_to_drop_lowest_first():
+    assert blocks_to_drop([0.5, 0.1, 0.3, 0.2], [10] * 4, 0.5) == [1, 3]
+    assert blocks_to_drop([0.5, 0.1, 0.3, 0.2], [10] * 4, 0.3) == [1]  # 1 block (0.25) is closest
+    assert blocks_to_drop([0.1, 0.2], [10, 10], 0.9) == [0]  # never every block
+
+
+def test_layer_drop_removes_the_lowest_cosine_blocks():
+    from explorer.importance import analyze
+    lm, run = _make("layer-drop", "llama", stages=1, steps=1, target=0.34)
+    texts, _ = run.data.calibration(8, stage=1)
+    imp = analyze(lm, texts, None, AnalysisConfig(samples=8, batch_size=4, metric="magnitude_l1"),
+                  metrics=("magnitude_l1",))
+    run.run()
+    lowest = int(np.argmin(imp.layer_cos))
+    assert run.summary["dropped"] == [lowest]
+    assert len(lm.adapter.layers(lm.model)) == 2
+    assert run.records[-1].removed_fraction == pytest.approx(1 / 3, abs=0.01)
+
+
+def test_distill_baseline_is_uniform():
+    lm, run = _make("distill-baseline", "llama", stages=2, steps=2)
+    events = list(run.events())
+    assert sum(e["type"] == "step" for e in events) == 4  # the whole recovery budget, in one go
+    ws = widths(lm.adapter, lm.model)
+    assert len({(w["groups"], w["neurons"]) for w in ws}) == 1
+
+
+@pytest.mark.parametrize("method", ["lora-before", "lora-after"])
+def test_lora_order_same_steps_and_both_numbers(method):
+    lm, run = _make(method, "gpt2", stages=2, steps=2)
+    events = list(run.events())
+    assert sum(e["type"] == "step" for e in events) == 4
+    pipe = run.report()["summary"]["pipeline"]
+    middle = "dense_after_lora" if method == "lora-before" else "pruned_before_lora"
+    assert {"dense", middle, "final"} <= set(pipe) and all(np.isfinite(pipe[k]) for k in ("dense", middle, "final"))
+
+
+def test_stop_during_search_leaves_the_dense_model():
+    lm, run = _make("adapruner", "llama", trials=5, subsets=2)
+    before = _out(lm)
+    for ev in run.events():
+        if ev["type"] == "trial" and ev["trial"] == 2:
+            run.stop()
+    assert run.status == "stopped" and not run.records
+    torch.testing.assert_close(_out(lm), before)
+
+
+def test_stop_during_masked_recovery_keeps_the_last_stage():
+    lm, run = _make("magnitude", "bert", stages=2, steps=3)
+    snapshot = None
+    for ev in run.events():
+        if ev["type"] == "stage":
+            snapshot = _out(lm)
+        if ev["type"] == "step" and ev["stage"] == 2 and ev["step"] == 2:
+            run.stop()
+    assert run.status == "stopped" and len(run.records) == 1
+    torch.testing.assert_close(_out(lm), snapshot)
