@@ -42,6 +42,7 @@ from explorer.errors import OOM_HINT, DataError, ExplorerError, is_oom  # noqa: 
 from explorer.evaluate import evaluate, metric_name  # noqa: E402
 from explorer.importance import analyze  # noqa: E402
 from explorer.models import BUILTIN_MODELS, DEFAULT_MODEL, TASKS, load_model, save_model  # noqa: E402
+from explorer.methods import METHODS, make_run  # noqa: E402
 from explorer.pruning import PruningRun  # noqa: E402
 from explorer.sessions import Loaded, Session, SessionRegistry  # noqa: E402
 
@@ -393,7 +394,7 @@ class ExplorerApp:
         return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, request)
 
     # tab 4
-    def on_run(self, stages, recovery, steps, plan, target, amplitude, mode, max_sparsity, round_to,
+    def on_run(self, stages, recovery, steps, plan, method, target, amplitude, mode, max_sparsity, round_to,
                metric, samples, eval_n, timing, request: gr.Request):
         """Generator -> (quality, loss, cost, stage table, status, history, pareto) per event."""
         s = self.session(request)
@@ -414,10 +415,18 @@ class ExplorerApp:
                     final_plan = s.allocation
                 desc = {"adaptive": f"{alloc_cfg.mode} A={alloc_cfg.amplitude:g}", "uniform": "uniform",
                         "manual table": "manual table"}[plan]
+                method = method or "adaptive"
+                if method not in ("adaptive", "uniform"):
+                    desc = f"{method} A={alloc_cfg.amplitude:g}"
                 label = f"#{len(s.history) + 1} {desc}, S={alloc_cfg.target:g}, K={prune.stages}, {recovery}"
                 lm = copy.deepcopy(loaded.lm)  # the session's dense model stays intact for the next run
-                run = s.run = PruningRun(lm, loaded.data, analysis, alloc_cfg, prune, final_plan=final_plan,
-                                         timing=bool(timing), label=label)
+                if method in ("adaptive", "uniform"):  # the Allocation choice above decides
+                    run = PruningRun(lm, loaded.data, analysis, alloc_cfg, prune, final_plan=final_plan,
+                                     timing=bool(timing), label=label)
+                else:
+                    run = make_run(method, lm, loaded.data, analysis, alloc_cfg, prune, timing=bool(timing),
+                                   label=label)
+                s.run = run
                 yield from self._stream(s, run, metric_name(lm))
         except Exception as e:
             yield (*skip7[:4], warn(message(e)), *skip7[5:])
@@ -453,6 +462,13 @@ class ExplorerApp:
                        + ("." if r.stage == K else f". Stage {r.stage + 1}/{K}: estimating importance…"), skip, skip)
             elif kind == "layer_drop":
                 yield (skip,) * 4 + (f"Dropped blocks {ev['dropped']}.", skip, skip)
+            elif kind == "trial":
+                yield (skip,) * 4 + (f"Search trial {ev['trial']}: {ev['value']:.4f} (best {ev['best_value']:.4f}, "
+                                     f"{ev.get('best_params')})", skip, skip)
+            elif kind == "round":
+                yield (skip,) * 4 + ("Round " + ", ".join(f"{k} {v}" for k, v in ev.items() if k != "type"), skip, skip)
+            elif kind not in ("stopped", "error", "done"):
+                continue
             else:  # stopped / error / done: the run is over
                 if run.records:
                     s.pruned = run.lm
@@ -659,6 +675,9 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                     plan_in = gr.Radio(list(PLANS), value="adaptive", label="Allocation", elem_id="plan-input",
                                        info="adaptive / uniform use the Allocation tab's S_base (and A); "
                                             "manual table prunes to the table's plan")
+                    method_in = gr.Dropdown(list(METHODS), value="adaptive", label="Method", elem_id="method-input",
+                                            info="adaptive/uniform follow the Allocation choice; the others are the "
+                                                 "methods of the design documents (see the README table)")
                 with gr.Accordion("Evaluation", open=False):
                     with gr.Row():
                         eval_in = gr.Number(0, precision=0, minimum=0, label="Evaluation size", elem_id="eval-input",
@@ -702,7 +721,7 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
         alloc_table.input(app.on_table_edit, [alloc_table, *alloc_in], alloc_out, concurrency_limit=None,
                           show_progress="hidden")
         reset_btn.click(app.on_reset_manual, alloc_in, alloc_out, concurrency_limit=None)
-        run_btn.click(app.on_run, [stages_in, recovery_in, steps_in, plan_in, *alloc_in, metric_in, samples_in,
+        run_btn.click(app.on_run, [stages_in, recovery_in, steps_in, plan_in, method_in, *alloc_in, metric_in, samples_in,
                                    eval_in, timing_in],
                       [quality_plot, loss_plot, cost_plot, stage_table, run_status, history_plot, pareto_plot],
                       show_progress="minimal")

@@ -345,3 +345,17 @@ def charts_html(figures: Mapping[str, go.Figure], title: str = "Pruning Explorer
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
             f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
+
+
+def sensitivity_figure(result: Mapping) -> go.Figure:
+    """Distiller-style sensitivity: quality against sparsity, one curve per layer pruned alone
+    (the result of `explorer.sensitivity.sensitivity`)."""
+    fig = _figure()
+    metric = result.get("metric", "")
+    for i, layer in enumerate(result.get("layers", [])):
+        fig.add_scatter(x=list(layer["sparsity"]), y=list(layer["quality"]), mode="lines+markers",
+                        name=f"layer {layer['index']}", line=dict(color=RUN_COLOURS[i % len(RUN_COLOURS)]),
+                        hovertemplate=f"layer {layer['index']}<br>sparsity %{{x:.0%}}<br>{metric} %{{y:.4f}}<extra></extra>")
+    fig.update_xaxes(title_text="sparsity of that layer alone", tickformat=".0%")
+    fig.update_yaxes(title_text=_quality_axis(metric))
+    return _layout(fig, "Sensitivity: one layer pruned at a time")

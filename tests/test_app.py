@@ -73,10 +73,10 @@ def ready(app):
 
 
 def run_all(app, request, **kw):
-    args = dict(stages=2, recovery="none", steps=0, plan="adaptive", metric="taylor", samples=16, eval_n=0,
-                timing=False, **ALLOC)
+    args = dict(stages=2, recovery="none", steps=0, plan="adaptive", method="adaptive", metric="taylor", samples=16,
+                eval_n=0, timing=False, **ALLOC)
     args.update(kw)
-    outs = list(app.on_run(args["stages"], args["recovery"], args["steps"], args["plan"], args["target"],
+    outs = list(app.on_run(args["stages"], args["recovery"], args["steps"], args["plan"], args["method"], args["target"],
                            args["amplitude"], args["mode"], args["max_sparsity"], args["round_to"], args["metric"],
                            args["samples"], args["eval_n"], args["timing"], request))
     assert all(len(o) == 7 for o in outs)  # quality, loss, cost, table, status, history, pareto
@@ -257,7 +257,7 @@ def test_manual_plan_needs_and_uses_the_table(app, ready):
 
 
 def test_stop_keeps_the_last_completed_stage(ready):
-    gen = ready.on_run(3, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
+    gen = ready.on_run(3, "none", 0, "adaptive", "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
     outs = []
     for o in gen:
         outs.append(o)
@@ -271,7 +271,7 @@ def test_stop_keeps_the_last_completed_stage(ready):
 
 
 def test_a_busy_session_refuses_a_second_job(ready):
-    gen = ready.on_run(1, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
+    gen = ready.on_run(1, "none", 0, "adaptive", "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
     next(gen)  # the run holds the session now
     out = ready.on_importance("taylor", 16, 8, *alloc_args(), req("a"))
     assert "wait until the pruning run has finished" in out[3]
@@ -331,3 +331,11 @@ def test_cli_defaults_and_local_path_policy():
     assert A.allow_local_paths(A.parse_args(["--share"])) is False
     assert A.allow_local_paths(A.parse_args(["--host", "0.0.0.0", "--allow-local-paths"])) is True
     assert A.allow_local_paths(A.parse_args(["--no-allow-local-paths"])) is False
+
+
+@pytest.mark.parametrize("method", ["layer-drop", "magnitude"])
+def test_other_methods_run_from_the_ui(ready, method):
+    """Methods from the design documents stream into the same charts and history."""
+    outs = run_all(ready, req("methods-" + method), method=method, stages=1)
+    status = outs[-1][4]
+    assert "Done" in status, status

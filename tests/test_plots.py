@@ -139,3 +139,11 @@ def test_charts_html_is_one_offline_page():
     assert page.count("<h2>") == 2 and "<h2>two</h2>" in page
     assert page.count("Plotly.newPlot") == 2
     assert 'src="https://cdn' not in page and len(page) > 1_000_000  # plotly.js inlined once: works offline
+
+
+def test_sensitivity_figure_one_curve_per_layer():
+    from explorer.plots import sensitivity_figure
+    res = {"metric": "accuracy", "layers": [{"index": i, "sparsity": [0, 0.5, 0.9], "quality": [0.8, 0.7 - i / 10, 0.5]}
+                                            for i in range(3)]}
+    fig = sensitivity_figure(res)
+    assert len(fig.data) == 3 and list(fig.data[1].y) == [0.8, 0.6, 0.5]
