@@ -43,7 +43,7 @@ from explorer.evaluate import evaluate, metric_name  # noqa: E402
 from explorer.importance import analyze  # noqa: E402
 from explorer.models import BUILTIN_MODELS, DEFAULT_MODEL, TASKS, load_model, save_model  # noqa: E402
 from explorer.methods import METHODS, make_run  # noqa: E402
-from explorer.pruning import PruningRun  # noqa: E402
+from explorer.pruning import PruningRun, check_pairing  # noqa: E402
 from explorer.sessions import Loaded, Session, SessionRegistry  # noqa: E402
 
 log = logging.getLogger("explorer.app")
@@ -268,11 +268,7 @@ class ExplorerApp:
             raise DataError("local data paths are disabled on this server: choose a built-in data set or upload a file")
         say(0.6, desc=f"loading data {Path(str(name)).name}")
         data_ = load_data(name, text_column=(text_col or "text").strip(), label_column=(label_col or "").strip())
-        if lm.task == "classification" and not data_.has_labels:
-            raise DataError(f"'{data_.name}' has no labels (column '{label_col}'), but '{lm.name}' is a classifier")
-        if lm.task == "classification" and data_.num_labels > lm.model.config.num_labels:
-            raise DataError(f"'{data_.name}' has {data_.num_labels} classes but the model's head has "
-                            f"{lm.model.config.num_labels}")
+        check_pairing(lm, data_)
         say(0.75, desc="evaluating the dense model")
         return Loaded(lm, data_, evaluate(lm, data_, eval_size(lm), timing=False))
 

@@ -19,7 +19,7 @@ from .allocation import Allocation, allocate
 from .config import AllocationConfig, AnalysisConfig, PruneConfig
 from .config import validate as validate_config
 from .data import TextData
-from .errors import OOM_HINT, Cancelled, ExplorerError, is_oom
+from .errors import OOM_HINT, Cancelled, DataError, ExplorerError, is_oom
 from .evaluate import evaluate, metric_name
 from .importance import Importance, analyze
 from .models import LoadedModel
@@ -59,6 +59,15 @@ def interpolate_plan(final: Allocation, current: list[dict], original: list[dict
         layers.append(replace(lp, keep_groups=g, keep_neurons=n, groups=cur["groups"], neurons=cur["n_neurons"],
                               params_before=cur["block_params"], params_after=int(after)))
     return Allocation(layers, template.target, template.amplitude, "manual")
+
+
+def check_pairing(lm: LoadedModel, data: TextData) -> None:
+    """A classifier needs labelled data with no more classes than its head has."""
+    if lm.task == "classification" and not data.has_labels:
+        raise DataError(f"data '{data.name}' has no labels, but '{lm.name}' is a classifier")
+    if lm.task == "classification" and data.num_labels > lm.model.config.num_labels:
+        raise DataError(f"data '{data.name}' has {data.num_labels} classes but the model's head has "
+                        f"{lm.model.config.num_labels}")
 
 
 @dataclass
@@ -104,11 +113,7 @@ class PruningRun:
         validate_config(self.prune)
         if lm.task == "encoder" and self.prune.recovery != "none":
             raise ExplorerError("this model has no task head: use recovery 'none'")
-        if lm.task == "classification" and not data.has_labels:
-            raise ExplorerError(f"data '{data.name}' has no labels, but '{lm.name}' is a classifier")
-        if lm.task == "classification" and data.num_labels > lm.model.config.num_labels:
-            raise ExplorerError(f"data '{data.name}' has {data.num_labels} classes but the model's head has "
-                                f"{lm.model.config.num_labels}")
+        check_pairing(lm, data)
 
     def stop(self) -> None:
         self._stop = True
