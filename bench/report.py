@@ -175,12 +175,7 @@ def render(results: dict) -> str:
           f"- date: {m.get('date')}; load average (1/5/15 min) at start {meta.get('load_average_start')}, "
           f"at end {meta.get('load_average_end')} (above the core count means other jobs shared the CPU and "
           "timings are noisy: latencies are interleaved and medians)",
-          f"- runtime: {meta.get('total_seconds', 0) / 60:.1f} min in all (sections run one after another; a "
-          "section marked 'parallel run' ran at the same time in a second process and is not added in); per section "
-          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta.get("section_seconds", {}).items())
-          + "; quality runs by model (sum of pruning + evaluation time over its runs): " + ", ".join(
-              f"{mod} {sum(r.get('run_seconds', 0) + r.get('eval_seconds', 0) for r in results.get('runs', []) if r.get('model') == mod) / 60:.1f} min"
-              for mod in _models(results)),
+          "- runtime (wall clock on the shared machine): " + _runtime(results),
           "- commands (run from the repository root; `make bench` runs `.venv/bin/python -m bench $(BENCH_ARGS)` "
           "with HF_HUB_OFFLINE=1):", ""]
     L += [f"      {c}" for c in meta.get("commands", [])] + [""]
@@ -216,19 +211,39 @@ def render(results: dict) -> str:
           "- Every pruned model starts from the same dense weights and gets the same recovery (LoRA, merged back "
           "after each stage) and the same number of optimiser steps; calibration samples differ per stage and "
           "per seed (`TextData.calibration(n, stage, seed)`); the seed also sets the recovery batches.",
-          "- Torch-Pruning is given the per-layer counts of the uniform allocation, so `uniform` and "
+          "- Torch-Pruning is given the per-layer counts of the uniform allocation, so on MiniLM `uniform` and "
           "`torch-pruning` have identical widths and differ only in which heads/channels they keep (explorer "
           "Taylor score vs Torch-Pruning's GroupTaylorImportance over its dependency graph; "
           "`torch-pruning-magnitude`: its GroupMagnitudeImportance, p = 2). " + _tp_identity(results) + " After each cut the "
           "cached `num_attention_heads` / `all_head_size` of `BertSelfAttention` are refreshed from the weights. "
           "On SmolLM2 (GQA) Torch-Pruning's head pruning would remove query heads inside KV groups only, so it "
-          "prunes FFN channels (the same parameter count).",
+          "prunes FFN channels only, to the same parameter count (its widths then differ from `uniform`, which "
+          "also removes whole KV groups once a layer's S_L reaches 1/6 of its 3 groups: see the heads column of "
+          "the speed table).",
           "- Accuracy is `explorer.evaluate.accuracy` with examples sorted by length (less padding; the same "
           "predictions); perplexity is `explorer.evaluate.perplexity` with the window/stride given above.",
           "- Latency depends only on the architecture: each pruned model is rebuilt from the per-layer widths its "
           "run recorded. `limit` = dense / same-width dense (`explorer.evaluate.same_width_reference`: every layer "
           "at the pruned model's average widths).", ""]
     return "\n".join(L) + "\n"
+
+
+def _runtime(results) -> str:
+    meta = results.get("meta", {})
+    secs = meta.get("section_seconds", {})
+    by_model = meta.get("quality_seconds_by_model", {})
+    run_sum = {mod: sum(r.get("run_seconds", 0) + r.get("eval_seconds", 0) for r in results.get("runs", [])
+                        if r.get("model") == mod) for mod in _models(results)}
+    # quality of a model measured by an earlier invocation that did not finish its section: sum of its runs
+    extra = {mod: v for mod, v in run_sum.items() if mod not in by_model and v}
+    seq = sum(v for k, v in secs.items() if "parallel" not in k) + sum(extra.values())
+    parts = [f"{k} {v / 60:.1f} min" + (" (" + ", ".join(f"{m} {t / 60:.1f}" for m, t in by_model.items()) + ")"
+                                           if k == "quality" and by_model else "")
+             for k, v in secs.items() if "parallel" not in k]
+    parts += [f"quality of {m} {v / 60:.1f} min (sum of its runs, from the first invocation)" for m, v in extra.items()]
+    par = [f"{k.replace(' (parallel run)', '')} {v / 60:.1f} min" for k, v in secs.items() if "parallel" in k]
+    return (f"{seq / 60:.1f} min for the sections run one after another (" + "; ".join(parts) + ")"
+            + (f", plus {', '.join(par)} run at the same time in a second process" if par else "") + ".")
 
 
 def _tp_identity(results) -> str:
@@ -274,7 +289,9 @@ def _targets_section(results) -> list[str]:
 
 
 def _quality_section(results) -> list[str]:
-    rows = results.get("quality", [])
+    order = _models(results)
+    rows = sorted(results.get("quality", []), key=lambda r: (order.index(r["model"]) if r["model"] in order else 99,
+                                                            r["budget"]))
     if not rows:
         return []
     L = ["## Quality (all rows)", ""]
@@ -300,7 +317,9 @@ def _quality_section(results) -> list[str]:
 
 
 def _speed_section(results) -> list[str]:
-    rows = results.get("speed", [])
+    order = _models(results)
+    rows = sorted(results.get("speed", []), key=lambda r: (order.index(r["model"]) if r["model"] in order else 99,
+                                                          r["budget"]))
     if not rows:
         return []
     L = ["## Speed", "", "Inference forward pass on random tokens; median of interleaved repeats.", ""]
@@ -409,7 +428,8 @@ def plots_html(results: dict) -> str:
             if dense:
                 fig.add_hline(y=dense["mean"], line=dict(dash="dash", color="grey"), annotation_text="dense")
             fig.update_layout(title=f"{model}: test {metric} vs parameters removed", xaxis_title="% of block parameters removed",
-                              yaxis_title=metric, template="plotly_white")
+                              yaxis_title=metric + (" (log scale)" if metric == "perplexity" else ""),
+                              yaxis_type="log" if metric == "perplexity" else None, template="plotly_white")
             figs[f"Quality: {model}"] = fig
         srows = [r for r in results.get("speed", []) if r["model"] == model]
         if srows:

@@ -102,7 +102,7 @@ def pruning_stage(base, data, full_defaults: bool, mb=None) -> list[dict]:
              "evaluation (quality + latency)": marks["stage"] - last}
     total = marks["stage"] - start
     cfg = (f"{analysis.samples} calibration samples, {prune.recovery} recovery x {n_steps} steps of "
-           f"{prune.train_batch_size}, eval on {'all' if not prune.eval_samples else prune.eval_samples} test examples "
+           f"{prune.train_batch_size}, eval on {'all' if not prune.eval_samples else prune.eval_samples} test examples"
            + (" + latency" if full_defaults else ""))
     rows = [{"action": f"pruning stage ({base.name}; {cfg})", "server_ms": total * 1000, "model": base.name,
              "parts_ms": {k: v * 1000 for k, v in parts.items()}, "dense_eval_ms": (start - t0) * 1000}]
