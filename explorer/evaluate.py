@@ -13,14 +13,17 @@ from .models import LoadedModel
 
 
 @torch.inference_mode()
+def batched_logits(lm: LoadedModel, texts: list[str], labels: list[int], batch_size: int = 64):
+    """Yields (logits, labels) per batch, examples in the given order (eval mode, no grad)."""
+    lm.model.eval()
+    for i in range(0, len(texts), batch_size):
+        logits = lm.model(**lm.encode(texts[i:i + batch_size])).logits
+        yield logits, torch.as_tensor(labels[i:i + batch_size], device=logits.device)
+
+
 def accuracy(lm: LoadedModel, texts: list[str], labels: list[int], batch_size: int = 64) -> float:
     """Fraction of correct predictions (examples in the given order, no shuffling)."""
-    lm.model.eval()
-    correct = 0
-    for i in range(0, len(texts), batch_size):
-        batch = lm.encode(texts[i:i + batch_size])
-        pred = lm.model(**batch).logits.argmax(-1).cpu()
-        correct += int((pred == torch.as_tensor(labels[i:i + batch_size])).sum())
+    correct = sum(int((logits.argmax(-1) == y).sum()) for logits, y in batched_logits(lm, texts, labels, batch_size))
     return correct / max(len(texts), 1)
 
 

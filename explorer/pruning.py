@@ -47,7 +47,7 @@ def apply_allocation(lm: LoadedModel, imp: Importance, alloc: Allocation, metric
 
 
 def interpolate_plan(final: Allocation, current: list[dict], original: list[dict], frac: float,
-                     imp: Importance, template: AllocationConfig) -> Allocation:
+                     template: AllocationConfig) -> Allocation:
     """Counts for a stage that moves each layer `frac` of the way from its original widths
     to a fixed final plan (used when the user edited the per-layer table by hand)."""
     layers = []
@@ -153,7 +153,7 @@ class PruningRun:
                 yield {"type": "analysis", "stage": k, "importance": imp}
                 if self.final_plan is not None:
                     alloc = interpolate_plan(self.final_plan, imp.params, original_structure, k / cfg.stages,
-                                             imp, self.allocation)
+                                             self.allocation)
                 else:
                     alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target))
                 apply_allocation(lm, imp, alloc)

@@ -3,7 +3,6 @@ against an independent computation from `output_hidden_states`, the direction of
 score, label-free use, JSON round trip, and that the analysis leaves the model as it was."""
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 import zlib
@@ -25,16 +24,6 @@ TEXTS = [f"calibration sentence number {i} " + "word " * (i % 4) for i in range(
 LABELS = [i % 2 for i in range(10)]
 BATCH = 4  # 10 texts -> batches of 4, 4, 2 (the last one partial)
 CFG = AnalysisConfig(batch_size=BATCH, metric="taylor")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On this 2-core machine, with other processes busy, torch's 2-thread kernels are
-    two orders of magnitude slower on these tiny matrices than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class FakeTokenizer:

@@ -20,15 +20,6 @@ from explorer.methods.unstructured import lowest_mask, nm_mask
 from explorer.surgery import widths
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _make(method, name="llama", stages=2, recovery="full", steps=2, target=0.4, amplitude=0.2, **options):
     lm = tiny_lm(name)
     run = make_run(method, lm, tiny_data(), AnalysisConfig(samples=8, batch_size=4),

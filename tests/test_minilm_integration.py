@@ -19,15 +19,6 @@ N_TEXTS = 32
 BATCH = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """torch's 2-thread kernels crawl when the 2 cores are shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def calibration_texts(n: int) -> list[str]:
     try:
         from explorer.data import load_data

@@ -9,14 +9,6 @@ from explorer.errors import Cancelled, ExplorerError
 from explorer.sensitivity import most_sensitive, sensitivity, unit_counts, val_quality
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _state(lm):
     return {k: v.clone() for k, v in lm.model.state_dict().items()}
 

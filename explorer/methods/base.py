@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..allocation import allocate
 from ..config import PruneConfig
 from ..errors import Cancelled, ExplorerError
-from ..evaluate import metric_name, perplexity
+from ..evaluate import batched_logits, metric_name, perplexity
 from ..importance import Importance, analyze
 from ..models import LoadedModel
 from ..pruning import PruningRun, StageRecord, apply_allocation
@@ -199,16 +199,10 @@ def clone_lm(lm: LoadedModel) -> LoadedModel:
     return replace(lm, model=copy.deepcopy(lm.model))
 
 
-@torch.inference_mode()
 def classification_loss(lm: LoadedModel, texts: list[str], labels: list[int], batch_size: int = 64) -> float:
     """Mean cross-entropy over the examples."""
-    lm.model.eval()
-    total = 0.0
-    for i in range(0, len(texts), batch_size):
-        batch = lm.encode(texts[i:i + batch_size])
-        logits = lm.model(**batch).logits.float()
-        y = torch.as_tensor(labels[i:i + batch_size], device=logits.device)
-        total += float(F.cross_entropy(logits, y, reduction="sum"))
+    total = sum(float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                for logits, y in batched_logits(lm, texts, labels, batch_size))
     return total / max(len(texts), 1)
 
 
