@@ -36,9 +36,9 @@ import pandas as pd  # noqa: E402
 from explorer import plots  # noqa: E402
 from explorer.allocation import Allocation, allocate  # noqa: E402
 from explorer.config import (LABEL_FREE_METRICS, METRICS, AllocationConfig, AnalysisConfig,  # noqa: E402
-                             PruneConfig, choices_of, help_of)
+                             PruneConfig, choices_of, help_of, validate)
 from explorer.data import BUILTIN_DATA, load_data  # noqa: E402
-from explorer.errors import OOM_HINT, DataError, ExplorerError, is_oom  # noqa: E402
+from explorer.errors import OOM_HINT, Cancelled, DataError, ExplorerError, is_oom  # noqa: E402
 from explorer.evaluate import evaluate, metric_name  # noqa: E402
 from explorer.importance import analyze  # noqa: E402
 from explorer.models import BUILTIN_MODELS, DEFAULT_MODEL, TASKS, load_model, save_model  # noqa: E402
@@ -49,7 +49,9 @@ from explorer.sessions import Loaded, Session, SessionRegistry  # noqa: E402
 log = logging.getLogger("explorer.app")
 EVAL_EXAMPLES = 500  # test examples for accuracy (a subset, so loading stays quick)
 EVAL_TOKENS = 4096  # test tokens for perplexity
+MAX_UPLOAD_MB = 100  # largest data file a browser may upload (--max-upload-mb)
 MODEL_DEFAULT_DATA = "(the model's default)"
+ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a busy session says it does
 PLANS = ("adaptive", "uniform", "manual table")
 TABLE_COLUMNS = ["layer", "Î_L", "sparsity", "actual", "heads kept", "neurons kept", "note"]
 EDITABLE = TABLE_COLUMNS.index("sparsity")
@@ -94,6 +96,21 @@ def eval_size(lm, n: int | float | None = 0) -> int:
     """Test examples (classifiers) or tokens (LMs) to evaluate on; 0 = the quick default."""
     n = int(n or 0)
     return n if n > 0 else (EVAL_TOKENS if lm.task == "causal-lm" else EVAL_EXAMPLES)
+
+
+def number(value, name: str, kind: type = float):
+    """A number from a UI control; anything else (a crafted request, an emptied box) is a message.
+    Empty counts as 0, which the config checks then reject or accept."""
+    if value is None or value == "":
+        return kind(0)
+    try:
+        v = float(value)
+        if kind is int and v != int(v):
+            raise ValueError
+        return kind(v)
+    except (TypeError, ValueError, OverflowError):
+        raise ExplorerError(f"{name} must be {'a whole number' if kind is int else 'a number'}, "
+                            f"got '{str(value)[:20]}'") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -235,10 +252,15 @@ class ExplorerApp:
     """The handlers. Each takes the session from `request.session_hash`, calls the library
     and returns figures / tables / status text; no model ever goes through gr.State."""
 
-    def __init__(self, registry: SessionRegistry | None = None, allow_local: bool = True, device: str = "auto"):
+    def __init__(self, registry: SessionRegistry | None = None, allow_local: bool = True, device: str = "auto",
+                 max_upload_mb: float = MAX_UPLOAD_MB, upload_dir: str | None = None,
+                 trust_remote_code: bool = False, allow_pickle: bool = False):
         self.registry = registry if registry is not None else SessionRegistry()
         self.allow_local = allow_local
         self.device = device
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.upload_dir = Path(upload_dir or gr.utils.get_upload_folder()).resolve()  # where Gradio puts uploads
+        self.trust_remote_code, self.allow_pickle = trust_remote_code, allow_pickle  # off unless the operator says
         self.startup_error = ""
 
     # session plumbing
@@ -259,18 +281,31 @@ class ExplorerApp:
         say = progress or (lambda *a, **k: None)
         say(0.05, desc=f"loading model {model}")
         lm = load_model(model, task=None if task in ("auto", "", None) else task, device=self.device,
-                        allow_local=self.allow_local)
-        path = getattr(upload, "name", upload)  # gr.File gives a path (str) or a tempfile wrapper
+                        allow_local=self.allow_local, trust_remote_code=self.trust_remote_code,
+                        allow_pickle=self.allow_pickle)
+        path = self.checked_upload(upload)
         name = path or (lm.default_data if data in (MODEL_DEFAULT_DATA, "", None) else data)
         if not name:
             raise DataError(f"'{model}' has no default data set: choose one ({', '.join(BUILTIN_DATA)}) or upload a file")
         if not path and name not in BUILTIN_DATA and not self.allow_local:
             raise DataError("local data paths are disabled on this server: choose a built-in data set or upload a file")
         say(0.6, desc=f"loading data {Path(str(name)).name}")
-        data_ = load_data(name, text_column=(text_col or "text").strip(), label_column=(label_col or "").strip())
+        data_ = load_data(name, text_column=(text_col or "text").strip(), label_column=(label_col or "").strip(),
+                          max_bytes=self.max_upload_bytes if path else 200 * 2**20)
         check_pairing(lm, data_)
         say(0.75, desc="evaluating the dense model")
         return Loaded(lm, data_, evaluate(lm, data_, eval_size(lm), timing=False))
+
+    def checked_upload(self, upload) -> str | None:
+        """The path of an uploaded file, refused unless it lies in Gradio's upload folder (a request
+        could name any path) or local paths are allowed on this server."""
+        path = getattr(upload, "name", upload)  # gr.File gives a path (str) or a tempfile wrapper
+        if not path:
+            return None
+        resolved = Path(str(path)).resolve()
+        if not self.allow_local and not resolved.is_relative_to(self.upload_dir):
+            raise DataError("an uploaded file must come through the upload box; local paths are disabled on this server")
+        return str(resolved)
 
     # tab 1
     def on_page_load(self, request: gr.Request):
@@ -293,7 +328,7 @@ class ExplorerApp:
                     *[gr.skip()] * N_DERIVED)
         metric, recovery = task_defaults(loaded.lm.task)
         return (model_summary(loaded), f"Loaded `{loaded.lm.name}` in {time.perf_counter() - t0:.1f} s.",
-                gr.Dropdown(value=metric), gr.Radio(value=recovery), *derived_placeholders())
+                gr.update(value=metric), gr.update(value=recovery), *derived_placeholders())
 
     # tab 2
     def on_importance(self, metric, samples, batch_size, target, amplitude, mode, max_sparsity, round_to,
@@ -301,14 +336,19 @@ class ExplorerApp:
         """-> layer plot, heads heatmap, neurons heatmap, status, then the allocation outputs."""
         s = self.session(request)
         try:
-            with s.busy("the importance analysis"):
+            with s.busy(ANALYSIS_JOB):
                 loaded = require_loaded(s)
-                cfg = AnalysisConfig(samples=int(samples), batch_size=int(batch_size), metric=metric)
+                cfg = AnalysisConfig(samples=number(samples, "calibration samples", int),
+                                     batch_size=number(batch_size, "batch size", int), metric=metric)
+                validate(cfg)
                 texts, labels = loaded.data.calibration(cfg.samples, stage=0, seed=cfg.seed)
                 progress(0, desc="calibration batches")
-                imp = analyze(loaded.lm, texts, labels, cfg,
+                imp = analyze(loaded.lm, texts, labels, cfg, should_stop=s.stop_requested,
                               progress=lambda done, total: progress((done, total), desc="calibration batches"))
                 s.importance, s.manual, s.last_edit = imp, {}, None
+        except Cancelled:
+            kept = "the previous importance and allocation stay" if s.importance else "nothing was changed"
+            return (gr.skip(),) * 3 + (f"Stopped: the analysis was cancelled; {kept}.",) + (gr.skip(),) * 3
         except Exception as e:
             return (gr.skip(),) * 3 + (warn(message(e)),) + (gr.skip(),) * 3
         figs = {"layer importance": plots.layer_importance(imp.layer_cos, imp.normalized, imp.attn_cos, imp.mlp_cos),
@@ -396,11 +436,12 @@ class ExplorerApp:
         s = self.session(request)
         skip7 = (gr.skip(),) * 7
         try:
-            with s.busy("the pruning run"):
+            with s.busy(RUN_JOB):
                 loaded = require_loaded(s)
-                prune = PruneConfig(stages=int(stages or 0), recovery=recovery, recovery_steps=int(steps or 0),
-                                    eval_samples=eval_size(loaded.lm, eval_n))
-                analysis = AnalysisConfig(samples=int(samples), metric=metric)
+                prune = PruneConfig(stages=number(stages, "stages", int), recovery=recovery,
+                                    recovery_steps=number(steps, "recovery steps", int),
+                                    eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)))
+                analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric)
                 alloc_cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to)
                 final_plan = None
                 if plan == "uniform":
@@ -503,11 +544,13 @@ class ExplorerApp:
         return hist, pareto
 
     def on_stop(self, request: gr.Request):
-        s = self.session(request)
-        if s.run is None or s.run.status != "running":
+        """The Stop buttons (Importance and Prune tabs): stop whatever long job the session runs."""
+        job = self.session(request).stop()
+        if not job:
             return "Nothing is running."
-        s.run.stop()
-        return "Stopping after the current step; the last completed stage is kept…"
+        if job == RUN_JOB:
+            return "Stopping after the current step; the last completed stage is kept…"
+        return f"Stopping {job} after the current batch…"
 
     # tab 5
     def on_export(self, request: gr.Request, progress=gr.Progress()):
@@ -547,8 +590,9 @@ class ExplorerApp:
 
 def allocation_config(target, amplitude, mode, max_sparsity, round_to) -> AllocationConfig:
     """The Allocation tab's controls (the same five inputs on every event that uses them)."""
-    return AllocationConfig(target=float(target), amplitude=float(amplitude), mode=mode,
-                            max_sparsity=float(max_sparsity), round_to=int(round_to or 1))
+    return AllocationConfig(target=number(target, "target sparsity S_base"), amplitude=number(amplitude, "A"),
+                            mode=mode, max_sparsity=number(max_sparsity, "S_max"),
+                            round_to=number(round_to or 1, "round to", int))
 
 
 def task_defaults(task: str | None) -> tuple[str, str]:
@@ -606,12 +650,12 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                                                label="Model", elem_id="model-input",
                                                info="built-in, a Hugging Face id or a local directory")
                         task_in = gr.Dropdown(["auto", *TASKS], value=default_task, label="Task",
-                                              info="auto: from the model's config")
+                                              info="auto: from the model's config", elem_id="task-input")
                         data_in = gr.Dropdown([MODEL_DEFAULT_DATA, *BUILTIN_DATA], value=default_data or MODEL_DEFAULT_DATA,
                                               allow_custom_value=True, label="Data",
                                               info="built-in or a file path (or upload below)")
                         upload = gr.File(label="…or upload CSV / JSONL / TXT", file_types=[".csv", ".tsv", ".jsonl", ".json", ".txt"],
-                                         type="filepath", height=120)
+                                         type="filepath", height=120, elem_id="upload-input")
                         with gr.Row():
                             text_col = gr.Textbox("text", label="Text column")
                             label_col = gr.Textbox("label", label="Label column", info="empty: no labels")
@@ -628,8 +672,11 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                                             info=help_of(AnalysisConfig, "metric"))
                     samples_in = gr.Slider(8, 512, value=64, step=8, label="Calibration samples", elem_id="samples-input",
                                            info=help_of(AnalysisConfig, "samples"))
-                    batch_in = gr.Slider(1, 64, value=16, step=1, label="Batch size", info=help_of(AnalysisConfig, "batch_size"))
-                    imp_btn = gr.Button("Compute importance", variant="primary", elem_id="importance-btn", scale=0)
+                    batch_in = gr.Slider(1, 64, value=16, step=1, label="Batch size", elem_id="batch-input",
+                                         info=help_of(AnalysisConfig, "batch_size"))
+                    with gr.Column(scale=0, min_width=140):
+                        imp_btn = gr.Button("Compute importance", variant="primary", elem_id="importance-btn")
+                        imp_stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="importance-stop-btn")
                 imp_status = gr.Markdown(ph[3], elem_classes="status-line", elem_id="importance-status")
                 layer_plot = gr.Plot(ph[0], label="Layer importance", elem_id="layer-importance-plot")
                 with gr.Row():
@@ -722,6 +769,7 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                       [quality_plot, loss_plot, cost_plot, stage_table, run_status, history_plot, pareto_plot],
                       show_progress="minimal")
         stop_btn.click(app.on_stop, None, run_status, concurrency_limit=None, show_progress="hidden")
+        imp_stop_btn.click(app.on_stop, None, imp_status, concurrency_limit=None, show_progress="hidden")
         export_btn.click(app.on_export, None, [export_files, export_status])
         demo.unload(app.on_unload)
     return demo
@@ -743,6 +791,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-local-paths", action=argparse.BooleanOptionalAction, default=None,
                    help="let users load models and data from paths on this machine (default: on when the host is "
                         "loopback and not sharing, off otherwise)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let hub models run their own code (unsafe: any user of the page can name any model)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let models load pickle-based .bin weights (unsafe for untrusted files)")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                   help=f"largest data file a browser may upload, in MiB (default: {MAX_UPLOAD_MB})")
     p.add_argument("--concurrency", type=int, default=2, help="jobs run at once per event across sessions (default: 2)")
     return p.parse_args(argv)
 
@@ -756,7 +810,12 @@ def allow_local_paths(args: argparse.Namespace) -> bool:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    app = ExplorerApp(allow_local=True, device=args.device)  # the start-up model is named by the operator
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("explorer").setLevel(logging.INFO)  # sessions opened / closed, internal errors
+    if args.max_upload_mb <= 0 or args.concurrency < 1:
+        raise SystemExit("app.py: error: --max-upload-mb must be > 0 and --concurrency at least 1")
+    app = ExplorerApp(allow_local=True, device=args.device, max_upload_mb=args.max_upload_mb,  # operator's model
+                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     t0 = time.perf_counter()
     print(f"Loading {args.model} …", flush=True)
     app.preload(args.model, args.data, args.task)
@@ -764,7 +823,8 @@ def main(argv=None) -> None:
     print(app.startup_error or f"Loaded {args.model} in {time.perf_counter() - t0:.1f} s.", flush=True)
     demo = build_ui(app, args.model, args.data, args.task)
     demo.queue(default_concurrency_limit=args.concurrency)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+                max_file_size=int(args.max_upload_mb * 2**20))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,15 @@ def _write_json(obj: dict, path: str | None) -> None:
 def _load(args):
     from .data import load_data
     from .models import load_model
+    from .pruning import check_pairing
     lm = load_model(args.model, task=args.task, device=args.device, trust_remote_code=args.trust_remote_code,
                     allow_pickle=args.allow_pickle)
     data_name = args.data or lm.default_data
     if not data_name:
         raise ExplorerError(f"no --data given and '{args.model}' has no default data set")
-    data = load_data(data_name, text_column=args.text_column, label_column=args.label_column)
+    data = load_data(data_name, text_column=args.text_column, label_column=args.label_column,
+                     max_bytes=int(args.max_data_mb * 2**20))
+    check_pairing(lm, data)
     return lm, data
 
 
@@ -48,6 +51,7 @@ def _add_model_args(p: argparse.ArgumentParser, data: bool = True) -> None:
                                                     "file (default: the model's own data set)")
         p.add_argument("--text-column", default="text", help="text column of a CSV/JSONL file")
         p.add_argument("--label-column", default="label", help="label column of a CSV/JSONL file")
+        p.add_argument("--max-data-mb", type=float, default=200, help="refuse data files larger than this (MiB)")
     p.add_argument("--task", default=None, choices=["classification", "causal-lm", "encoder"],
                    help="override the task inferred from the config")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")

@@ -308,8 +308,8 @@ def _read_text_file(path: pathlib.Path, shown: str, max_bytes: int) -> str:
     except OSError as e:
         raise DataError(f"cannot read data file '{shown}': {e.strerror or e}") from None
     if size > max_bytes:
-        raise DataError(f"{shown} is {_size(size)}, larger than the limit of {_size(max_bytes)}; "
-                        "use a smaller file or a larger max_bytes")
+        raise DataError(f"{shown} is {_size(size)}, larger than the limit of {_size(max_bytes)}: "
+                        "use a smaller file")
     try:
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
@@ -380,7 +380,7 @@ def _encode_labels(raw: list[str | int], shown: str, label_column: str) -> tuple
         raise DataError(f"{shown} has only one class (label {_show(names[0])}): a classifier needs at least two")
     if len(distinct) > MAX_CLASSES or (len(raw) >= 20 and len(distinct) == len(raw)):
         raise DataError(f"{shown}: the label column '{label_column}' has {len(distinct):,} distinct values "
-                        f"in {len(raw):,} rows; is it really a class label? (use --label-column)")
+                        f"in {len(raw):,} rows; is it really a class label? (choose the label column: --label-column)")
     ids = {v: i for i, v in enumerate(distinct)}
     return [ids[v] for v in values], names
 
@@ -416,11 +416,12 @@ def _parse_csv(text: str, shown: str, ext: str, text_column: str, label_column: 
     listed = ", ".join(_show(c) if c else "''" for c in columns[:20]) + (", ..." if len(columns) > 20 else "")
     ti = find(text_column)
     if ti is None:
-        raise DataError(f"data file '{shown}': no column '{text_column}' (columns: {listed}); use --text-column")
+        raise DataError(f"data file '{shown}': no column '{text_column}' (columns: {listed}); "
+                        "choose the text column (--text-column)")
     li = find(label_column) if label_column else None
     if label_column and li is None and len([c for c in columns if c]) > 1:
         raise DataError(f"data file '{shown}': no column '{label_column}' (columns: {listed}); "
-                        "use --label-column")
+                        "choose the label column (--label-column)")
     texts: list[str] = []
     labels: list[str | int] | None = [] if li is not None else None
     need = max(ti, li if li is not None else 0) + 1
@@ -474,14 +475,14 @@ def _parse_json_records(text: str, shown: str, text_column: str, label_column: s
         if keys:
             no, obj = records[0]
             raise DataError(f"{unit} {no} of {shown} has no key '{label_column}' "
-                            f"(keys: {', '.join(map(_show, list(obj)[:20]))}); use --label-column")
+                            f"(keys: {', '.join(map(_show, list(obj)[:20]))}); choose the label column (--label-column)")
     texts: list[str] = []
     labels: list[str | int] | None = [] if use_labels else None
     for no, obj in records:
         where = f"{unit} {no} of {shown}"
         if text_column not in obj:
             raise DataError(f"{where} has no key '{text_column}' (keys: {', '.join(map(_show, list(obj)[:20]))}); "
-                            "use --text-column")
+                            "choose the text column (--text-column)")
         t = obj[text_column]
         if t is None:
             continue

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from .allocation import Allocation, allocate
+from .allocation import validate as validate_allocation
 from .config import AllocationConfig, AnalysisConfig, PruneConfig
 from .config import validate as validate_config
 from .data import TextData
@@ -111,6 +112,7 @@ class PruningRun:
             raise ExplorerError(f"stages must be at least 1, got {self.prune.stages}")
         validate_config(self.analysis)
         validate_config(self.prune)
+        validate_allocation(self.allocation)
         if lm.task == "encoder" and self.prune.recovery != "none":
             raise ExplorerError("this model has no task head: use recovery 'none'")
         check_pairing(lm, data)

@@ -15,6 +15,8 @@ This module does not import gradio: the UI passes `request.session_hash` in.
 from __future__ import annotations
 
 import copy
+import gc
+import logging
 import shutil
 import tempfile
 import threading
@@ -23,12 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from .allocation import Allocation
 from .data import TextData
 from .errors import ExplorerError
 from .importance import Importance
 from .models import LoadedModel
 from .pruning import PruningRun
+
+log = logging.getLogger("explorer.sessions")
 
 
 class SessionBusy(ExplorerError):
@@ -58,6 +64,7 @@ class Session:
     job: str = ""  # what the lock is held for
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)  # Stop pressed during a job
     _workdir: Path | None = field(default=None, repr=False)
 
     @contextmanager
@@ -67,11 +74,27 @@ class Session:
         if not self._lock.acquire(blocking=False):
             raise SessionBusy(f"wait until {self.job or 'the current job'} has finished (or press Stop)")
         self.job = job
+        self._cancel.clear()
         try:
             yield self
         finally:
             self.job = ""
             self._lock.release()
+
+    def stop(self) -> str:
+        """Ask the running job to stop at its next check; '' when nothing is running.
+        A pruning run stops after its current step; an analysis after its current batch."""
+        job = self.job
+        if not job:
+            return ""
+        self._cancel.set()
+        if self.run is not None and self.run.status == "running":
+            self.run.stop()
+        return job
+
+    def stop_requested(self) -> bool:
+        """Polled by long computations (`analyze(should_stop=...)`)."""
+        return self._cancel.is_set()
 
     def set_loaded(self, loaded: Loaded) -> None:
         """A new model: everything derived from the old one goes."""
@@ -89,8 +112,12 @@ class Session:
         return self._workdir
 
     def close(self) -> None:
+        """Stop what runs and forget every model, so that the memory can go back."""
+        self._cancel.set()
         if self.run is not None:
             self.run.stop()
+        self.loaded, self.pruned, self.run, self.importance, self.allocation = None, None, None, None, None
+        self.history, self.figures = [], {}
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -117,6 +144,7 @@ class SessionRegistry:
         if not new:
             s._ready.wait()  # its first caller may still be copying the template
             return s
+        log.info("session %s opened (%d open)", session_id[:8], len(self))
         try:
             t = self.template
             if t is not None:  # copied outside the registry lock: other sessions need not wait
@@ -126,10 +154,17 @@ class SessionRegistry:
         return s
 
     def drop(self, session_id: str) -> None:
+        """Close a session (its page went away) and give its models' memory back."""
         with self._lock:
             s = self._sessions.pop(session_id, None)
-        if s is not None:
-            s.close()
+        if s is None:
+            return
+        s.close()
+        del s
+        gc.collect()  # models hold reference cycles (modules <-> hooks); free them now, not at some later GC
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("session %s closed (%d open)", session_id[:8], len(self))
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,17 +49,24 @@ class AppServer:
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
-        t0 = time.monotonic()
-        for line in self.proc.stdout:  # the model loads before the server listens
-            self.log += line
-            if "Running on local URL" in line:
-                break
-            if time.monotonic() - t0 > self.timeout:
-                break
-        if self.proc.poll() is not None or "Running on local URL" not in self.log:
+        threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server
+        if not self.wait_log("Running on local URL", self.timeout):  # the model loads before the server listens
             self.__exit__()
             raise RuntimeError(f"app.py did not start:\n{self.log[-3000:]}")
         return self
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.log += line
+
+    def wait_log(self, text: str, timeout_s: float = 60) -> bool:
+        """Wait until the server's output contains `text` (True) or the time is up / it died (False)."""
+        t0 = time.monotonic()
+        while text not in self.log:
+            if self.proc.poll() is not None or time.monotonic() - t0 > timeout_s:
+                return text in self.log
+            time.sleep(0.1)
+        return True
 
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:
@@ -137,6 +145,40 @@ class Driver:
         self.page.keyboard.press("Control+A")
         self.page.keyboard.type(text)
         self.page.keyboard.press("Enter")
+
+    def load(self, model: str | None = None, upload: Path | None = None, expect: str = "Loaded") -> str:
+        """Load on the Model & data tab: pick `model` (a listed name or typed text), attach `upload`
+        (replacing any file attached before), press Load and wait for a status containing `expect`."""
+        self.tab("model")
+        if model is not None:
+            box = self.page.locator("#model-input input")
+            box.fill(model)
+            option = self.page.get_by_role("option", name=model, exact=True)
+            option.click() if option.count() else box.press("Enter")
+        if upload is not None:
+            clear = self.page.locator("#upload-input button[aria-label='Clear']")
+            if clear.count():
+                clear.click()
+            self.page.locator("#upload-input input[type=file]").set_input_files(str(upload))
+            self.page.locator("#upload-input", has_text=Path(upload).name).wait_for()
+        return self.click_and_wait("load-btn", "load-status", expect)
+
+    def click_and_wait(self, button_id: str, status_id: str, expect: str) -> str:
+        """Click, then wait until the status's progress overlay has come and gone and its text
+        contains `expect` (so an old status with the same words does not count)."""
+        self.page.evaluate("""id => { const t = document.querySelector('#' + id + ' [data-testid=status-tracker]');
+            window.__busy = false; new MutationObserver(() => { if (!t.classList.contains('hide')) window.__busy = true; })
+              .observe(t, {attributes: true}); }""", status_id)
+        self.page.locator(f"#{button_id}").click()
+        self.page.wait_for_function(
+            """([id, text]) => { const e = document.getElementById(id);
+                 const idle = e.querySelector('[data-testid=status-tracker]').classList.contains('hide');
+                 return window.__busy && idle && e.querySelector('[data-testid=markdown]').innerText.includes(text); }""",
+            arg=[status_id, expect])
+        return self.page.locator(f"#{status_id} [data-testid=markdown]").inner_text()
+
+    def toasts(self) -> list[str]:
+        return self.page.locator(".toast-body").all_inner_texts()
 
     def compute_importance(self, samples: int = 32) -> str:
         self.tab("importance")

@@ -28,10 +28,19 @@ from screenshots import AppServer, Driver, browser  # noqa: E402
 MODEL = os.environ.get("BROWSER_TEST_MODEL", "minilm-rt")
 
 
+UPLOAD_MB = 1  # a small upload limit, so that the test can exceed it
+
+
 @pytest.fixture(scope="module")
-def driver():
-    args = ["--model", MODEL, *shlex.split(os.environ.get("BROWSER_TEST_APP_ARGS", ""))]
-    with AppServer(*args) as server, browser() as page:
+def server():
+    args = ["--model", MODEL, "--max-upload-mb", str(UPLOAD_MB), *shlex.split(os.environ.get("BROWSER_TEST_APP_ARGS", ""))]
+    with AppServer(*args) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def driver(server):
+    with browser() as page:
         d = Driver(page, server.url, timeout_s=180)
         d.open()
         yield d
@@ -87,3 +96,62 @@ def test_load_importance_allocation_run_and_stop(driver):
     runs = [t["name"] for t in d.wait_plot("history-plot", "data.length == 2")]
     assert runs[0].startswith("#1 ") and runs[1].startswith("#2 ")
     assert "⚠️" not in d.text("run-status")
+
+
+def test_two_sessions_on_different_models_bad_input_and_a_closed_tab(driver, server, tmp_path):
+    """A second browser (its own session) loads another model and feeds it bad input; the first
+    browser sees none of it; closing the second tab frees its session on the server."""
+    a = driver
+    a_summary = a.text("model-summary")
+    page_b = a.page.context.browser.new_page(viewport={"width": 1400, "height": 1000})  # a new context: a new session
+    b = Driver(page_b, server.url, timeout_s=180)
+    b.open()
+    assert server.wait_log("opened (2 open)", 30), server.log[-2000:]
+
+    assert b.load("minilm").startswith("Loaded minilm in")
+    assert "task encoder" in b.text("model-summary").replace("\t", " ")
+    b.tab("allocation")
+    assert "Compute importance first" in b.text("allocation-summary")  # A's importance is not B's
+    assert not [t for t in b.plot("history-plot") or [] if t.get("name")]  # nor are A's runs
+
+    # Bad input in B: a visible status line and toast, B keeps its model.
+    binary = tmp_path / "weights.csv"
+    binary.write_bytes(b"\x00\x01PK\x03\x04" * 500)
+    status = b.load(upload=binary, expect="Load failed")
+    assert status.startswith("⚠️") and "weights.csv does not look like a text file (binary content)" in status
+    assert any("binary content" in t for t in b.toasts())
+    status = b.load("no-such-org/no-such-model", expect="Load failed")
+    assert "could not load 'no-such-org/no-such-model'" in status
+    assert "task encoder" in b.text("model-summary").replace("\t", " ")  # still B's model
+
+    # An upload over the server's limit is refused by the page, and by the server for a crafted request.
+    big = tmp_path / "big.csv"
+    big.write_text("text,label\n" + "a fine film indeed,1\n" * (UPLOAD_MB * 2**20 // 20 + 1000))
+    b.page.locator("#upload-input button[aria-label='Clear']").click()
+    b.page.locator("#upload-input input[type=file]").set_input_files(str(big))
+    b.page.locator(".toast-body", has_text="exceed the maximum allowed size").wait_for()
+    import httpx
+    r = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("big.csv", big.read_bytes())}, timeout=60)
+    assert r.status_code == 413, (r.status_code, r.text[:200])
+
+    # A is untouched: same model, its importance still drives the allocation chart, its runs remain.
+    assert a.text("model-summary") == a_summary
+    a.set_amplitude(0.1)
+    assert len([t for t in a.plot("history-plot") if t.get("name")]) == 2
+
+    page_b.context.close()  # the tab goes: the server drops B's session and its model
+    assert server.wait_log("closed (1 open)", 60), server.log[-2000:]
+
+
+def test_stop_during_the_importance_analysis(driver):
+    d = driver
+    d.tab("importance")
+    d.set_number("samples-input", 512)
+    d.set_number("batch-input", 1)
+    before = d.text("importance-status")
+    d.page.locator("#importance-btn").click()
+    d.page.get_by_text("calibration batches").first.wait_for()  # the analysis is under way
+    d.page.locator("#importance-stop-btn").click()
+    status = d.wait_text("importance-status", "Stopped: the analysis was cancelled")
+    assert "the previous importance and allocation stay" in status and status != before
+    assert d.plot("layer-importance-plot")  # the last heatmaps stay

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from bad_inputs import BAD_FILES, reviews, write
 from conftest import tiny_data, tiny_lm
 from explorer.cli import main
 from explorer.models import save_model
@@ -109,6 +110,28 @@ def test_bad_numbers_and_files(tiny_dirs, capsys, tmp_path):
     assert main(["prune", "--model", tiny_dirs["bert"], "--data", tiny_dirs["csv"], "--stages", "0",
                  "--json", str(a)]) == 2
     assert "stages" in _err_line(capsys)
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_data_files_are_one_line_and_exit_2(tiny_dirs, capsys, tmp_path, case):
+    name, content, needle = BAD_FILES[case]
+    path = write(tmp_path, name, content)
+    assert main(["analyze", "--model", tiny_dirs["bert"], "--data", str(path), "--json", str(tmp_path / "a.json")]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("error:") and needle.lower() in line.lower(), line
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_an_enormous_data_file_and_long_texts(tiny_dirs, capsys, tmp_path):
+    big = write(tmp_path, "big.csv", reviews(3000))
+    out = tmp_path / "a.json"
+    assert main(["analyze", "--model", tiny_dirs["bert"], "--data", str(big), "--max-data-mb", "0.05",
+                 "--json", str(out)]) == 2
+    assert "larger than the limit of 51.2 KiB" in _err_line(capsys)
+    long = write(tmp_path, "long.csv", reviews(40, words=3000))  # far past the model's 64 positions
+    assert main(["analyze", "--model", tiny_dirs["bert"], "--data", str(long), "--samples", "8",
+                 "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["layers"]) == 3
 
 
 def test_module_entry_point_exit_code():

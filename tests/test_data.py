@@ -230,7 +230,7 @@ def _error(tmp_path, name: str, content: bytes | str, **kw) -> str:
 
 def test_error_missing_label_column(tmp_path):
     msg = _error(tmp_path, "x.csv", "text,sentiment\na,1\nb,0\nc,1\n")
-    assert "no column 'label' (columns: text, sentiment); use --label-column" in msg and "x.csv" in msg
+    assert "no column 'label' (columns: text, sentiment); choose the label column (--label-column)" in msg and "x.csv" in msg
 
 
 def test_error_missing_text_column(tmp_path):
