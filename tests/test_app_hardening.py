@@ -14,6 +14,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 import app as A
 from bad_inputs import BAD_FILES, reviews, write
+from explorer import pruning
 from explorer.sessions import SessionRegistry
 from test_app import alloc_args, app, ready, req, run_all, template, tiny_csv, tiny_dir  # noqa: F401
 
@@ -227,3 +228,25 @@ def test_memory_does_not_grow_across_20_sequential_sessions(template):
     per_session = template.lm.n_params * 4 / 2**20 * 2  # a dense copy and a pruned model, in MiB
     growth = rss[-1] - rss[4]  # after warm-up (allocator pools, lazy imports)
     assert growth < 5 * per_session, f"RSS grew {growth:.0f} MiB over 15 sessions ({per_session:.1f} MiB per session)"
+
+
+def test_an_exception_in_stage_2_keeps_stage_1_its_charts_and_its_report(ready, monkeypatch):
+    real = pruning.recover_steps
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated failure in recovery")
+        yield from real(*a, **k)
+    monkeypatch.setattr("explorer.pruning.recover_steps", flaky)
+    outs = run_all(ready, req("a"), stages=3)
+    quality, _, _, table, status, history, _ = outs[-1]
+    assert status.startswith("⚠️") and "simulated failure in recovery" in status and "after stage 1" in status, status
+    stages = next(t for t in quality.data if t.name == "stages")
+    assert list(stages.text) == ["", "stage 1"]  # the dense point and the one completed stage
+    assert list(table["model"]) == ["dense", "stage 1"] and history.data
+    s = ready.registry.get("a")
+    assert s.pruned is not None and s.pruned.n_params < s.loaded.lm.n_params
+    files, status = ready.on_export(req("a"))
+    assert {Path(f).name for f in files} == {"charts.html", "report.json", "report.csv", "pruned-model.zip"}, status
