@@ -331,7 +331,7 @@ class ExplorerApp:
                 gr.update(value=metric), gr.update(value=recovery), *derived_placeholders())
 
     # tab 2
-    def on_importance(self, metric, samples, batch_size, target, amplitude, mode, max_sparsity, round_to,
+    def on_importance(self, metric, samples, batch_size, target, amplitude, mode, max_sparsity, round_to, split,
                       request: gr.Request, progress=gr.Progress()):
         """-> layer plot, heads heatmap, neurons heatmap, status, then the allocation outputs."""
         s = self.session(request)
@@ -358,20 +358,21 @@ class ExplorerApp:
         status = (f"Importance from {imp.samples} calibration samples ({imp.tokens:,} tokens), metric `{metric}`, "
                   f"in {imp.seconds:.1f} s. The Allocation tab now uses it.")
         return (*figs.values(), status,
-                *self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to))
+                *self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split))
 
     # tab 3
-    def allocation_outputs(self, s: Session, target, amplitude, mode, max_sparsity, round_to, note: str = ""):
+    def allocation_outputs(self, s: Session, target, amplitude, mode, max_sparsity, round_to, split, note: str = ""):
         """-> allocation chart, table, summary. Pure numpy + plotly: well under 100 ms."""
         t0 = time.perf_counter()
         imp, loaded = s.importance, s.loaded
         if imp is None or loaded is None:
             return (plots.empty("Compute importance first (Importance tab)"), empty_table(),
                     note or "Compute importance first (Importance tab).")
-        cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to)
+        cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split)
         norm = imp.normalized
-        alloc = allocate(norm, imp.params, cfg, manual=s.manual)
-        uniform = allocate(norm, imp.params, replace(cfg, mode="uniform"))
+        scores = imp.unit_scores()
+        alloc = allocate(norm, imp.params, cfg, manual=s.manual, scores=scores)
+        uniform = allocate(norm, imp.params, replace(cfg, mode="uniform"), scores=scores)
         s.allocation = alloc
         hpg = [p["heads_per_group"] for p in imp.params]
         head_dim = loaded.lm.summary()["head_dim"]
@@ -399,18 +400,18 @@ class ExplorerApp:
         lines.append(f"<small>computed in {(time.perf_counter() - t0) * 1000:.0f} ms</small>")
         return fig, allocation_table(alloc, hpg), "\n\n".join(lines)
 
-    def on_allocation(self, target, amplitude, mode, max_sparsity, round_to, request: gr.Request):
+    def on_allocation(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request):
         s = self.session(request)
         s.last_edit = None
         try:
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to)
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split)
         except Exception as e:
             return gr.skip(), gr.skip(), warn(message(e))
 
-    def on_table_edit(self, table, target, amplitude, mode, max_sparsity, round_to, request: gr.Request):
+    def on_table_edit(self, table, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request):
         s = self.session(request)
         if s.allocation is None:
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to)
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split)
         edited = [str(v) for v in (table.iloc[:, EDITABLE] if isinstance(table, pd.DataFrame) else
                                    [row[EDITABLE] for row in table])]
         if edited == s.last_edit:  # the browser sends one edit twice (commit, then blur): the copy is stale
@@ -419,18 +420,18 @@ class ExplorerApp:
         before = s.manual
         try:
             s.manual = parse_manual(table, s.allocation, s.manual)
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to)
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split)
         except Exception as e:
             s.manual = before
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, note=warn(message(e)))
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, note=warn(message(e)))
 
-    def on_reset_manual(self, target, amplitude, mode, max_sparsity, round_to, request: gr.Request):
+    def on_reset_manual(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request):
         s = self.session(request)
         s.manual = {}
-        return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, request)
+        return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request)
 
     # tab 4
-    def on_run(self, stages, recovery, steps, plan, method, target, amplitude, mode, max_sparsity, round_to,
+    def on_run(self, stages, recovery, steps, plan, method, target, amplitude, mode, max_sparsity, round_to, split,
                metric, samples, eval_n, timing, request: gr.Request):
         """Generator -> (quality, loss, cost, stage table, status, history, pareto) per event."""
         s = self.session(request)
@@ -442,7 +443,7 @@ class ExplorerApp:
                                     recovery_steps=number(steps, "recovery steps", int),
                                     eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)))
                 analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric)
-                alloc_cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to)
+                alloc_cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split)
                 final_plan = None
                 if plan == "uniform":
                     alloc_cfg = replace(alloc_cfg, mode="uniform", amplitude=0.0)
@@ -588,11 +589,11 @@ class ExplorerApp:
         return [str(p) for p in files], f"Exported {names}." + (f" Missing: {'; '.join(missing)}." if missing else "")
 
 
-def allocation_config(target, amplitude, mode, max_sparsity, round_to) -> AllocationConfig:
-    """The Allocation tab's controls (the same five inputs on every event that uses them)."""
+def allocation_config(target, amplitude, mode, max_sparsity, round_to, split) -> AllocationConfig:
+    """The Allocation tab's controls (the same six inputs on every event that uses them)."""
     return AllocationConfig(target=number(target, "target sparsity S_base"), amplitude=number(amplitude, "A"),
                             mode=mode, max_sparsity=number(max_sparsity, "S_max"),
-                            round_to=number(round_to or 1, "round to", int))
+                            round_to=number(round_to or 1, "round to", int), split=split or "salience")
 
 
 def task_defaults(task: str | None) -> tuple[str, str]:
@@ -693,6 +694,9 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                                        info=help_of(AllocationConfig, "amplitude"))
                     mode_in = gr.Radio(list(choices_of(AllocationConfig, "mode")), value="exact", label="Mode",
                                        elem_id="mode-input")
+                    split_in = gr.Radio(list(choices_of(AllocationConfig, "split")), value="salience",
+                                        label="Attention / FFN split", elem_id="split-input",
+                                        info=help_of(AllocationConfig, "split"))
                 with gr.Accordion("Limits and rounding", open=False):
                     with gr.Row():
                         smax_in = gr.Slider(0.5, 0.99, value=0.95, step=0.01, label="S_max",
@@ -750,7 +754,7 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                 export_files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="export-files")
 
         # --- wiring ---
-        alloc_in = [target_in, amp_in, mode_in, smax_in, round_in]
+        alloc_in = [target_in, amp_in, mode_in, smax_in, round_in, split_in]
         alloc_out = [alloc_plot, alloc_table, alloc_md]
         derived = [layer_plot, heads_plot, neurons_plot, imp_status, *alloc_out, quality_plot, loss_plot, cost_plot,
                    stage_table, run_status, history_plot, pareto_plot]

@@ -3,9 +3,10 @@
 Its dependency graph finds the coupled parameters, its `GroupTaylorImportance` (or
 `GroupMagnitudeImportance`) scores them and `tp.pruner.BasePruner` cuts them, uniformly in
 every layer. To compare at equal parameters and with the same recovery budget, the per-layer
-counts are those of the explorer's *uniform* allocation (so Torch-Pruning and `uniform` end
-with identical widths and only the choice of units differs), the schedule is the same K
-stages, and recovery between stages is `explorer.recovery.recover_steps`.
+counts are those of the explorer's *uniform* allocation with the proportional attention/FFN
+split (the explorer's own `uniform` runs use the salience split by default, so their widths
+can differ inside a layer, never in total), the schedule is the same K stages, and recovery
+between stages is `explorer.recovery.recover_steps`.
 
 Model specifics:
   * BERT: whole attention heads (`num_heads` on query/key/value, `prune_num_heads=True`,
@@ -157,7 +158,8 @@ def tp_run(lm: LoadedModel, data, budget: float, prune: PruneConfig, calib_sampl
         goal = original * (1 - budget * k / prune.stages)
         stage_target = max(0.0, 1 - goal / lm.block_params)
         st = structure(lm)
-        cfg = AllocationConfig(target=stage_target, mode="uniform", prune_attention=heads_ok, prune_mlp=True)
+        cfg = AllocationConfig(target=stage_target, mode="uniform", prune_attention=heads_ok, prune_mlp=True,
+                               split="proportional")
         plan = allocate(np.zeros(len(st)), st, cfg)
         texts, labels = data.calibration(calib_samples, stage=k, seed=seed)
         if lm.task != "classification":

@@ -36,7 +36,7 @@ def allocation_updates(base, data, repeats: int, calib: int = 128) -> list[dict]
     t_alloc, t_fig, t_json = [], [], []
     for a in amps:
         t = time.perf_counter()
-        alloc = allocate(imp.normalized, imp.params, AllocationConfig(target=0.3, amplitude=a))
+        alloc = allocate(imp.normalized, imp.params, AllocationConfig(target=0.3, amplitude=a), scores=imp.unit_scores())
         t_alloc.append((time.perf_counter() - t) * 1000)
         if chart:
             t = time.perf_counter()

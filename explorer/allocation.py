@@ -6,9 +6,13 @@
   removed is redistributed and the parameter budget is met exactly.
   uniform: S_L = S_base.
 
-Counts: a layer keeps round((1-S_L)·G) attention units (KV groups; at least one), and its
-FFN neurons fill the rest of the layer's parameter budget (at least one), so each layer's
-pruned size follows S_L to within one neuron even though heads are coarse. In exact mode
+Counts, split "proportional" (the default): a layer keeps round((1-S_L)·G) attention units
+(KV groups; at least one), and its FFN neurons fill the rest of the layer's parameter budget
+(at least one), so each layer's pruned size follows S_L to within one neuron even though
+heads are coarse. Split "salience": of the ways to remove S_L·P_L parameters (k = 0..G-1
+attention units, neurons for the rest), take the one whose removed units have the least
+summed salience (the lowest-scored k units plus the lowest-scored neurons): a first-order
+estimate of the loss added, compared per parameter across attention and FFN. In exact mode
 the neuron counts are rounded by largest remainder so the total is within one neuron of
 the target.
 """
@@ -48,6 +52,7 @@ class Allocation:
     target: float
     amplitude: float
     mode: str
+    split: str = "proportional"  # how attention and FFN shared each layer's cut (see the module docstring)
 
     @property
     def params_before(self) -> int:
@@ -66,7 +71,7 @@ class Allocation:
         return [l.index for l in self.layers if l.clipped]
 
     def to_json(self) -> dict:
-        return {"target": self.target, "amplitude": self.amplitude, "mode": self.mode,
+        return {"target": self.target, "amplitude": self.amplitude, "mode": self.mode, "split": self.split,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "removed_fraction": self.removed_fraction,
                 "layers": [{**asdict(l), "actual_sparsity": l.actual_sparsity} for l in self.layers]}
@@ -83,6 +88,8 @@ def validate(cfg: AllocationConfig) -> None:
         raise ExplorerError(f"target {cfg.target} exceeds S_max {cfg.max_sparsity}")
     if cfg.mode not in ("exact", "reference", "uniform"):
         raise ExplorerError(f"unknown allocation mode '{cfg.mode}': use exact, reference or uniform")
+    if cfg.split not in ("proportional", "salience"):
+        raise ExplorerError(f"unknown split '{cfg.split}': use proportional or salience")
     if cfg.round_to < 1:
         raise ExplorerError(f"round_to must be at least 1, got {cfg.round_to}")
     if not (cfg.prune_attention or cfg.prune_mlp):
@@ -129,24 +136,53 @@ def layer_sparsities(norm_imp, weights, cfg: AllocationConfig,
     return s, clipped
 
 
+def groups_to_keep(sl: float, layer: dict, scores: tuple[np.ndarray, np.ndarray] | None) -> int:
+    """KV groups a layer keeps when attention and FFN are both pruned (see the module docstring)."""
+    G, N, pg, pn = layer["groups"], layer["n_neurons"], layer["group_params"], layer["neuron_params"]
+    if scores is None:  # proportional
+        return int(min(G, max(1, round((1 - sl) * G))))
+    g_scores, n_scores = (np.sort(np.asarray(x, dtype=np.float64)) for x in scores)  # ascending
+    assert len(g_scores) == G and len(n_scores) == N, "scores do not fit the layer"
+    g_cost = np.concatenate([[0.0], np.cumsum(g_scores)])  # (G+1,) salience of the k lowest groups
+    n_cost = np.concatenate([[0.0], np.cumsum(n_scores)])  # (N+1,)
+    remove = sl * layer["block_params"]
+    best_k, best = 0, math.inf
+    for k in range(G):  # remove k groups (never all), neurons for the rest of the budget
+        m = math.ceil(max(0.0, remove - k * pg) / pn - 1e-9)
+        if m > N - 1:
+            continue
+        if g_cost[k] + n_cost[m] < best:
+            best_k, best = k, g_cost[k] + n_cost[m]
+    if best == math.inf:  # neurons alone cannot reach S_L: cut attention as the proportional split does
+        return groups_to_keep(sl, layer, None)
+    return G - best_k
+
+
 def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
-             manual: dict[int, float] | None = None) -> Allocation:
+             manual: dict[int, float] | None = None,
+             scores: list[tuple[np.ndarray, np.ndarray]] | None = None) -> Allocation:
     """`structure`: per layer {groups, n_neurons, group_params, neuron_params, block_params}
-    (as recorded by importance analysis)."""
+    (as recorded by importance analysis). `scores`: per layer (group scores, neuron scores),
+    e.g. `Importance.unit_scores()`. Split "salience" uses them; without them (a plan from the
+    layer importance alone) the split is proportional, as the returned `Allocation.split` says."""
     validate(cfg)
     if len(structure) != len(norm_imp):
         raise ExplorerError("importance and model structure disagree on the number of layers")
+    if scores is not None and len(scores) != len(structure):
+        raise ExplorerError("unit scores and model structure disagree on the number of layers")
+    if not (cfg.split == "salience" and cfg.prune_attention and cfg.prune_mlp):
+        scores = None
     P = np.array([l["block_params"] for l in structure], dtype=np.float64)
     s, clipped = layer_sparsities(norm_imp, P, cfg, manual)
     manual = manual or {}
     k = cfg.round_to
     keep_g, neuron_f = [], []
-    for l, sl in zip(structure, s):
+    for i, (l, sl) in enumerate(zip(structure, s)):
         G, N, pg, pn, Pl = l["groups"], l["n_neurons"], l["group_params"], l["neuron_params"], l["block_params"]
         fixed = Pl - G * pg - N * pn  # layer norms, output biases: never pruned
         budget = (1 - sl) * Pl
         if cfg.prune_attention and cfg.prune_mlp:
-            g = int(min(G, max(1, round((1 - sl) * G))))
+            g = groups_to_keep(sl, l, scores[i] if scores else None)
             n = (budget - fixed - g * pg) / pn
         elif cfg.prune_attention:
             n = N
@@ -192,4 +228,4 @@ def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
         assert 1 <= g <= l["groups"] and 1 <= n <= l["n_neurons"]
         layers.append(LayerPlan(i, float(norm_imp[i]), float(s[i]), bool(clipped[i]), i in manual,
                                 g, n, l["groups"], l["n_neurons"], int(l["block_params"]), int(after)))
-    return Allocation(layers, cfg.target, cfg.amplitude, cfg.mode)
+    return Allocation(layers, cfg.target, cfg.amplitude, cfg.mode, "salience" if scores else "proportional")

@@ -87,7 +87,7 @@ def cmd_allocate(args) -> None:
     if args.uniform:
         cfg = replace(cfg, mode="uniform")
     manual = _parse_manual(args.manual)
-    alloc = allocate(imp.normalized, imp.params, cfg, manual)
+    alloc = allocate(imp.normalized, imp.params, cfg, manual, scores=imp.unit_scores())
     out = dict(analysis)
     for layer, lp in zip(out["layers"], alloc.layers):
         layer.update({"sparsity": lp.sparsity, "actual_sparsity": lp.actual_sparsity, "clipped": lp.clipped,

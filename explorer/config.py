@@ -31,6 +31,10 @@ class AllocationConfig:
                     ("exact", "reference", "uniform"))
     max_sparsity: float = opt(0.95, "S_max: no layer is pruned more than this")
     round_to: int = opt(1, "round kept neuron counts to a multiple of this (e.g. 8) for faster kernels")
+    split: str = opt("salience", "how a layer's cut is shared between attention and FFN: proportional "
+                     "(attention units in proportion to S_L, neurons fill the rest) or salience (the split with the "
+                     "least summed salience removed, attention units and neurons compared per parameter)",
+                     ("proportional", "salience"))
     prune_attention: bool = opt(True, "prune attention heads (whole KV groups for GQA)")
     prune_mlp: bool = opt(True, "prune FFN neurons")
 

@@ -68,6 +68,11 @@ class Importance:
     def n_layers(self) -> int:
         return len(self.layer_cos)
 
+    def unit_scores(self, metric: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per layer (KV-group scores, neuron scores): what `allocate(..., scores=)` takes."""
+        m = metric or self.metric
+        return list(zip(self.groups[m], self.neurons[m]))
+
     def to_json(self, all_metrics: bool = False) -> dict:
         m = self.metric
         layers = []

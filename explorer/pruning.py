@@ -157,7 +157,8 @@ class PruningRun:
                     alloc = interpolate_plan(self.final_plan, imp.params, original_structure, k / cfg.stages,
                                              self.allocation)
                 else:
-                    alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target))
+                    alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target),
+                                     scores=imp.unit_scores())
                 apply_allocation(lm, imp, alloc)
                 losses: list[float] = []
                 for ev in self._recover(k, teacher, losses):

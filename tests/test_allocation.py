@@ -389,3 +389,69 @@ def test_to_json():
     for l, p in zip(d["layers"], alloc.layers):
         assert l["keep_groups"] == p.keep_groups and l["keep_neurons"] == p.keep_neurons
         assert math.isclose(l["actual_sparsity"], p.actual_sparsity)
+
+
+# --- the attention / FFN split inside a layer ---------------------------------------------------
+
+def scores_for(structure, group_score: float, rng=None):
+    """Per layer (group scores, neuron scores): neurons ~U(0, 1) per parameter, groups scaled so
+    one group's salience per parameter is `group_score` times a neuron's mean."""
+    rng = rng or np.random.default_rng(0)
+    out = []
+    for l in structure:
+        n = rng.uniform(0, 1, l["n_neurons"]) * l["neuron_params"]
+        g = rng.uniform(0.9, 1.1, l["groups"]) * group_score * 0.5 * l["group_params"]
+        out.append((g, n))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_salience_split_cuts_attention_only_where_it_is_cheap(name):
+    imp = normalize([0.1, 0.5, 0.2, 0.9])
+    structure = [STRUCTURES[name]] * 4
+    cfg = AllocationConfig(target=0.4, amplitude=0.1)
+    assert cfg.split == "salience"
+    proportional = allocate(imp, structure, cfg)  # no scores: proportional, and it says so
+    assert proportional.split == "proportional"
+    precious = allocate(imp, structure, cfg, scores=scores_for(structure, 100.0))
+    cheap = allocate(imp, structure, cfg, scores=scores_for(structure, 1e-3))
+    assert precious.split == cheap.split == "salience"
+    assert all(p.keep_groups == p.groups for p in precious.layers)  # attention is worth far more: FFN only
+    assert all(c.keep_groups < p.keep_groups for c, p in zip(cheap.layers, proportional.layers))
+    for alloc in (precious, cheap):  # the budget does not depend on the split
+        check_counts(alloc, structure, cfg)
+        removed = alloc.params_before - alloc.params_after
+        assert abs(removed - 0.4 * alloc.params_before) <= structure[0]["neuron_params"]
+        assert [p.sparsity for p in alloc.layers] == [p.sparsity for p in proportional.layers]
+
+
+def test_salience_split_minimises_the_removed_salience():
+    """Brute force over every number of groups removed, on one small layer."""
+    layer = {"groups": 4, "n_neurons": 40, "group_params": 50, "neuron_params": 10, "block_params": 600}
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        g, n = rng.uniform(0, 60, 4), rng.uniform(0, 10, 40)
+        sl = float(rng.uniform(0.05, 0.6))
+        alloc = allocate([0.0], [layer], AllocationConfig(target=sl, amplitude=0.0, mode="reference"), scores=[(g, n)])
+        best = min((np.sort(g)[:k].sum() + np.sort(n)[:math.ceil(max(0, sl * 600 - 50 * k) / 10 - 1e-9)].sum(), 4 - k)
+                   for k in range(4) if math.ceil(max(0, sl * 600 - 50 * k) / 10 - 1e-9) <= 39)
+        assert alloc.layers[0].keep_groups == best[1]
+
+
+@PROPS
+@given(imp=importances, target=targets, amp=amplitudes, name=structures, mode=modes,
+       group_score=st.floats(1e-4, 1e4), seed=st.integers(0, 2**16))
+def test_salience_split_keeps_every_invariant(imp, target, amp, name, mode, group_score, seed):
+    structure = [STRUCTURES[name]] * len(imp)
+    cfg = AllocationConfig(target=target, amplitude=amp, mode=mode)
+    alloc = allocate(imp, structure, cfg, scores=scores_for(structure, group_score, np.random.default_rng(seed)))
+    check_counts(alloc, structure, cfg)
+    if mode == "exact" and reachable(alloc, structure):
+        assert abs(alloc.params_before - alloc.params_after - target * alloc.params_before) <= structure[0]["neuron_params"]
+
+
+def test_scores_must_fit_the_layers():
+    with pytest.raises(ExplorerError, match="unit scores and model structure disagree"):
+        allocate([0.0, 0.0], [MINILM] * 2, AllocationConfig(), scores=scores_for([MINILM], 1.0))
+    with pytest.raises(ExplorerError, match="unknown split 'half'"):
+        allocate([0.0], [MINILM], AllocationConfig(split="half"))

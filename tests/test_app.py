@@ -18,7 +18,7 @@ import app as A
 from explorer.models import load_model, package_dir
 from explorer.sessions import SessionRegistry
 
-ALLOC = dict(target=0.3, amplitude=0.05, mode="exact", max_sparsity=0.95, round_to=1)
+ALLOC = dict(target=0.3, amplitude=0.05, mode="exact", max_sparsity=0.95, round_to=1, split="salience")
 
 
 def req(name):
@@ -27,7 +27,7 @@ def req(name):
 
 def alloc_args(**kw):
     d = {**ALLOC, **kw}
-    return d["target"], d["amplitude"], d["mode"], d["max_sparsity"], d["round_to"]
+    return d["target"], d["amplitude"], d["mode"], d["max_sparsity"], d["round_to"], d["split"]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def run_all(app, request, **kw):
                 eval_n=0, timing=False, **ALLOC)
     args.update(kw)
     outs = list(app.on_run(args["stages"], args["recovery"], args["steps"], args["plan"], args["method"], args["target"],
-                           args["amplitude"], args["mode"], args["max_sparsity"], args["round_to"], args["metric"],
-                           args["samples"], args["eval_n"], args["timing"], request))
+                           args["amplitude"], args["mode"], args["max_sparsity"], args["round_to"], args["split"],
+                           args["metric"], args["samples"], args["eval_n"], args["timing"], request))
     assert all(len(o) == 7 for o in outs)  # quality, loss, cost, table, status, history, pareto
     return outs
 

@@ -158,7 +158,8 @@ class MethodRun(PruningRun):
             stage_target = max(0.0, 1 - goal / self.lm.block_params)
             imp = importance(k)
             yield {"type": "analysis", "stage": k, "importance": imp}
-            alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target))
+            alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target),
+                             scores=imp.unit_scores())
             apply_allocation(self.lm, imp, alloc)
             losses: list[float] = []
             yield from self._train(k, cfg, losses, teacher)
