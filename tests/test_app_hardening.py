@@ -3,7 +3,7 @@ line), the session keeps its model and charts, and the page stays usable; Stop d
 analysis; uploads checked; memory given back when sessions end.
 
 The handlers are called as Gradio calls them, with fake requests, on the tiny BERT of
-test_app (fixtures shared through import)."""
+conftest."""
 import gc
 import threading
 import weakref
@@ -14,9 +14,9 @@ from transformers import OPTConfig, OPTForCausalLM
 
 import app as A
 from bad_inputs import BAD_FILES, reviews, write
-from explorer import pruning
+from conftest import fail_recovery_at_stage
 from explorer.sessions import SessionRegistry
-from test_app import alloc_args, app, ready, req, run_all, template, tiny_csv, tiny_dir  # noqa: F401
+from app_helpers import alloc_args, req, run_all
 
 
 def load_upload(app, model, path, text_col="text", label_col="label"):
@@ -231,15 +231,7 @@ def test_memory_does_not_grow_across_20_sequential_sessions(template):
 
 
 def test_an_exception_in_stage_2_keeps_stage_1_its_charts_and_its_report(ready, monkeypatch):
-    real = pruning.recover_steps
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated failure in recovery")
-        yield from real(*a, **k)
-    monkeypatch.setattr("explorer.pruning.recover_steps", flaky)
+    fail_recovery_at_stage(monkeypatch, 2, "simulated failure in recovery")
     outs = run_all(ready, req("a"), stages=3)
     quality, _, _, table, status, history, _ = outs[-1]
     assert status.startswith("⚠️") and "simulated failure in recovery" in status and "after stage 1" in status, status

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_data, tiny_lm
-from explorer import recovery
+from conftest import fail_recovery_at_stage, tiny_data, tiny_lm
 from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig
 from explorer.models import PLAN_FILE, load_model, save_model
 from explorer.pruning import PruningRun, choose_units
@@ -77,15 +76,7 @@ def test_stop_during_recovery_keeps_last_completed_stage():
 
 def test_exception_inside_a_stage_keeps_last_good_model(monkeypatch):
     lm, run = _run("gpt2", stages=3)
-    real = recovery.recover_steps
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated failure")
-        yield from real(*a, **k)
-    monkeypatch.setattr("explorer.pruning.recover_steps", flaky)
+    fail_recovery_at_stage(monkeypatch, 2)
     events = list(run.events())
     assert events[-1]["type"] == "error" and "simulated failure" in events[-1]["message"]
     assert run.status == "error" and len(run.records) == 1
