@@ -550,13 +550,15 @@ class ExplorerApp:
         return hist, pareto
 
     def on_stop(self, request: gr.Request):
-        """The Stop buttons (Importance and Prune tabs): stop whatever long job the session runs."""
+        """The Stop buttons (Importance and Prune tabs): stop the analysis or the run in progress."""
         job = self.session(request).stop()
         if not job:
             return "Nothing is running."
         if job == RUN_JOB:
             return "Stopping after the current step; the last completed stage is kept…"
-        return f"Stopping {job} after the current batch…"
+        if job == ANALYSIS_JOB:
+            return f"Stopping {job} after the current batch…"
+        return f"{job[0].upper()}{job[1:]} cannot be stopped; it finishes on its own."
 
     # tab 5
     def on_export(self, request: gr.Request, progress=gr.Progress()):

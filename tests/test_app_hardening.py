@@ -242,3 +242,10 @@ def test_an_exception_in_stage_2_keeps_stage_1_its_charts_and_its_report(ready, 
     assert s.pruned is not None and s.pruned.n_params < s.loaded.lm.n_params
     files, status = ready.on_export(req("a"))
     assert {Path(f).name for f in files} == {"charts.html", "report.json", "report.csv", "pruned-model.zip"}, status
+
+
+def test_stop_says_when_a_job_cannot_be_stopped(app):
+    s = app.registry.get("a")
+    with s.busy("loading minilm"):
+        assert app.on_stop(req("a")) == "Loading minilm cannot be stopped; it finishes on its own."
+    assert app.on_stop(req("a")) == "Nothing is running."
