@@ -55,6 +55,10 @@ def test_analyze_then_allocate(tiny_dirs, capsys):
     assert main(["allocate", "--analysis", str(a), "--target", "0.4", "--amplitude", "0.2", "--uniform",
                  "--json", str(u)]) == 0
     assert {layer["sparsity"] for layer in json.loads(u.read_text())["layers"]} == {0.4}
+    assert d2["allocation"]["split"] == "salience"  # the default, from the analysis' unit scores
+    assert main(["allocate", "--analysis", str(a), "--target", "0.4", "--split", "proportional",
+                 "--json", str(u)]) == 0
+    assert json.loads(u.read_text())["allocation"]["split"] == "proportional"
 
 
 def test_prune_saves_a_model_that_eval_reproduces(tiny_dirs, capsys):
