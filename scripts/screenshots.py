@@ -153,8 +153,11 @@ class Driver:
         if model is not None:
             box = self.page.locator("#model-input input")
             box.fill(model)
-            option = self.page.get_by_role("option", name=model, exact=True)
-            option.click() if option.count() else box.press("Enter")
+            option = self.page.get_by_role("option", name=model, exact=True)  # a listed name, or typed text
+            if option.count():
+                option.click()
+            else:
+                box.press("Enter")
         if upload is not None:
             clear = self.page.locator("#upload-input button[aria-label='Clear']")
             if clear.count():

@@ -249,3 +249,24 @@ def test_stop_says_when_a_job_cannot_be_stopped(app):
     with s.busy("loading minilm"):
         assert app.on_stop(req("a")) == "Loading minilm cannot be stopped; it finishes on its own."
     assert app.on_stop(req("a")) == "Nothing is running."
+
+
+def test_two_sessions_run_at_the_same_time_without_touching_each_other(ready):
+    """Two sessions prune concurrently (as two of Gradio's workers would run them): each ends
+    with its own run in its own history, at its own target."""
+    assert "Importance from" in ready.on_importance("taylor", 16, 8, *alloc_args(), req("b"))[3]
+    results = {}
+
+    def run(name, target):
+        results[name] = run_all(ready, req(name), stages=2, target=target)[-1][4]
+    threads = [threading.Thread(target=run, args=("a", 0.2)), threading.Thread(target=run, args=("b", 0.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r.startswith("Done: 2 stage(s)") for r in results.values()), results
+    a, b = ready.registry.get("a"), ready.registry.get("b")
+    assert len(a.history) == len(b.history) == 1
+    assert a.history[0]["stages"][-1]["removed_fraction"] == pytest.approx(0.2, abs=0.02)
+    assert b.history[0]["stages"][-1]["removed_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert a.pruned.model is not b.pruned.model and a.loaded.lm.n_params == b.loaded.lm.n_params
