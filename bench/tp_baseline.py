@@ -33,6 +33,7 @@ import numpy as np
 from explorer.allocation import allocate
 from explorer.config import AllocationConfig, PruneConfig
 from explorer.models import LoadedModel
+from explorer.pruning import stage_sparsity
 from explorer.recovery import recover_steps
 from explorer.surgery import widths
 
@@ -155,8 +156,7 @@ def tp_run(lm: LoadedModel, data, budget: float, prune: PruneConfig, calib_sampl
     t0 = time.perf_counter()
     tp_seconds = 0.0
     for k in range(1, prune.stages + 1):
-        goal = original * (1 - budget * k / prune.stages)
-        stage_target = max(0.0, 1 - goal / lm.block_params)
+        stage_target = stage_sparsity(original, lm.block_params, budget, k, prune.stages)
         st = structure(lm)
         cfg = AllocationConfig(target=stage_target, mode="uniform", prune_attention=heads_ok, prune_mlp=True,
                                split="proportional")

@@ -35,6 +35,13 @@ def choose_units(scores: np.ndarray, k: int) -> list[int]:
     return sorted(int(i) for i in order[:k])
 
 
+def stage_sparsity(original: int, current: int, target: float, k: int, stages: int) -> float:
+    """Adapt-Accel's linear schedule: the sparsity to cut from the *current* blocks at stage k of
+    `stages` so that (1 - target·k/stages) of the `original` block parameters remain."""
+    goal = original * (1 - target * k / stages)
+    return max(0.0, 1 - goal / current)
+
+
 def apply_allocation(lm: LoadedModel, imp: Importance, alloc: Allocation, metric: str | None = None) -> None:
     """Prune every layer to its allocated counts, keeping the most salient units."""
     m = metric or imp.metric
@@ -146,9 +153,7 @@ class PruningRun:
                 last_good = copy.deepcopy(lm.model)
             for k in range(1, cfg.stages + 1):
                 t0 = time.perf_counter()
-                goal = original * (1 - self.allocation.target * k / cfg.stages)
-                current = lm.block_params
-                stage_target = max(0.0, 1 - goal / current)
+                stage_target = stage_sparsity(original, lm.block_params, self.allocation.target, k, cfg.stages)
                 texts, labels = self._calibration(k)
                 imp = analyze(lm, texts, labels, self.analysis, should_stop=self._should_stop)
                 original_structure = original_structure or imp.params

@@ -25,7 +25,7 @@ from ..errors import Cancelled, ExplorerError
 from ..evaluate import batched_logits, metric_name, perplexity
 from ..importance import Importance, analyze
 from ..models import LoadedModel
-from ..pruning import PruningRun, StageRecord, apply_allocation
+from ..pruning import PruningRun, StageRecord, apply_allocation, stage_sparsity
 from ..recovery import recover_steps
 from ..surgery import widths
 
@@ -154,8 +154,7 @@ class MethodRun(PruningRun):
         K = stages or self.prune.stages
         for k in range(1, K + 1):
             t0 = time.perf_counter()
-            goal = self.original * (1 - self.allocation.target * k / K)
-            stage_target = max(0.0, 1 - goal / self.lm.block_params)
+            stage_target = stage_sparsity(self.original, self.lm.block_params, self.allocation.target, k, K)
             imp = importance(k)
             yield {"type": "analysis", "stage": k, "importance": imp}
             alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target),
