@@ -13,10 +13,10 @@ import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
 import app as A
+from app_helpers import alloc_args, req, run_all
 from bad_inputs import BAD_FILES, reviews, write
 from conftest import fail_recovery_at_stage
 from explorer.sessions import SessionRegistry
-from app_helpers import alloc_args, req, run_all
 
 
 def load_upload(app, model, path, text_col="text", label_col="label"):
