@@ -396,6 +396,9 @@ class ExplorerApp:
                          f"{', '.join(map(str, alloc.clipped_layers))}"
                          + (" (exact mode gave their share to the other layers)." if cfg.mode == "exact" else
                             " (reference mode: the budget may be missed)."))
+        if cfg.split == "salience" and alloc.split != "salience":
+            lines.append(f"Split: proportional, because `{imp.metric}` scores are not losses on one scale for "
+                         "attention and FFN (the salience split needs taylor, taylor_vector, fisher or act_grad).")
         if s.manual:
             lines.append(f"Set by hand: layer(s) {', '.join(map(str, sorted(s.manual)))} (Reset to drop them).")
         if note:

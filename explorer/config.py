@@ -33,7 +33,8 @@ class AllocationConfig:
     round_to: int = opt(1, "round kept neuron counts to a multiple of this (e.g. 8) for faster kernels")
     split: str = opt("salience", "how a layer's cut is shared between attention and FFN: proportional "
                      "(attention units in proportion to S_L, neurons fill the rest) or salience (the split with the "
-                     "least summed salience removed, attention units and neurons compared per parameter)",
+                     "least summed salience removed, attention units and neurons compared per parameter; needs a "
+                     "loss-based metric: taylor, taylor_vector, fisher or act_grad, else proportional)",
                      ("proportional", "salience"))
     prune_attention: bool = opt(True, "prune attention heads (whole KV groups for GQA)")
     prune_mlp: bool = opt(True, "prune FFN neurons")

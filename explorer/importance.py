@@ -34,6 +34,10 @@ from .errors import Cancelled, ExplorerError
 from .models import LoadedModel
 
 GRAD_METRICS = ("taylor", "taylor_vector", "fisher", "act_grad", "apt")
+# Estimates of the loss a unit's removal adds, on one scale for heads and neurons: the only scores
+# a salience split may compare across attention and FFN (magnitudes are not losses; apt and the
+# methods' mixtures are rescaled per (layer, kind)).
+LOSS_METRICS = ("taylor", "taylor_vector", "fisher", "act_grad")
 
 
 def normalize(values) -> np.ndarray:
@@ -68,10 +72,11 @@ class Importance:
     def n_layers(self) -> int:
         return len(self.layer_cos)
 
-    def unit_scores(self, metric: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per layer (KV-group scores, neuron scores): what `allocate(..., scores=)` takes."""
+    def unit_scores(self, metric: str | None = None) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Per layer (KV-group scores, neuron scores): what `allocate(..., scores=)` takes; None
+        when the metric puts attention and FFN on different scales (not in LOSS_METRICS)."""
         m = metric or self.metric
-        return list(zip(self.groups[m], self.neurons[m]))
+        return list(zip(self.groups[m], self.neurons[m])) if m in LOSS_METRICS else None
 
     def to_json(self, all_metrics: bool = False) -> dict:
         m = self.metric

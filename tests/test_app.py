@@ -100,6 +100,13 @@ def test_allocation_redraw_follows_amplitude_and_is_fast(ready):
     assert statistics.median(times) < 0.1, times
 
 
+def test_a_metric_without_a_common_scale_gets_the_proportional_split(app):
+    out = app.on_importance("magnitude_l1", 16, 8, *alloc_args(), req("a"))
+    assert "Split: proportional, because `magnitude_l1` scores are not losses" in out[6]
+    assert "Split: proportional" not in app.on_allocation(*alloc_args(split="proportional"), req("a"))[2]
+    assert app.registry.get("a").allocation.split == "proportional"
+
+
 def test_allocation_before_importance_says_what_to_do(app):
     fig, table, summary = app.on_allocation(*alloc_args(), req("fresh"))
     assert "Compute importance first" in summary and table.empty

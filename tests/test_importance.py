@@ -14,7 +14,7 @@ import torch
 from explorer.adapters import adapter_for
 from explorer.config import LABEL_FREE_METRICS, METRICS, AnalysisConfig
 from explorer.errors import Cancelled, ExplorerError
-from explorer.importance import GRAD_METRICS, Importance, analyze, normalize
+from explorer.importance import GRAD_METRICS, LOSS_METRICS, Importance, analyze, normalize
 from explorer.models import LoadedModel
 from conftest import TINY
 
@@ -120,6 +120,18 @@ def test_shapes_finite_nonnegative(analysed, metric):
             assert x.max() > 0, "a random model should not score every unit zero"
         if metric in ADDITIVE:
             np.testing.assert_allclose(g, h.reshape(-1, qpk).sum(1), rtol=1e-9, atol=1e-12)
+
+
+def test_unit_scores_only_for_losses_on_one_scale(analysed):
+    """The salience split compares attention and FFN scores: only loss estimates qualify."""
+    _, _, imp = analysed
+    for m in METRICS:
+        scores = imp.unit_scores(m)
+        if m in LOSS_METRICS:
+            assert [len(g) for g, _ in scores] == [len(x) for x in imp.groups[m]]
+            assert all(n is x for (_, n), x in zip(scores, imp.neurons[m]))
+        else:
+            assert scores is None, m  # magnitudes are not losses; apt is rescaled per kind
 
 
 def test_counts_and_params(analysed):
