@@ -142,27 +142,30 @@ def main(argv=None) -> int:
             write_outputs(results, out)
             gc.collect()
 
-    def do_speed():
-        from .speed import run_speed, widths_by_allocation, widths_from_runs
+    def per_model(key: str, rows_for) -> None:
+        """Replace this run's models' rows of results[key] with rows_for(base, data, mb)."""
         names = [mb.name for mb in cfg.models]
-        results["speed"] = [r for r in results["speed"] if r["model"] not in names]
+        results[key] = [r for r in results[key] if r["model"] not in names]
         for mb in cfg.models:
             base, data = get(mb.name)
+            results[key] += rows_for(base, data, mb)
+            gc.collect()
+
+    def do_speed():
+        from .speed import run_speed, widths_by_allocation, widths_from_runs
+
+        def speed_rows(base, data, mb):
             plans = widths_from_runs(results["runs"], mb.name, mb.seeds[0])
             source = "quality runs (first seed)"
             if not plans:
                 plans = widths_by_allocation(base, data, mb)
                 source = "one analysis + one-shot allocation (quality not run)"
-            results["speed"] += run_speed(base, mb, plans, source)
-            gc.collect()
+            return run_speed(base, mb, plans, source)
+        per_model("speed", speed_rows)
 
     def do_analysis():
         from .cost import run_cost
-        names = [mb.name for mb in cfg.models]
-        results["analysis_cost"] = [r for r in results["analysis_cost"] if r["model"] not in names]
-        for mb in cfg.models:
-            base, data = get(mb.name)
-            results["analysis_cost"] += run_cost(base, data, mb)
+        per_model("analysis_cost", run_cost)
 
     def do_ui():
         from .ui import allocation_updates, pruning_stage

@@ -288,10 +288,15 @@ def _targets_section(results) -> list[str]:
     return L
 
 
-def _quality_section(results) -> list[str]:
+def _rows_by_model(results, key: str) -> list[dict]:
+    """The rows of one section, by model (in report order), then budget."""
     order = _models(results)
-    rows = sorted(results.get("quality", []), key=lambda r: (order.index(r["model"]) if r["model"] in order else 99,
-                                                            r["budget"]))
+    return sorted(results.get(key, []), key=lambda r: (order.index(r["model"]) if r["model"] in order else 99,
+                                                       r["budget"]))
+
+
+def _quality_section(results) -> list[str]:
+    rows = _rows_by_model(results, "quality")
     if not rows:
         return []
     L = ["## Quality (all rows)", ""]
@@ -317,9 +322,7 @@ def _quality_section(results) -> list[str]:
 
 
 def _speed_section(results) -> list[str]:
-    order = _models(results)
-    rows = sorted(results.get("speed", []), key=lambda r: (order.index(r["model"]) if r["model"] in order else 99,
-                                                          r["budget"]))
+    rows = _rows_by_model(results, "speed")
     if not rows:
         return []
     L = ["## Speed", "", "Inference forward pass on random tokens; median of interleaved repeats.", ""]
