@@ -293,8 +293,9 @@ class ExplorerApp:
         if not path and name not in BUILTIN_DATA and not self.allow_local:
             raise DataError("local data paths are disabled on this server: choose a built-in data set or upload a file")
         say(0.6, desc=f"loading data {Path(str(name)).name}")
+        limit = {"max_bytes": self.max_upload_bytes} if path else {}  # uploads: the server's limit
         data_ = load_data(name, text_column=(text_col or "text").strip(), label_column=(label_col or "").strip(),
-                          max_bytes=self.max_upload_bytes if path else 200 * 2**20)
+                          **limit)
         check_pairing(lm, data_)
         say(0.75, desc="evaluating the dense model")
         return Loaded(lm, data_, evaluate(lm, data_, eval_size(lm), timing=False))

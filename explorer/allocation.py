@@ -6,13 +6,14 @@
   removed is redistributed and the parameter budget is met exactly.
   uniform: S_L = S_base.
 
-Counts, split "proportional": a layer keeps round((1-S_L)·G) attention units
-(KV groups; at least one), and its FFN neurons fill the rest of the layer's parameter budget
-(at least one), so each layer's pruned size follows S_L to within one neuron even though
-heads are coarse. Split "salience" (the default, given unit scores): of the ways to remove
-S_L·P_L parameters (k = 0..G-1 attention units, neurons for the rest), take the one whose removed units have the least
-summed salience (the lowest-scored k units plus the lowest-scored neurons): a first-order
-estimate of the loss added, compared per parameter across attention and FFN. In exact mode
+Counts, split "proportional": a layer keeps round((1-S_L)·G) attention units (KV groups; at
+least one), and its FFN neurons fill the rest of the layer's parameter budget (at least one),
+so each layer's pruned size follows S_L to within one neuron even though heads are coarse.
+Split "salience" (the default, given unit scores): of the ways to remove S_L·P_L parameters
+(k = 0..G-1 attention units, neurons for the rest), take the one whose removed units have the
+least summed salience (the lowest-scored k units plus the lowest-scored neurons): a
+first-order estimate of the loss added, compared per parameter across attention and FFN. In
+exact mode
 the neuron counts are rounded by largest remainder so the total is within one neuron of
 the target.
 """

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args, validate
+from .data import MAX_DATA_BYTES
 from .errors import OOM_HINT, ExplorerError, is_oom
 
 EXIT_USAGE = 2
@@ -51,7 +52,8 @@ def _add_model_args(p: argparse.ArgumentParser, data: bool = True) -> None:
                                                     "file (default: the model's own data set)")
         p.add_argument("--text-column", default="text", help="text column of a CSV/JSONL file")
         p.add_argument("--label-column", default="label", help="label column of a CSV/JSONL file")
-        p.add_argument("--max-data-mb", type=float, default=200, help="refuse data files larger than this (MiB)")
+        p.add_argument("--max-data-mb", type=float, default=MAX_DATA_BYTES / 2**20,
+                       help=f"refuse data files larger than this, in MiB (default: {MAX_DATA_BYTES // 2**20})")
     p.add_argument("--task", default=None, choices=["classification", "causal-lm", "encoder"],
                    help="override the task inferred from the config")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")

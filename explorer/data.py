@@ -85,6 +85,7 @@ _ALIASES = {
 SPLITS = ("train", "val", "test")
 MIN_EXAMPLES = 3
 MAX_CLASSES = 1000
+MAX_DATA_BYTES = 200 * 2**20  # load_data's default size limit for a data file
 _SENTIMENT = ["negative", "positive"]
 
 # Big fields (long reviews or articles) must not trip the csv module's 128 KiB default.
@@ -552,7 +553,7 @@ def _load_file(path: pathlib.Path, shown: str, text_column: str, label_column: s
 # ----------------------------------------------------------------------------- entry point
 
 def load_data(name_or_path: str | os.PathLike, *, text_column: str = "text", label_column: str = "label",
-              seed: int = 0, max_bytes: int = 200 * 2**20, max_examples: int | None = None) -> TextData:
+              seed: int = 0, max_bytes: int = MAX_DATA_BYTES, max_examples: int | None = None) -> TextData:
     """A built-in data set by name (see `BUILTIN_DATA`) or a user file (.csv, .tsv, .jsonl,
     .json, .txt), split into "train"/"val"/"test" as described in the module docstring.
 
