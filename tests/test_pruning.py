@@ -131,3 +131,20 @@ def test_full_recovery_trains_a_model_with_frozen_weights():
     run.run()
     assert run.status == "done", run.error
     assert any(not torch.equal(a, b) for a, b in zip(before, lm.model.parameters()) if a.shape == b.shape)
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2"])
+def test_uniform_ffn_cut_loads_with_plain_from_pretrained(tmp_path, name):
+    """Configs of these families express a uniform FFN width but not fewer heads."""
+    from transformers import AutoModel
+    from explorer.surgery import prune_block
+    lm = tiny_lm(name)
+    for i in range(3):
+        prune_block(lm.adapter, lm.model, i, list(range(4)), list(range(0, 64, 2)))
+    plan = json.loads((save_model(lm, tmp_path / "ffn") / PLAN_FILE).read_text())
+    assert plan["loads_with_plain_from_pretrained"] is True
+    plain = AutoModel.from_pretrained(str(tmp_path / "ffn"))
+    assert lm.adapter.uniform_widths(plain) == (4, 32)
+    prune_block(lm.adapter, lm.model, 0, [0, 1, 2], list(range(32)))  # one layer loses a head
+    plan = json.loads((save_model(lm, tmp_path / "heads") / PLAN_FILE).read_text())
+    assert plan["loads_with_plain_from_pretrained"] is False

@@ -122,6 +122,12 @@ class Adapter:
         directory loads with plain `from_pretrained`. Returns True if it could."""
         return False
 
+    def uniform_widths(self, model: nn.Module) -> tuple[int, int] | None:
+        """(attention units, FFN neurons) if every layer has the same, else None."""
+        blocks = self.blocks(model)
+        groups, neurons = {b.attn.n_units for b in blocks}, {b.mlp.n_units for b in blocks}
+        return (groups.pop(), neurons.pop()) if len(groups) == len(neurons) == 1 else None
+
 
 def linear_out(module: nn.Module) -> int:
     """Output width of an nn.Linear or a GPT-2 Conv1D (weight (in, out))."""

@@ -59,13 +59,11 @@ class BertAdapter(Adapter):
         sa.all_head_size = block.attn.n_units * block.head_dim
 
     def update_config(self, model):
-        blocks = self.blocks(model)
-        heads = {b.attn.n_units for b in blocks}
-        neurons = {b.mlp.n_units for b in blocks}
+        w = self.uniform_widths(model)
         # head size is hidden/num_heads in BERT configs: pruned heads cannot be expressed.
-        if heads != {model.config.num_attention_heads} or len(neurons) != 1:
+        if w is None or w[0] != model.config.num_attention_heads:
             return False
-        model.config.intermediate_size = neurons.pop()
+        model.config.intermediate_size = w[1]
         return True
 
 
@@ -99,9 +97,8 @@ class DistilBertAdapter(BertAdapter):
         block.module.attention.n_heads = block.attn.n_units
 
     def update_config(self, model):
-        blocks = self.blocks(model)
-        neurons = {b.mlp.n_units for b in blocks}
-        if {b.attn.n_units for b in blocks} != {model.config.n_heads} or len(neurons) != 1:
+        w = self.uniform_widths(model)
+        if w is None or w[0] != model.config.n_heads:
             return False
-        model.config.hidden_dim = neurons.pop()
+        model.config.hidden_dim = w[1]
         return True

@@ -49,9 +49,8 @@ class GPT2Adapter(Adapter):
         a.split_size = block.attn.n_units * block.head_dim
 
     def update_config(self, model):
-        blocks = self.blocks(model)
-        neurons = {b.mlp.n_units for b in blocks}
-        if {b.attn.n_units for b in blocks} != {model.config.n_head} or len(neurons) != 1:
+        w = self.uniform_widths(model)
+        if w is None or w[0] != model.config.n_head:
             return False
-        model.config.n_inner = neurons.pop()
+        model.config.n_inner = w[1]
         return True

@@ -44,15 +44,12 @@ class LlamaAdapter(Adapter):
                      mid_module=sa, mid_adds_input=True)
 
     def update_config(self, model):
-        blocks = self.blocks(model)
-        groups = {b.attn.n_units for b in blocks}
-        neurons = {b.mlp.n_units for b in blocks}
-        if len(groups) != 1 or len(neurons) != 1:
+        w = self.uniform_widths(model)
+        if w is None:
             return False
-        b = blocks[0]
+        b = self.block(model, 0)
         cfg = model.config
         cfg.head_dim = b.head_dim  # keep rotary/attention sizes independent of head count
-        cfg.num_key_value_heads = groups.pop()
+        cfg.num_key_value_heads, cfg.intermediate_size = w
         cfg.num_attention_heads = cfg.num_key_value_heads * b.heads_per_group
-        cfg.intermediate_size = neurons.pop()
         return True
