@@ -89,6 +89,9 @@ attention units and FFN neurons: **salience** removes the $k$ lowest-salience gr
 neurons for the rest, with $k$ chosen so that the summed salience removed is least (attention is cut only where it
 is cheaper per parameter); **proportional** keeps $\mathrm{round}((1-S_L)\,G)$ groups and fills the rest with
 neurons. Either way *actual* differs slightly from $S_L$.
+**Layer normalisation** turns $I_L$ into $\hat I_L$: **maxabs** is the reference formula (one outlier layer takes
+$\pm 1$ and squeezes the others towards 0); **rank** (ranks spread evenly over $[-1, 1]$) and **zscore**
+($\frac{I_L - \bar I}{2\sigma}$ clipped to $[-1, 1]$) are departures that spread the layers.
 Edit the **sparsity** column to set a layer by hand (the other layers make up the budget in exact mode).
 """
 
@@ -336,12 +339,15 @@ class ExplorerApp:
 
     # tab 2
     def on_importance(self, metric, samples, batch_size, target, amplitude, mode, max_sparsity, round_to, split,
-                      request: gr.Request, progress=gr.Progress()):
-        """-> layer plot, heads heatmap, neurons heatmap, status, then the allocation outputs."""
+                      request: gr.Request, normalization="maxabs", progress=gr.Progress()):
+        """-> layer plot, heads heatmap, neurons heatmap, status, then the allocation outputs.
+        (The normalisation comes after the request, so that callers passing the six allocation
+        inputs positionally keep working; Gradio fills it from the seventh.)"""
         s = self.session(request)
         try:
             with s.busy(ANALYSIS_JOB):
                 loaded = require_loaded(s)
+                normalization = normalization_choice(normalization)
                 cfg = AnalysisConfig(samples=number(samples, "calibration samples", int),
                                      batch_size=number(batch_size, "batch size", int), metric=metric)
                 validate(cfg)
@@ -355,25 +361,27 @@ class ExplorerApp:
             return (gr.skip(),) * 3 + (f"Stopped: the analysis was cancelled; {kept}.",) + (gr.skip(),) * 3
         except Exception as e:
             return (gr.skip(),) * 3 + (warn(message(e)),) + (gr.skip(),) * 3
-        figs = {"layer importance": plots.layer_importance(imp.layer_cos, imp.normalized, imp.attn_cos, imp.mlp_cos),
+        figs = {"layer importance": layer_figure(imp, normalization),
                 "head salience": plots.heads_heatmap(imp.heads[metric], metric),
                 "neuron salience": plots.neurons_heatmap(imp.neurons[metric], metric)}
         s.figures.update(figs)
         status = (f"Importance from {imp.samples} calibration samples ({imp.tokens:,} tokens), metric `{metric}`, "
                   f"in {imp.seconds:.1f} s. The Allocation tab now uses it.")
         return (*figs.values(), status,
-                *self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split))
+                *self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
+                                         normalization=normalization))
 
     # tab 3
-    def allocation_outputs(self, s: Session, target, amplitude, mode, max_sparsity, round_to, split, note: str = ""):
+    def allocation_outputs(self, s: Session, target, amplitude, mode, max_sparsity, round_to, split, note: str = "",
+                           normalization="maxabs"):
         """-> allocation chart, table, summary. Pure numpy + plotly: well under 100 ms."""
         t0 = time.perf_counter()
         imp, loaded = s.importance, s.loaded
         if imp is None or loaded is None:
             return (plots.empty("Compute importance first (Importance tab)"), empty_table(),
                     note or "Compute importance first (Importance tab).")
-        cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split)
-        norm = imp.normalized
+        cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization)
+        norm = imp.normalized_by(cfg.normalization)
         scores = imp.unit_scores()
         alloc = allocate(norm, imp.params, cfg, manual=s.manual, scores=scores)
         uniform = allocate(norm, imp.params, replace(cfg, mode="uniform"), scores=scores)
@@ -382,7 +390,8 @@ class ExplorerApp:
         head_dim = loaded.lm.summary()["head_dim"]
         f0, f1 = plan_flops(alloc, imp.params, head_dim)
         _, fu = plan_flops(uniform, imp.params, head_dim)
-        title = (f"S_base={cfg.target:.2f}, A={cfg.amplitude:.2f} ({cfg.mode}): keeps "
+        title = (f"S_base={cfg.target:.2f}, A={cfg.amplitude:.2f} ({cfg.mode}"
+                 + ("" if cfg.normalization == "maxabs" else f", {cfg.normalization} Î") + "): keeps "
                  f"{alloc.params_after / 1e6:.2f} of {alloc.params_before / 1e6:.2f} M block parameters")
         fig = plots.allocation_chart([l.sparsity for l in alloc.layers], [l.sparsity for l in uniform.layers],
                                      cfg.target, [l.clipped for l in alloc.layers], [l.manual for l in alloc.layers],
@@ -399,7 +408,8 @@ class ExplorerApp:
                             " (reference mode: the budget may be missed)."))
         if cfg.split == "salience" and alloc.split != "salience":
             lines.append(f"Split: proportional, because `{imp.metric}` scores are not losses on one scale for "
-                         "attention and FFN (the salience split needs taylor, taylor_vector, fisher or act_grad).")
+                         "attention and FFN (the salience split needs taylor, taylor_vector, fisher, act_grad or "
+                         "fluctuation).")
         if s.manual:
             lines.append(f"Set by hand: layer(s) {', '.join(map(str, sorted(s.manual)))} (Reset to drop them).")
         if note:
@@ -407,18 +417,35 @@ class ExplorerApp:
         lines.append(f"<small>computed in {(time.perf_counter() - t0) * 1000:.0f} ms</small>")
         return fig, allocation_table(alloc, hpg), "\n\n".join(lines)
 
-    def on_allocation(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request):
+    def on_allocation(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                      normalization="maxabs"):
         s = self.session(request)
         s.last_edit = None
         try:
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split)
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
+                                           normalization=normalization)
         except Exception as e:
             return gr.skip(), gr.skip(), warn(message(e))
 
-    def on_table_edit(self, table, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request):
+    def on_normalization(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                         normalization="maxabs"):
+        """-> layer-importance plot (Î by the chosen normalisation), then the allocation outputs."""
         s = self.session(request)
+        out = self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization)
+        try:
+            fig = layer_figure(s.importance, normalization_choice(normalization)) if s.importance else gr.skip()
+        except Exception:  # the allocation outputs already say what is wrong
+            return (gr.skip(), *out)
+        if s.importance:
+            s.figures["layer importance"] = fig
+        return (fig, *out)
+
+    def on_table_edit(self, table, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                      normalization="maxabs"):
+        s = self.session(request)
+        norm = {"normalization": normalization}
         if s.allocation is None:
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split)
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, **norm)
         edited = [str(v) for v in (table.iloc[:, EDITABLE] if isinstance(table, pd.DataFrame) else
                                    [row[EDITABLE] for row in table])]
         if edited == s.last_edit:  # the browser sends one edit twice (commit, then blur): the copy is stale
@@ -427,19 +454,21 @@ class ExplorerApp:
         before = s.manual
         try:
             s.manual = parse_manual(table, s.allocation, s.manual)
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split)
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, **norm)
         except Exception as e:
             s.manual = before
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, note=warn(message(e)))
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
+                                           note=warn(message(e)), **norm)
 
-    def on_reset_manual(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request):
+    def on_reset_manual(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                        normalization="maxabs"):
         s = self.session(request)
         s.manual = {}
-        return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request)
+        return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization)
 
     # tab 4
     def on_run(self, stages, recovery, steps, plan, method, target, amplitude, mode, max_sparsity, round_to, split,
-               metric, samples, eval_n, timing, request: gr.Request):
+               metric, samples, eval_n, timing, request: gr.Request, normalization="maxabs"):
         """Generator -> (quality, loss, cost, stage table, status, history, pareto) per event."""
         s = self.session(request)
         skip7 = (gr.skip(),) * 7
@@ -450,7 +479,7 @@ class ExplorerApp:
                                     recovery_steps=number(steps, "recovery steps", int),
                                     eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)))
                 analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric)
-                alloc_cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split)
+                alloc_cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization)
                 final_plan = None
                 if plan == "uniform":
                     alloc_cfg = replace(alloc_cfg, mode="uniform", amplitude=0.0)
@@ -600,11 +629,27 @@ class ExplorerApp:
         return [str(p) for p in files], f"Exported {names}." + (f" Missing: {'; '.join(missing)}." if missing else "")
 
 
-def allocation_config(target, amplitude, mode, max_sparsity, round_to, split) -> AllocationConfig:
-    """The Allocation tab's controls (the same six inputs on every event that uses them)."""
+def allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization="maxabs") -> AllocationConfig:
+    """The Allocation tab's controls (the same six inputs on every event that uses them, then the
+    layer normalisation, which handlers take after the request)."""
     return AllocationConfig(target=number(target, "target sparsity S_base"), amplitude=number(amplitude, "A"),
                             mode=mode, max_sparsity=number(max_sparsity, "S_max"),
-                            round_to=number(round_to or 1, "round to", int), split=split or "salience")
+                            round_to=number(round_to or 1, "round to", int), split=split or "salience",
+                            normalization=normalization_choice(normalization))
+
+
+def normalization_choice(value) -> str:
+    """The layer-normalisation radio's value (maxabs, the reference, when empty); anything else is a message."""
+    v = value or "maxabs"
+    choices = choices_of(AllocationConfig, "normalization")
+    if v not in choices:
+        raise ExplorerError(f"layer normalisation must be one of {', '.join(choices)}, got '{v}'")
+    return v
+
+
+def layer_figure(imp, normalization: str = "maxabs"):
+    """The layer-importance plot: raw I_L and Î_L by the chosen normalisation."""
+    return plots.layer_importance(imp.layer_cos, imp.normalized_by(normalization), imp.attn_cos, imp.mlp_cos)
 
 
 def task_defaults(task: str | None) -> tuple[str, str]:
@@ -708,6 +753,9 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                     split_in = gr.Radio(list(choices_of(AllocationConfig, "split")), value="salience",
                                         label="Attention / FFN split", elem_id="split-input",
                                         info=help_of(AllocationConfig, "split"))
+                    norm_in = gr.Radio(list(choices_of(AllocationConfig, "normalization")), value="maxabs",
+                                       label="Layer normalisation", elem_id="normalization-input",
+                                       info=help_of(AllocationConfig, "normalization"))
                 with gr.Accordion("Limits and rounding", open=False):
                     with gr.Row():
                         smax_in = gr.Slider(0.5, 0.99, value=0.95, step=0.01, label="S_max",
@@ -765,7 +813,7 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                 export_files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="export-files")
 
         # --- wiring ---
-        alloc_in = [target_in, amp_in, mode_in, smax_in, round_in, split_in]
+        alloc_in = [target_in, amp_in, mode_in, smax_in, round_in, split_in, norm_in]  # handlers: norm after request
         alloc_out = [alloc_plot, alloc_table, alloc_md]
         derived = [layer_plot, heads_plot, neurons_plot, imp_status, *alloc_out, quality_plot, loss_plot, cost_plot,
                    stage_table, run_status, history_plot, pareto_plot]
@@ -774,13 +822,15 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                        [summary, load_status, metric_in, recovery_in, *derived])
         imp_btn.click(app.on_importance, [metric_in, samples_in, batch_in, *alloc_in],
                       [layer_plot, heads_plot, neurons_plot, imp_status, *alloc_out])
-        for comp in alloc_in:
+        for comp in alloc_in[:-1]:
             comp.change(app.on_allocation, alloc_in, alloc_out, concurrency_limit=None, show_progress="hidden")
+        norm_in.change(app.on_normalization, alloc_in, [layer_plot, *alloc_out], concurrency_limit=None,
+                       show_progress="hidden")
         alloc_table.input(app.on_table_edit, [alloc_table, *alloc_in], alloc_out, concurrency_limit=None,
                           show_progress="hidden")
         reset_btn.click(app.on_reset_manual, alloc_in, alloc_out, concurrency_limit=None)
-        run_btn.click(app.on_run, [stages_in, recovery_in, steps_in, plan_in, method_in, *alloc_in, metric_in, samples_in,
-                                   eval_in, timing_in],
+        run_btn.click(app.on_run, [stages_in, recovery_in, steps_in, plan_in, method_in, *alloc_in[:-1], metric_in,
+                                   samples_in, eval_in, timing_in, norm_in],
                       [quality_plot, loss_plot, cost_plot, stage_table, run_status, history_plot, pareto_plot],
                       show_progress="minimal")
         stop_btn.click(app.on_stop, None, run_status, concurrency_limit=None, show_progress="hidden")

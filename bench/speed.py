@@ -44,7 +44,7 @@ def widths_by_allocation(base, data, mb: ModelBench) -> dict[tuple, list[dict]]:
     for budget in mb.budgets:
         for method, cfg in (("uniform", AllocationConfig(target=budget, mode="uniform")),
                             ("adaptive", AllocationConfig(target=budget, amplitude=mb.amplitudes[0]))):
-            alloc = allocate(imp.normalized, imp.params, cfg, scores=imp.unit_scores())
+            alloc = allocate(imp.normalized_by(cfg.normalization), imp.params, cfg, scores=imp.unit_scores())
             pruned = fresh(base)
             apply_allocation(pruned, imp, alloc, "taylor")
             out[(budget, method)] = [{"groups": w["groups"], "neurons": w["neurons"]}

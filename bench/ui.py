@@ -36,13 +36,14 @@ def allocation_updates(base, data, repeats: int, calib: int = 128) -> list[dict]
     t_alloc, t_fig, t_json = [], [], []
     for a in amps:
         t = time.perf_counter()
-        alloc = allocate(imp.normalized, imp.params, AllocationConfig(target=0.3, amplitude=a), scores=imp.unit_scores())
+        cfg = AllocationConfig(target=0.3, amplitude=a)
+        alloc = allocate(imp.normalized_by(cfg.normalization), imp.params, cfg, scores=imp.unit_scores())
         t_alloc.append((time.perf_counter() - t) * 1000)
         if chart:
             t = time.perf_counter()
             fig = chart([l.sparsity for l in alloc.layers], [0.3] * len(alloc.layers), 0.3,
                         clipped=[l.clipped for l in alloc.layers], manual=[l.manual for l in alloc.layers],
-                        normalized=list(imp.normalized))
+                        normalized=[l.importance for l in alloc.layers])
             t_fig.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
             fig.to_json()

@@ -5,6 +5,8 @@
   with the shift c found by bisection so that Σ P_L·S_L = S_base·Σ P_L, i.e. what clipping
   removed is redistributed and the parameter budget is met exactly.
   uniform: S_L = S_base.
+Î_L is the layer importance normalised by the caller (`Importance.normalized_by(cfg.normalization)`:
+maxabs, the reference, or the rank / zscore departures); the plan records which.
 
 Counts, split "proportional": a layer keeps round((1-S_L)·G) attention units (KV groups; at
 least one), and its FFN neurons fill the rest of the layer's parameter budget (at least one),
@@ -12,7 +14,8 @@ so each layer's pruned size follows S_L to within one neuron even though heads a
 Split "salience" (the default, given unit scores): of the ways to remove S_L·P_L parameters
 (k = 0..G-1 attention units, neurons for the rest), take the one whose removed units have the
 least summed salience (the lowest-scored k units plus the lowest-scored neurons): a
-first-order estimate of the loss added, compared per parameter across attention and FFN. In
+first-order estimate of the loss added (or, for fluctuation, of the squared output error),
+compared per parameter across attention and FFN. In
 exact mode
 the neuron counts are rounded by largest remainder so the total is within one neuron of
 the target.
@@ -24,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .config import AllocationConfig
+from .config import NORMALIZATIONS, AllocationConfig
 from .errors import ExplorerError
 
 
@@ -54,6 +57,7 @@ class Allocation:
     amplitude: float
     mode: str
     split: str = "proportional"  # how attention and FFN shared each layer's cut (see the module docstring)
+    normalization: str = "maxabs"  # how I_L became Î_L (AllocationConfig.normalization)
 
     @property
     def params_before(self) -> int:
@@ -73,6 +77,7 @@ class Allocation:
 
     def to_json(self) -> dict:
         return {"target": self.target, "amplitude": self.amplitude, "mode": self.mode, "split": self.split,
+                "normalization": self.normalization,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "removed_fraction": self.removed_fraction,
                 "layers": [{**asdict(l), "actual_sparsity": l.actual_sparsity} for l in self.layers]}
@@ -91,6 +96,8 @@ def validate(cfg: AllocationConfig) -> None:
         raise ExplorerError(f"unknown allocation mode '{cfg.mode}': use exact, reference or uniform")
     if cfg.split not in ("proportional", "salience"):
         raise ExplorerError(f"unknown split '{cfg.split}': use proportional or salience")
+    if cfg.normalization not in NORMALIZATIONS:
+        raise ExplorerError(f"unknown normalisation '{cfg.normalization}': use {', '.join(NORMALIZATIONS)}")
     if cfg.round_to < 1:
         raise ExplorerError(f"round_to must be at least 1, got {cfg.round_to}")
     if not (cfg.prune_attention or cfg.prune_mlp):
@@ -165,7 +172,9 @@ def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
     """`structure`: per layer {groups, n_neurons, group_params, neuron_params, block_params}
     (as recorded by importance analysis). `scores`: per layer (group scores, neuron scores),
     e.g. `Importance.unit_scores()`. Split "salience" uses them; without them (a plan from the
-    layer importance alone) the split is proportional, as the returned `Allocation.split` says."""
+    layer importance alone) the split is proportional, as the returned `Allocation.split` says.
+    `norm_imp` should be `Importance.normalized_by(cfg.normalization)`: the plan records
+    cfg.normalization as the normalisation used."""
     validate(cfg)
     if len(structure) != len(norm_imp):
         raise ExplorerError("importance and model structure disagree on the number of layers")
@@ -229,4 +238,5 @@ def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
         assert 1 <= g <= l["groups"] and 1 <= n <= l["n_neurons"]
         layers.append(LayerPlan(i, float(norm_imp[i]), float(s[i]), bool(clipped[i]), i in manual,
                                 g, n, l["groups"], l["n_neurons"], int(l["block_params"]), int(after)))
-    return Allocation(layers, cfg.target, cfg.amplitude, cfg.mode, "salience" if scores else "proportional")
+    return Allocation(layers, cfg.target, cfg.amplitude, cfg.mode, "salience" if scores else "proportional",
+                      cfg.normalization)

@@ -89,10 +89,11 @@ def cmd_allocate(args) -> None:
     if args.uniform:
         cfg = replace(cfg, mode="uniform")
     manual = _parse_manual(args.manual)
-    alloc = allocate(imp.normalized, imp.params, cfg, manual, scores=imp.unit_scores())
+    alloc = allocate(imp.normalized_by(cfg.normalization), imp.params, cfg, manual, scores=imp.unit_scores())
     out = dict(analysis)
     for layer, lp in zip(out["layers"], alloc.layers):
-        layer.update({"sparsity": lp.sparsity, "actual_sparsity": lp.actual_sparsity, "clipped": lp.clipped,
+        layer.update({"normalized_importance": lp.importance,  # Î_L by the plan's normalisation
+                      "sparsity": lp.sparsity, "actual_sparsity": lp.actual_sparsity, "clipped": lp.clipped,
                       "keep_groups": lp.keep_groups, "keep_heads": lp.keep_groups * layer.get("heads_per_group", 1),
                       "keep_neurons": lp.keep_neurons, "params_after": lp.params_after})
     out["allocation"] = {k: v for k, v in alloc.to_json().items() if k != "layers"}

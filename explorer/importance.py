@@ -4,7 +4,12 @@ needs gradients).
 
 Layer importance (Adapt-Pruner reference): I_L = -cos(h_in, h_out), where h_in/h_out are
 the block's input and output *including* the residual stream, averaged over non-padding
-tokens. Normalised: Î_L = (I_L - mean I) / max|I_L - mean I|, so Î lies in [-1, 1].
+tokens. Normalised (`normalize`, AllocationConfig.normalization) onto [-1, 1]:
+  maxabs   Î_L = (I_L - mean I) / max|I_L - mean I|  (the reference)
+  rank     ranks of I_L (ties averaged) mapped linearly onto [-1, 1]  (departure)
+  zscore   clip((I_L - mean I) / (2 std I), -1, 1)  (departure; std over layers, ddof 0)
+maxabs lets one outlier layer take Î = ±1 and squeeze the others towards 0; rank and zscore
+spread them.
 
 Unit salience metrics (one score per attention unit / query head / FFN neuron; higher =
 more important), each a small function of per-unit sums over the coupled parameters:
@@ -17,6 +22,15 @@ more important), each a small function of per-unit sums over the coupled paramet
   apt            Σ|∂L/∂H|·Σ|H| + sqrt(kurtosis(W_:j ∘ X_j))  (APT outlier-aware; each term divided
                  by its mean over the layer's units before adding: a departure, so that
                  neither term swamps the other)
+  fluctuation    Σ_j Var_tokens(X_j)·||W_:j||²  (FLAP, An et al. 2024; forward only, no labels), X the
+                 out_module input (the units' activations), W_:j the out_module weights that read
+                 channel j, the variance the population one (divide by N) over the non-padding
+                 calibration tokens: the mean squared change of the residual stream per token when
+                 the unit is removed and its mean output folded into the bias (FLAP's compensation)
+
+The scores that a salience split may compare across attention and FFN (LOSS_METRICS): taylor,
+taylor_vector, fisher and act_grad (loss estimates) and fluctuation (squared output error,
+one scale for both kinds too).
 """
 from __future__ import annotations
 
@@ -29,23 +43,46 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import Block, UnitGroup
-from .config import LABEL_FREE_METRICS, METRICS, AnalysisConfig
+from .config import LABEL_FREE_METRICS, METRICS, NORMALIZATIONS, AnalysisConfig
 from .errors import Cancelled, ExplorerError
 from .models import LoadedModel
 
 GRAD_METRICS = ("taylor", "taylor_vector", "fisher", "act_grad", "apt")
-# Estimates of the loss a unit's removal adds, on one scale for heads and neurons: the only scores
-# a salience split may compare across attention and FFN (magnitudes are not losses; apt and the
-# methods' mixtures are rescaled per (layer, kind)).
-LOSS_METRICS = ("taylor", "taylor_vector", "fisher", "act_grad")
+# Estimates of what a unit's removal costs, on one scale for heads and neurons: the only scores a
+# salience split may compare across attention and FFN. The first four estimate the loss added,
+# fluctuation the squared residual-stream error (magnitudes are neither; apt and the methods'
+# mixtures are rescaled per (layer, kind)).
+LOSS_METRICS = ("taylor", "taylor_vector", "fisher", "act_grad", "fluctuation")
 
 
-def normalize(values) -> np.ndarray:
-    """Î = (I - mean I) / max|I - mean I|, in [-1, 1] with mean 0 (zeros if all equal)."""
+def normalize(values, method: str = "maxabs") -> np.ndarray:
+    """Layer importance I -> Î in [-1, 1] (zeros if all equal), by `method`:
+    maxabs (reference): (I - mean I) / max|I - mean I|, mean 0;
+    rank: ranks of I (ties averaged) mapped linearly onto [-1, 1], mean 0;
+    zscore: (I - mean I) / std I (ddof 0), halved and clipped to [-1, 1]."""
     v = np.asarray(values, dtype=np.float64)
-    c = v - v.mean()
+    if method == "rank":
+        return _rank_normalize(v)
+    c = v - v.mean() if len(v) else v
+    if method == "zscore":
+        sd = c.std() if len(c) else 0.0
+        return np.clip(c / (2 * sd), -1.0, 1.0) if sd > 0 else np.zeros_like(c)
+    if method != "maxabs":
+        raise ExplorerError(f"unknown normalisation '{method}': use one of {', '.join(NORMALIZATIONS)}")
     m = np.abs(c).max() if len(c) else 0.0
     return c / m if m > 0 else np.zeros_like(c)
+
+
+def _rank_normalize(v: np.ndarray) -> np.ndarray:
+    """Average ranks 0..n-1 of v (ties share their mean rank), mapped onto [-1, 1]."""
+    n = len(v)
+    if n < 2:
+        return np.zeros_like(v)
+    ranks = np.empty(n)
+    ranks[np.argsort(v, kind="stable")] = np.arange(n)
+    _, tie = np.unique(v, return_inverse=True)  # (n,) index of each value's tie class
+    ranks = (np.bincount(tie, ranks) / np.bincount(tie))[tie]  # mean rank per tie class
+    return 2 * ranks / (n - 1) - 1
 
 
 @dataclass
@@ -66,7 +103,12 @@ class Importance:
 
     @property
     def normalized(self) -> np.ndarray:
+        """Î by the reference max-abs normalisation."""
         return normalize(self.layer_cos)
+
+    def normalized_by(self, method: str = "maxabs") -> np.ndarray:
+        """Î by `method` (AllocationConfig.normalization): maxabs, rank or zscore."""
+        return normalize(self.layer_cos, method)
 
     @property
     def n_layers(self) -> int:
@@ -74,7 +116,8 @@ class Importance:
 
     def unit_scores(self, metric: str | None = None) -> list[tuple[np.ndarray, np.ndarray]] | None:
         """Per layer (KV-group scores, neuron scores): what `allocate(..., scores=)` takes; None
-        when the metric puts attention and FFN on different scales (not in LOSS_METRICS)."""
+        when the metric puts attention and FFN on different scales (not in LOSS_METRICS: the loss
+        estimates and fluctuation qualify)."""
         m = metric or self.metric
         return list(zip(self.groups[m], self.neurons[m])) if m in LOSS_METRICS else None
 
@@ -145,10 +188,12 @@ def kurtosis_from_moments(m1, m2, m3, m4) -> torch.Tensor:
 # --- the pass ---------------------------------------------------------------------------
 
 class _Recorder:
-    """Forward/backward hooks over all blocks; accumulates everything in one pass."""
+    """Forward/backward hooks over all blocks; accumulates everything in one pass. Unit
+    activations (the out_modules' inputs) are hooked when gradients are computed or when
+    `fluctuation` asks for their per-channel sums of x and x² (forward only)."""
 
-    def __init__(self, lm: LoadedModel, blocks: list[Block], grads: bool, apt: bool):
-        self.lm, self.blocks, self.grads, self.apt = lm, blocks, grads, apt
+    def __init__(self, lm: LoadedModel, blocks: list[Block], grads: bool, apt: bool, fluctuation: bool = False):
+        self.lm, self.blocks, self.grads, self.apt, self.fluct = lm, blocks, grads, apt, fluctuation
         self.mask: torch.Tensor | None = None  # (B, T) of the current batch
         L = len(blocks)
         self.cos_sum = torch.zeros(L, 3, dtype=torch.float64)  # block, attention, mlp
@@ -162,7 +207,7 @@ class _Recorder:
             self.handles.append(b.module.register_forward_pre_hook(self._pre(i), with_kwargs=True))
             self.handles.append(b.mid_module.register_forward_hook(self._mid(i, b.mid_adds_input)))
             self.handles.append(b.module.register_forward_hook(self._post(i)))
-            if grads:
+            if grads or fluctuation:
                 for g in (b.attn, b.mlp):
                     qpk = b.heads_per_group if g.kind == "attention" else 1
                     self.handles.append(g.out_module.register_forward_pre_hook(self._act(i, g, qpk)))
@@ -206,10 +251,12 @@ class _Recorder:
 
         def hook(module, args):
             x = args[0]  # (B, T, C) with C = n_units * act_unit_size
-            if not x.requires_grad:
+            st = self.act.setdefault(key, {})
+            if self.fluct:
+                _fluct_sums(st, x.detach(), self.mask)
+            if not (self.grads and x.requires_grad):
                 return
             m = self.mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-            st = self.act.setdefault(key, {})
             xd = x.detach()
             _acc(st, "abs_x", (xd.abs() * m).sum((0, 1)))  # (C,)
             if self.apt:
@@ -232,6 +279,16 @@ class _Recorder:
 def _acc(d: dict, k: str, v: torch.Tensor) -> None:
     v = v.detach().double().cpu()
     d[k] = d[k] + v if k in d else v
+
+
+def _fluct_sums(st: dict, x: torch.Tensor, mask: torch.Tensor) -> None:
+    """Add one batch's per-channel Σx, Σx² and token count over non-padding tokens to `st`,
+    kept on x's device (float64; float32 where the device has no float64, e.g. MPS)."""
+    dt = torch.float32 if x.device.type == "mps" else torch.float64
+    m = mask.to(x.device, dt).unsqueeze(-1)  # (B, T, 1)
+    xm = x.to(dt) * m  # (B, T, C), padding zeroed
+    for k, v in (("fl_n", m.sum()), ("fl_s1", xm.sum((0, 1))), ("fl_s2", (xm * xm).sum((0, 1)))):  # (), (C,), (C,)
+        st[k] = st[k] + v if k in st else v
 
 
 def _batches(texts, labels, bs):
@@ -283,7 +340,7 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
         p.grad = None
     gsum = {k: torch.zeros_like(p) for k, p in tracked.items()} if grads else {}
     fisher = {(b.index, g.kind): None for b in blocks for g in (b.attn, b.mlp)}
-    rec = _Recorder(lm, blocks, grads, "apt" in metrics)
+    rec = _Recorder(lm, blocks, grads, "apt" in metrics, "fluctuation" in metrics)
     n_batches = (len(texts) + cfg.batch_size - 1) // cfg.batch_size
     try:
         for bi, (bt, bl) in enumerate(_batches(texts, labels, cfg.batch_size)):
@@ -364,13 +421,32 @@ def _unit_scores(g: UnitGroup, qpk: int, metrics, gsum, fisher, act) -> dict[str
             out[m] = (act["ag_head"], act["ag_group"])
         elif m == "apt":
             out[m] = _apt(g, qpk, act)
+        elif m == "fluctuation":
+            out[m] = _fluctuation(g, qpk, act)
     return out
+
+
+def _out_weight_rows(g: UnitGroup) -> torch.Tensor:
+    """The out_module weight as (C, out) on the CPU in float64: row j holds the weights that read
+    input channel j (W[:, j] of an nn.Linear, W[j, :] of a GPT-2 Conv1D)."""
+    s = next(s for s in g.slices if s.module is g.out_module and s.name == "weight")
+    return s.param.detach().double().cpu().movedim(s.dim, 0)
+
+
+def _fluctuation(g: UnitGroup, qpk: int, act: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP fluctuation per query head and per group: Σ over the unit's input channels j of the
+    out_module of Var(X_j)·||W_:j||², Var the population variance over calibration tokens."""
+    n_tok = act["fl_n"].cpu().double().clamp_min(1)
+    mean = act["fl_s1"].cpu().double() / n_tok  # (C,)
+    var = (act["fl_s2"].cpu().double() / n_tok - mean ** 2).clamp_min(0)  # (C,) E[x²] - E[x]²
+    per_channel = var * (_out_weight_rows(g) ** 2).sum(1)  # (C,)
+    n = g.n_units
+    return per_channel.view(n * qpk, -1).sum(1), per_channel.view(n, -1).sum(1)
 
 
 def _apt(g: UnitGroup, qpk: int, act: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """APT outlier-aware salience for per-head and per-group units."""
-    w_slice = next(s for s in g.slices if s.module is g.out_module and s.name == "weight")
-    w = w_slice.param.detach().double().movedim(w_slice.dim, 0)  # (C, out): one row per input channel
+    w = _out_weight_rows(g)  # (C, out): one row per input channel
     C = w.shape[0]
     n_tok = act["n"].clamp_min(1)
     results = []

@@ -95,7 +95,8 @@ class AdaPrunerRun(MethodRun):
         imp = mixed_importance(self._dense_importance(q["subset"]), q["alpha1"], q["alpha2"])
         trial_lm = clone_lm(self.lm)
         try:
-            alloc = allocate(imp.normalized, imp.params, replace(self.allocation, amplitude=q["amplitude"]),
+            alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                             replace(self.allocation, amplitude=q["amplitude"]),
                              scores=imp.unit_scores())
             apply_allocation(trial_lm, imp, alloc, metric="mix")
             value, self._objective_name = val_objective(trial_lm, self.data, self._val_n())

@@ -32,7 +32,8 @@ class DistillBaselineRun(MethodRun):
         texts, labels = self._calibration(1)
         imp = self._analyze(texts, labels, (self.analysis.metric,))
         yield {"type": "analysis", "stage": 1, "importance": imp}
-        alloc = allocate(imp.normalized, imp.params, replace(self.allocation, mode="uniform"), scores=imp.unit_scores())
+        alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                         replace(self.allocation, mode="uniform"), scores=imp.unit_scores())
         apply_allocation(lm, imp, alloc)
         steps = total_steps(self.prune)
         cfg = replace(self.prune, recovery="kd" if steps > 0 else "none", kd_alpha=1.0, recovery_steps=steps)

@@ -202,7 +202,8 @@ class UnstructuredRun(MethodRun):
 
     def _weight_sparsity(self, imp, target: float) -> tuple[list[float], list[float]]:
         """(S_L from the allocation, the Linear-weight sparsity that gives that block sparsity)."""
-        alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=target), scores=imp.unit_scores())
+        alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                         replace(self.allocation, target=target), scores=imp.unit_scores())
         weights = block_linear_weights(self.lm)
         out = []
         for lp, block in zip(alloc.layers, weights):
