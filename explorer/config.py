@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
-METRICS = ("taylor", "fisher", "act_grad", "apt", "magnitude_l1", "magnitude_l2", "taylor_vector")
-LABEL_FREE_METRICS = ("magnitude_l1", "magnitude_l2")
+METRICS = ("taylor", "fisher", "act_grad", "apt", "magnitude_l1", "magnitude_l2", "taylor_vector", "fluctuation")
+LABEL_FREE_METRICS = ("magnitude_l1", "magnitude_l2", "fluctuation")  # need no gradients (fluctuation: forward only)
+NORMALIZATIONS = ("maxabs", "rank", "zscore")
+TRAININGS = ("none", "full", "lora", "kd")
+RECOVERY = TRAININGS + ("reconstruct", "reconstruct+lora", "reconstruct+full", "reconstruct+kd")
+
+
+def split_recovery(recovery: str) -> tuple[bool, str]:
+    """'reconstruct+lora' -> (True, 'lora'); 'kd' -> (False, 'kd'); 'reconstruct' -> (True, 'none')."""
+    if recovery.startswith("reconstruct"):
+        return True, recovery.partition("+")[2] or "none"
+    return False, recovery
 
 
 def opt(default, help: str, choices=None, **kw):
@@ -34,8 +44,14 @@ class AllocationConfig:
     split: str = opt("salience", "how a layer's cut is shared between attention and FFN: proportional "
                      "(attention units in proportion to S_L, neurons fill the rest) or salience (the split with the "
                      "least summed salience removed, attention units and neurons compared per parameter; needs a "
-                     "loss-based metric: taylor, taylor_vector, fisher or act_grad, else proportional)",
+                     "metric on one scale for attention and FFN: taylor, taylor_vector, fisher, act_grad (loss "
+                     "estimates) or fluctuation (output-error estimate), else proportional)",
                      ("proportional", "salience"))
+    normalization: str = opt("maxabs", "how the layer importance I_L becomes Î_L in [-1, 1]: maxabs (the reference: "
+                             "(I - mean) / max|I - mean|), rank (departure: ranks mapped linearly onto [-1, 1], ties "
+                             "averaged) or zscore (departure: (I - mean) / std, halved and clipped to [-1, 1]); rank and "
+                             "zscore keep one outlier layer from squeezing the others towards 0",
+                             NORMALIZATIONS)
     prune_attention: bool = opt(True, "prune attention heads (whole KV groups for GQA)")
     prune_mlp: bool = opt(True, "prune FFN neurons")
 
@@ -43,13 +59,31 @@ class AllocationConfig:
 @dataclass
 class PruneConfig:
     stages: int = opt(4, "K: prune from dense to the target in this many stages (1 = one-shot)", min=1, max=100)
-    recovery: str = opt("lora", "recovery training after each stage", ("none", "full", "lora", "kd"))
+    recovery: str = opt("lora", "recovery after each stage's cut: reconstruct (closed-form refit of each block's "
+                        "output projections to the dense block, layer by layer, no training), training (full, lora, "
+                        "kd: distillation from the dense model), or reconstruct followed by training", RECOVERY)
     recovery_steps: int = opt(30, "optimiser steps of recovery per stage", min=0, max=100_000)
     lr: float = opt(0.0, "recovery learning rate (0: 5e-5 full, 5e-4 LoRA, 1e-4 KD)", min=0, max=1)
     train_batch_size: int = opt(16, "recovery batch size", min=1)
     lora_rank: int = opt(8, "LoRA rank for LoRA recovery", min=1, max=1024)
     kd_alpha: float = opt(0.5, "weight of the distillation (KL) loss; the task loss gets 1 - alpha", min=0, max=1)
     kd_temperature: float = opt(2.0, "distillation temperature", min=0.01, max=100)
+    kd_hidden_weight: float = opt(0.0, "weight of the hidden-state distillation loss (residual stream after "
+                                  "the chosen blocks, student vs dense teacher); 0: logits only", min=0, max=100)
+    kd_hidden_loss: str = opt("cosine", "hidden-state distillation loss: cosine (1 - cos per token, as "
+                              "DistilBERT) or mse (normalised by the teacher's mean square, as Minitron)",
+                              ("cosine", "mse"))
+    kd_hidden_every: int = opt(1, "distil the residual stream after every k-th block (and always the last)",
+                               min=1, max=1000)
+    recon_lambda: float = opt(0.0, "reconstruction ridge strength, relative to each kept channel's energy "
+                              "(diag of the Gram matrix), pulling the refit toward the original weights; "
+                              "0: chosen per projection on held-out calibration tokens", min=0, max=1e6)
+    recon_bias: bool = opt(True, "reconstruction refits a bias that absorbs the removed channels' mean "
+                           "contribution (FLAP's bias compensation); LLaMA projections get biases for it "
+                           "(config attention_bias / mlp_bias)")
+    recon_samples: int = opt(0, "calibration samples for reconstruction (0: the analysis samples)", min=0)
+    eval_phases: bool = opt(True, "also evaluate each stage right after the cut (and after reconstruction when "
+                            "training follows), so the quality chart shows what each step buys")
     layer_drop: int = opt(0, "also remove this many whole blocks first (lowest cosine importance, ShortGPT style)", min=0)
     eval_samples: int = opt(0, "test examples for accuracy (0: all) / tokens for perplexity (0: 16384)", min=0)
     seed: int = opt(0, "random seed for recovery and sampling")

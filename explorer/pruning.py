@@ -17,13 +17,14 @@ import numpy as np
 
 from .allocation import Allocation, allocate
 from .allocation import validate as validate_allocation
-from .config import AllocationConfig, AnalysisConfig, PruneConfig
+from .config import AllocationConfig, AnalysisConfig, PruneConfig, split_recovery
 from .config import validate as validate_config
 from .data import TextData
 from .errors import OOM_HINT, Cancelled, DataError, ExplorerError, is_oom
-from .evaluate import evaluate, metric_name
+from .evaluate import evaluate, metric_name, quality
 from .importance import Importance, analyze
 from .models import LoadedModel
+from .reconstruct import reconstruct
 from .recovery import recover_steps
 from .surgery import drop_layers, prune_block, widths
 
@@ -42,16 +43,24 @@ def stage_sparsity(original: int, current: int, target: float, k: int, stages: i
     return max(0.0, 1 - goal / current)
 
 
+def plan_keeps(imp: Importance, alloc: Allocation, metric: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """Per layer (attention units, neurons) to keep: the most salient by `metric`."""
+    m = metric or imp.metric
+    return [(choose_units(imp.groups[m][lp.index], lp.keep_groups),
+             choose_units(imp.neurons[m][lp.index], lp.keep_neurons)) for lp in alloc.layers]
+
+
 def apply_allocation(lm: LoadedModel, imp: Importance, alloc: Allocation, metric: str | None = None) -> None:
     """Prune every layer to its allocated counts, keeping the most salient units."""
-    m = metric or imp.metric
     assert len(alloc.layers) == len(lm.adapter.layers(lm.model)), "allocation does not fit the model"
-    for lp in alloc.layers:
-        keep_g = choose_units(imp.groups[m][lp.index], lp.keep_groups)
-        keep_n = choose_units(imp.neurons[m][lp.index], lp.keep_neurons)
+    for lp, (keep_g, keep_n) in zip(alloc.layers, plan_keeps(imp, alloc, metric)):
         prune_block(lm.adapter, lm.model, lp.index, keep_g, keep_n)
+    check_widths(lm, alloc)
+
+
+def check_widths(lm: LoadedModel, alloc: Allocation) -> None:
     for lp, w in zip(alloc.layers, widths(lm.adapter, lm.model)):
-        assert (w["groups"], w["neurons"]) == (lp.keep_groups, lp.keep_neurons)
+        assert (w["groups"], w["neurons"]) == (lp.keep_groups, lp.keep_neurons), (lp.index, w)
 
 
 def interpolate_plan(final: Allocation, current: list[dict], original: list[dict], frac: float,
@@ -91,6 +100,8 @@ class StageRecord:
     seconds: float
     widths: list[dict]
     sparsity: list[float] = field(default_factory=list)
+    phases: dict = field(default_factory=dict)  # quality right after the cut / after reconstruction
+    reconstruction: dict | None = None  # seconds, tokens, calibration error ratio, λ per projection
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -120,8 +131,9 @@ class PruningRun:
         validate_config(self.analysis)
         validate_config(self.prune)
         validate_allocation(self.allocation)
-        if lm.task == "encoder" and self.prune.recovery != "none":
-            raise ExplorerError("this model has no task head: use recovery 'none'")
+        self.reconstructs, self.training = split_recovery(self.prune.recovery)
+        if lm.task == "encoder" and self.training != "none":
+            raise ExplorerError("this model has no task head to train: use recovery 'none' or 'reconstruct'")
         check_pairing(lm, data)
 
     def stop(self) -> None:
@@ -145,7 +157,7 @@ class PruningRun:
         self.dense = self._eval()
         yield {"type": "dense", "eval": self.dense, "metric": metric_name(lm)}
         last_good = copy.deepcopy(lm.model)
-        teacher = copy.deepcopy(lm.model).eval() if cfg.recovery == "kd" else None
+        teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None
         original_structure = None
         try:
             if cfg.layer_drop:
@@ -162,13 +174,15 @@ class PruningRun:
                     alloc = interpolate_plan(self.final_plan, imp.params, original_structure, k / cfg.stages,
                                              self.allocation)
                 else:
-                    alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target),
+                    alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                                     replace(self.allocation, target=stage_target),
                                      scores=imp.unit_scores())
-                apply_allocation(lm, imp, alloc)
+                phases, recon = yield from self._cut(k, imp, alloc, last_good)
                 losses: list[float] = []
                 for ev in self._recover(k, teacher, losses):
                     yield ev
                 rec = self._record(k, original, losses, time.perf_counter() - t0, alloc)
+                rec.phases, rec.reconstruction = phases, recon
                 self.records.append(rec)
                 last_good = copy.deepcopy(lm.model)
                 yield {"type": "stage", "record": rec}
@@ -190,6 +204,40 @@ class PruningRun:
             return
         self.status = "done"
         yield {"type": "done", "seconds": time.perf_counter() - t_run}
+
+    def _trains(self) -> bool:
+        return self.training != "none" and self.prune.recovery_steps > 0
+
+    def _cut(self, k: int, imp: Importance, alloc: Allocation, stage_start) -> Iterator[dict]:
+        """Remove the plan's units; with reconstruction, cut and refit layer by layer from
+        `stage_start` (a copy of the model before this cut). Yields "phase" events; returns
+        (phases, reconstruction report). With eval_phases the plain cut is evaluated first
+        (then thrown away), and the reconstructed model too when training follows."""
+        lm, cfg = self.lm, self.prune
+        phases: dict = {}
+
+        def phase(name):
+            phases[name] = quality(lm, self.data, cfg.eval_samples)
+            return {"type": "phase", "stage": k, "phase": name, "quality": phases[name]}
+
+        if not self.reconstructs or cfg.eval_phases:
+            apply_allocation(lm, imp, alloc)
+            if cfg.eval_phases and (self.reconstructs or self._trains()):
+                yield phase("cut")
+            if not self.reconstructs:
+                return phases, None
+            lm.model = copy.deepcopy(stage_start)
+        yield {"type": "reconstruct", "stage": k}
+        texts, _ = (self.data.calibration(cfg.recon_samples, stage=k, seed=self.analysis.seed)
+                    if cfg.recon_samples else self._calibration(k))
+        rep = reconstruct(lm, plan_keeps(imp, alloc), texts, lam=cfg.recon_lambda, fit_bias=cfg.recon_bias,
+                          batch_size=self.analysis.batch_size, max_length=self.analysis.max_length or None,
+                          should_stop=self._should_stop)
+        check_widths(lm, alloc)
+        if cfg.eval_phases and self._trains():
+            yield phase("reconstructed")
+        return phases, {"seconds": rep.seconds, "tokens": rep.tokens, "error_ratio": rep.error_ratio,
+                        "lambdas": [[r["lambda"] for r in layer] for layer in rep.layers]}
 
     def _recover(self, stage: int, teacher, losses: list[float]) -> Iterator[dict]:
         """Run recovery, yielding one event per optimiser step."""

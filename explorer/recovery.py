@@ -1,6 +1,18 @@
 """Recovery training between pruning stages: none, full fine-tuning, LoRA (merged back into
 the weights before the next physical prune, so adapters never meet changed shapes), or
-knowledge distillation from the dense model (KL on logits, alone or added to the task loss).
+knowledge distillation from the dense model ("kd", also the training part of "reconstruct+kd").
+
+Distillation loss per batch, from one student forward and one teacher forward (no gradients):
+
+    kd_alpha · KL(teacher ‖ student logits, temperature)  + (1 − kd_alpha) · task loss
+    + kd_hidden_weight · hidden-state loss
+
+The task loss is left out when the batch has no labels (a classifier on unlabelled text).
+The hidden-state loss compares the residual stream after every `kd_hidden_every`-th block
+(and always the last) over real tokens: cosine (1 − cos per token, as DistilBERT) or mse
+normalised by the teacher's mean square (as Minitron, so blocks with massive activations do
+not dominate). After layer drop the blocks no longer correspond, so only the final hidden
+state is compared.
 """
 from __future__ import annotations
 
@@ -11,12 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PruneConfig
+from .config import RECOVERY, PruneConfig, split_recovery
 from .data import TextData
 from .errors import Cancelled, ExplorerError
 from .models import LoadedModel
-
-RECOVERY = ("none", "full", "lora", "kd")
 
 
 def default_lr(method: str) -> float:
@@ -51,6 +61,67 @@ def kd_loss(student_logits, teacher_logits, mask: torch.Tensor | None, temperatu
     return kl * t * t
 
 
+def hidden_layers(n_blocks: int, every: int) -> list[int]:
+    """Block indices whose output is distilled: i with (i + 1) % every == 0, and always the last."""
+    return sorted({i for i in range(n_blocks) if (i + 1) % every == 0} | {n_blocks - 1})
+
+
+def hidden_pairs(student_hs, teacher_hs, every: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Matching residual streams from HF `hidden_states` tuples (L + 1 tensors (B, T, H) each:
+    the embeddings' output, then the output of every block). A student with fewer blocks than
+    the teacher (layer drop) is compared on the final hidden state only."""
+    if len(student_hs) != len(teacher_hs):
+        return [student_hs[-1]], [teacher_hs[-1]]
+    idx = hidden_layers(len(student_hs) - 1, every)
+    return [student_hs[i + 1] for i in idx], [teacher_hs[i + 1] for i in idx]
+
+
+def hidden_kd_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+                   mask: torch.Tensor | None, kind: str = "cosine") -> torch.Tensor:
+    """Hidden-state distillation loss, averaged over the given layers (lists of (B, T, H)).
+    mask (B, T): 1 for real tokens (None: all). cosine: mean over tokens of 1 − cos(s, t);
+    mse: Σ_tokens ‖s − t‖² / Σ_tokens ‖t‖² (relative to the teacher's mean square)."""
+    if kind not in ("cosine", "mse"):
+        raise ExplorerError(f"unknown hidden-state loss '{kind}': use cosine or mse")
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise ExplorerError("hidden-state distillation needs the same, non-zero number of layers "
+                            "from both models")
+    losses = []
+    for s, t in zip(student_hidden, teacher_hidden):
+        if s.shape != t.shape:
+            raise ExplorerError(f"student and teacher hidden states differ in shape: "
+                                f"{tuple(s.shape)} vs {tuple(t.shape)}")
+        s, t = s.float(), t.float()
+        m = torch.ones(s.shape[:2], device=s.device) if mask is None else mask.to(s.device, s.dtype)  # (B, T)
+        if kind == "cosine":
+            # 1 − cos(s, t) = ½‖ŝ − t̂‖² for unit vectors: exactly 0 when s == t
+            per_token = 0.5 * (F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(-1)  # (B, T)
+            losses.append((per_token * m).sum() / m.sum().clamp_min(1))
+        else:
+            err = ((s - t).pow(2).sum(-1) * m).sum()
+            losses.append(err / (t.pow(2).sum(-1) * m).sum().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
+def distil_loss(model: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor], cfg: PruneConfig,
+                task: str) -> torch.Tensor:
+    """One batch's distillation loss (see the module docstring). The teacher runs once, under
+    no_grad; hidden states are only requested when kd_hidden_weight > 0."""
+    hidden = cfg.kd_hidden_weight > 0
+    with torch.no_grad():
+        t_out = teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=hidden)
+    out = model(**batch, output_hidden_states=hidden)
+    mask = batch["attention_mask"]  # (B, T)
+    loss = cfg.kd_alpha * kd_loss(out.logits, t_out.logits, mask if task == "causal-lm" else None,
+                                  cfg.kd_temperature)
+    if out.loss is not None:  # no labels (unlabelled classifier data): the KD terms only
+        loss = loss + (1 - cfg.kd_alpha) * out.loss
+    if hidden:
+        s_hs, t_hs = hidden_pairs(out.hidden_states, t_out.hidden_states, cfg.kd_hidden_every)
+        loss = loss + cfg.kd_hidden_weight * hidden_kd_loss(s_hs, t_hs, mask, cfg.kd_hidden_loss)
+    return loss
+
+
 def _lora_wrap(lm: LoadedModel, rank: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
     save = ["classifier", "score"] if lm.task == "classification" else None
@@ -70,9 +141,9 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
                   should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, float]]:
     """Generator: trains `lm.model` in place, yielding (step, loss) after each optimiser step.
     On Stop, raises Cancelled (the caller restores the last completed model)."""
-    method = cfg.recovery
-    if method not in RECOVERY:
-        raise ExplorerError(f"unknown recovery '{method}': use one of {', '.join(RECOVERY)}")
+    if cfg.recovery not in RECOVERY:
+        raise ExplorerError(f"unknown recovery '{cfg.recovery}': use one of {', '.join(RECOVERY)}")
+    method = split_recovery(cfg.recovery)[1]  # the training part ("reconstruct+kd" -> "kd")
     if method == "none" or cfg.recovery_steps <= 0:
         return
     if lm.task == "encoder":
@@ -94,14 +165,7 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
                                                     seed=cfg.seed * 1000 + stage)):
             if should_stop and should_stop():
                 raise Cancelled()
-            out = model(**batch)
-            loss = out.loss
-            if method == "kd":
-                with torch.no_grad():
-                    t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                mask = batch["attention_mask"] if lm.task == "causal-lm" else None
-                loss = cfg.kd_alpha * kd_loss(out.logits, t_logits, mask, cfg.kd_temperature) \
-                    + (1 - cfg.kd_alpha) * out.loss
+            loss = distil_loss(model, teacher, batch, cfg, lm.task) if method == "kd" else model(**batch).loss
             if not torch.isfinite(loss):
                 raise ExplorerError(f"recovery diverged at step {step + 1} (loss {loss.item()}); lower the learning rate")
             opt.zero_grad(set_to_none=True)

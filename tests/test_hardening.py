@@ -96,7 +96,7 @@ def test_zero_stages_and_unknown_recovery():
     lm = tiny_lm("bert")
     with pytest.raises(ExplorerError, match="stages must be at least 1"):
         PruningRun(lm, tiny_data(), prune=PruneConfig(stages=0))
-    with pytest.raises(ExplorerError, match="--recovery must be one of none, full, lora, kd, got 'magic'"):
+    with pytest.raises(ExplorerError, match="--recovery must be one of none, full, lora, kd, reconstruct, reconstruct\\+lora, reconstruct\\+full, reconstruct\\+kd, got 'magic'"):
         PruningRun(lm, tiny_data(), prune=PruneConfig(stages=1, recovery="magic"))
     for bad, needle in [(AnalysisConfig(samples=0), "--samples must be in"),
                         (AnalysisConfig(batch_size=-3), "--batch-size must be in"),

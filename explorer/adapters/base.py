@@ -122,6 +122,12 @@ class Adapter:
         directory loads with plain `from_pretrained`. Returns True if it could."""
         return False
 
+    def enable_output_bias(self, model: nn.Module) -> bool:
+        """Give every block's output projections a bias (for reconstruction's bias
+        compensation) in a way the config records, so the saved model still loads; True if
+        they have one afterwards. Default: only where the architecture already has them."""
+        return all(g.out_module.bias is not None for b in self.blocks(model) for g in (b.attn, b.mlp))
+
     def uniform_widths(self, model: nn.Module) -> tuple[int, int] | None:
         """(attention units, FFN neurons) if every layer has the same, else None."""
         blocks = self.blocks(model)

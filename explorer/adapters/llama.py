@@ -7,6 +7,9 @@ gate_proj and up_proj and a column of down_proj.
 """
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from .base import Adapter, Block, UnitGroup
 from .bert import _cols, _rows
 
@@ -52,4 +55,20 @@ class LlamaAdapter(Adapter):
         cfg.head_dim = b.head_dim  # keep rotary/attention sizes independent of head count
         cfg.num_key_value_heads, cfg.intermediate_size = w
         cfg.num_attention_heads = cfg.num_key_value_heads * b.heads_per_group
+        return True
+
+    def enable_output_bias(self, model):
+        """LLaMA's config can say attention_bias / mlp_bias (biases on q, k, v, o / gate, up,
+        down): switch both on and add zero biases where missing, so that a saved model loads
+        with from_pretrained. Qwen2/3 and Mistral have no such flag for o_proj: left as they are."""
+        if model.config.model_type != "llama":
+            return super().enable_output_bias(model)
+        for layer in self.layers(model):
+            sa, mlp = layer.self_attn, layer.mlp
+            for m in (sa.q_proj, sa.k_proj, sa.v_proj, sa.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                if m.bias is None:
+                    w = m.weight
+                    m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                          requires_grad=w.requires_grad)
+        model.config.attention_bias = model.config.mlp_bias = True
         return True

@@ -65,7 +65,7 @@ class MethodRun(PruningRun):
         if self.note:
             ev["note"] = self.note
         yield ev
-        self.teacher = copy.deepcopy(lm.model).eval() if self.prune.recovery == "kd" else None
+        self.teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None
         self._commit()
         try:
             yield from self._body()
@@ -157,14 +157,16 @@ class MethodRun(PruningRun):
             stage_target = stage_sparsity(self.original, self.lm.block_params, self.allocation.target, k, K)
             imp = importance(k)
             yield {"type": "analysis", "stage": k, "importance": imp}
-            alloc = allocate(imp.normalized, imp.params, replace(self.allocation, target=stage_target),
+            alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                             replace(self.allocation, target=stage_target),
                              scores=imp.unit_scores())
-            apply_allocation(self.lm, imp, alloc)
+            phases, recon = yield from self._cut(k, imp, alloc, self._last_good)
             losses: list[float] = []
             yield from self._train(k, cfg, losses, teacher)
             if before_record is not None:
                 yield from before_record(k, losses)
             rec = self._make_record(k, losses, time.perf_counter() - t0, [l.sparsity for l in alloc.layers])
+            rec.phases, rec.reconstruction = phases, recon
             yield self._stage_event(rec)
 
     def report(self) -> dict:

@@ -1,0 +1,344 @@
+"""Reconstruction: cut each block to its plan and refit what remains, in closed form, so
+that the pruned block reproduces the dense one on calibration tokens (no training).
+
+For each block's output projections (LLaMA o_proj / down_proj, BERT attention.output.dense
+/ output.dense, DistilBERT out_lin / lin2, GPT-2 attn.c_proj / mlp.c_proj: `UnitGroup.out_module`),
+with x the projection's C input channels (the units' activations), K the kept channels,
+W (out, C) its weight and b its bias, the refit solves the ridge least squares
+
+    W', b' = argmin Σ_tokens ‖W x + b − W' x_K − b'‖² + λ Σ_k D_k ‖W'_:,k − W_:,k‖²,   D = diag G_KK
+
+from the Gram statistics G = Σ x xᵀ, s = Σ x, n (float64): with z = [x_K; 1],
+
+    [W' b'] = [W G_:,K + b s_Kᵀ + λ W_:,K D,  W s + b n] · [[G_KK + λD, s_K], [s_Kᵀ, n]]⁻¹ .
+
+The free bias b' absorbs the removed channels' mean contribution W_:,R E[x_R] (FLAP's bias
+compensation; λ → ∞ gives exactly that with W' = W_:,K). The ridge pulls toward the original
+weights, so a refit can never raise the calibration error above plain removal. λ is relative
+to each channel's energy (scale-free, robust to the few massive-activation channels); with
+`recon_lambda = 0` it is chosen per projection from LAMBDA_GRID (∞ included) by the error on
+held-out calibration samples (every HOLDOUT-th sample), then the refit uses all samples.
+
+Layer-sequential (as SparseGPT, Wanda, FLAP): the calibration stream enters block i as the
+output of the already cut and refit blocks 0..i-1; within a block, attention is cut and
+refit first, and the MLP's statistics are taken behind the refit attention. The target is
+the dense weights applied to the pruned path's own inputs (the dense block i on that stream).
+Memory: the stream (tokens x hidden) and one C x C Gram at a time; no second model.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, UnitGroup
+from .errors import Cancelled
+from .models import LoadedModel
+from .surgery import keep_units
+
+LAMBDA_GRID = (1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
+HOLDOUT = 5  # every 5th calibration sample is held out to choose λ
+
+
+# --- the closed form -----------------------------------------------------------------------
+
+@dataclass
+class GramStats:
+    """Σ x xᵀ (C, C), Σ x (C,), token count: the refit needs nothing else."""
+
+    G: torch.Tensor
+    s: torch.Tensor
+    n: float
+
+    @classmethod
+    def zeros(cls, c: int, device=None) -> "GramStats":
+        return cls(torch.zeros(c, c, dtype=torch.float64, device=device),
+                   torch.zeros(c, dtype=torch.float64, device=device), 0.0)
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: (N, C) tokens. One matmul per batch in float32 (float64 input stays float64),
+        summed in float64."""
+        xf = x if x.dtype == torch.float64 else x.float()
+        self.G += (xf.T @ xf).double()
+        self.s += xf.sum(0).double()
+        self.n += x.shape[0]
+
+    def __add__(self, other: "GramStats") -> "GramStats":
+        return GramStats(self.G + other.G, self.s + other.s, self.n + other.n)
+
+
+def out_weight(m: nn.Module) -> torch.Tensor:
+    """Weight as (out, in): nn.Linear stores it so; GPT-2's Conv1D stores (in, out)."""
+    return m.weight if isinstance(m, nn.Linear) else m.weight.T
+
+
+def set_out_weight(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """Write a refit (out, in) weight and bias back in the module's own layout and dtype."""
+    p = m.weight
+    new = (w if isinstance(m, nn.Linear) else w.T).to(p.dtype).contiguous()
+    assert new.shape == p.shape, (tuple(new.shape), tuple(p.shape))
+    m.weight = nn.Parameter(new, requires_grad=p.requires_grad)
+    if b is not None:
+        assert m.bias is not None and m.bias.shape == b.shape, "refit bias does not fit the module"
+        m.bias = nn.Parameter(b.to(m.bias.dtype).contiguous(), requires_grad=m.bias.requires_grad)
+
+
+def refit(W: torch.Tensor, b: torch.Tensor | None, st: GramStats, keep: torch.Tensor, lam: float,
+          fit_bias: bool, WG: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ridge least-squares refit above. W: (out, C) dense weight (float64), b: (out,) or
+    None, keep: (C_K,) kept channel indices, WG: W @ st.G if already computed.
+    Returns (W' (out, C_K), b' or None), float64."""
+    G, s, n = st.G, st.s, st.n
+    WK = W[:, keep]  # (out, K)
+    if math.isinf(lam):  # plain removal, the bias alone compensates the removed channels' mean
+        if not fit_bias:
+            return WK, b
+        shift = (W @ s - WK @ s[keep]) / max(n, 1.0)  # W_:,R E[x_R]  (out,)
+        return WK, (b if b is not None else 0) + shift
+    WG = W @ G if WG is None else WG  # (out, C)
+    GKK = G[keep][:, keep]  # (K, K)
+    D = GKK.diagonal().clamp_min(1e-12 * max(float(GKK.diagonal().max()), 1e-30))  # (K,)
+    rhs = WG[:, keep] + lam * WK * D  # (out, K)
+    A = GKK + torch.diag(lam * D)  # (K, K), symmetric positive definite
+    if fit_bias:
+        bb = b if b is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+        sK = s[keep]
+        rhs = torch.cat([rhs + bb[:, None] * sK[None, :], (W @ s + bb * n)[:, None]], 1)  # (out, K+1)
+        corner = torch.full((1, 1), float(n), dtype=W.dtype, device=W.device)
+        A = torch.cat([torch.cat([A, sK[:, None]], 1), torch.cat([sK[None, :], corner], 1)], 0)  # (K+1, K+1)
+    L = torch.linalg.cholesky(A)
+    sol = torch.cholesky_solve(rhs.T, L).T  # [W' b'] = rhs A⁻¹   (out, K[+1])
+    if fit_bias:
+        return sol[:, :-1], sol[:, -1]
+    return sol, b
+
+
+def error(W: torch.Tensor, b: torch.Tensor | None, Wn: torch.Tensor, bn: torch.Tensor | None,
+          st: GramStats, keep: torch.Tensor, WG: torch.Tensor | None = None) -> float:
+    """Σ_tokens ‖(W x + b) − (W' x_K + b')‖² from the Gram statistics alone (float64)."""
+    G, s = st.G, st.s
+    WG = W @ G if WG is None else WG  # (out, C)
+    e = (WG * W).sum() - 2 * (WG[:, keep] * Wn).sum() + (Wn @ G[keep][:, keep] * Wn).sum()
+    c = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+    if b is not None:
+        c = c + b
+    if bn is not None:
+        c = c - bn
+    e = e + 2 * c @ (W @ s - Wn @ s[keep]) + st.n * (c @ c)
+    return float(e)
+
+
+def choose_lambda(W, b, fit: GramStats, held: GramStats, keep, fit_bias: bool) -> tuple[float, dict]:
+    """λ from LAMBDA_GRID with the least error on the held-out samples' statistics."""
+    WG_fit, WG_held = W @ fit.G, W @ held.G
+    errs = {}
+    for lam in LAMBDA_GRID:
+        Wn, bn = refit(W, b, fit, keep, lam, fit_bias, WG_fit)
+        errs[lam] = error(W, b, Wn, bn, held, keep, WG_held)
+    best = min(errs, key=lambda k: (errs[k], -k))  # ties: the stronger ridge
+    return best, errs
+
+
+# --- the layer-sequential pass ---------------------------------------------------------------
+
+class _Caught(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """The calibration stream at one block: per batch the block's (args, kwargs), the
+    hidden states inside them, and which tokens count (mask) and are held out."""
+
+    args: list[tuple]
+    kwargs: list[dict]
+    masks: list[torch.Tensor]  # (B, T) bool, real tokens
+    held: list[torch.Tensor]  # (B,) bool, held-out samples
+
+    def hidden(self, i: int) -> torch.Tensor:
+        return self.args[i][0] if self.args[i] else self.kwargs[i]["hidden_states"]
+
+    def set_hidden(self, i: int, h: torch.Tensor) -> None:
+        if self.args[i]:
+            self.args[i] = (h,) + tuple(self.args[i][1:])
+        else:
+            self.kwargs[i]["hidden_states"] = h
+
+
+def capture_inputs(lm: LoadedModel, texts: list[str], batch_size: int, max_length: int | None) -> BlockInputs:
+    """Run the model up to its first block for every batch and keep that block's inputs."""
+    first = lm.adapter.layers(lm.model)[0]
+    got: list = []
+
+    def hook(module, args, kwargs):
+        got.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                    {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kwargs.items()}))
+        raise _Caught()
+
+    inp = BlockInputs([], [], [], [])
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = lm.encode(texts[start:start + batch_size], max_length=max_length)
+            batch.pop("labels", None)
+            if lm.task == "causal-lm":
+                batch["use_cache"] = False
+            try:
+                lm.model(**batch)
+            except _Caught:
+                pass
+            args, kwargs = got.pop()
+            kwargs.pop("past_key_values", None) if lm.task == "causal-lm" else None
+            inp.args.append(args)
+            inp.kwargs.append(kwargs)
+            inp.masks.append(batch["attention_mask"].bool())
+            idx = torch.arange(start, start + batch["attention_mask"].shape[0], device=lm.device)
+            inp.held.append(idx % HOLDOUT == HOLDOUT - 1)
+    finally:
+        handle.remove()
+    return inp
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@torch.no_grad()
+def _forward_block(layer: nn.Module, inp: BlockInputs, collect: UnitGroup | None = None,
+                   update: bool = False, auto: bool = True) -> tuple[GramStats, GramStats] | None:
+    """One pass of the stream through `layer`. With `collect`, accumulates the Gram
+    statistics of that group's out_module input (fit and held-out samples apart when `auto`);
+    with `update`, the stream moves on to the layer's outputs."""
+    stats = None
+    handle = None
+    if collect is not None:
+        c = collect.n_units * collect.act_unit_size
+        dev = collect.out_module.weight.device
+        stats = (GramStats.zeros(c, dev), GramStats.zeros(c, dev))
+        cur: dict = {}
+
+        def hook(module, args):
+            x = args[0]  # (B, T, C)
+            assert x.shape[-1] == c, (tuple(x.shape), c)
+            m, held = cur["mask"], cur["held"]
+            fit_tok = m & ~held[:, None] if auto else m  # (B, T)
+            stats[0].add(x[fit_tok])
+            if auto:
+                stats[1].add(x[m & held[:, None]])
+            if not update:
+                raise _Caught()  # nothing after this projection is needed
+        handle = collect.out_module.register_forward_pre_hook(hook)
+    try:
+        for i in range(len(inp.args)):
+            if collect is not None:
+                cur["mask"], cur["held"] = inp.masks[i], inp.held[i]
+            try:
+                out = _first(layer(*inp.args[i], **inp.kwargs[i]))
+            except _Caught:
+                continue
+            if update:
+                inp.set_hidden(i, out.detach())
+    finally:
+        if handle is not None:
+            handle.remove()
+    return stats
+
+
+def _channels(group: UnitGroup, keep: list[int]) -> torch.Tensor:
+    """Kept input channels of the out_module for kept units (each unit owns act_unit_size)."""
+    size = group.act_unit_size
+    dev = group.out_module.weight.device
+    return torch.cat([torch.arange(u * size, (u + 1) * size, device=dev) for u in sorted(keep)])
+
+
+def _refit_group(group: UnitGroup, keep: list[int], stats: tuple[GramStats, GramStats],
+                 lam: float, fit_bias: bool) -> dict:
+    """Cut `group` to `keep` and refit its out_module from the dense weights and the stats."""
+    m = group.out_module
+    W = out_weight(m).detach().double()  # (out, C) dense
+    b = m.bias.detach().double() if m.bias is not None else None
+    fit_bias = fit_bias and m.bias is not None
+    keep_ch = _channels(group, keep)
+    fit, held = stats
+    chosen, errs = (lam, {}) if lam > 0 else choose_lambda(W, b, fit, held, keep_ch, fit_bias)
+    total = fit + held if lam <= 0 else fit
+    WG = W @ total.G  # (out, C)
+    Wn, bn = refit(W, b, total, keep_ch, chosen, fit_bias, WG)
+    base = error(W, b, W[:, keep_ch], b, total, keep_ch, WG)  # plain removal
+    after = error(W, b, Wn, bn, total, keep_ch, WG)
+    keep_units(group, keep)
+    set_out_weight(m, Wn, bn if fit_bias else None)
+    return {"kind": group.kind, "kept": len(keep), "of": group.n_units, "lambda": chosen,
+            "error_removed": base, "error_refit": after, "tokens": total.n,
+            "heldout_errors": {str(k): v for k, v in errs.items()}}
+
+
+@dataclass
+class ReconstructReport:
+    seconds: float = 0.0
+    tokens: int = 0
+    layers: list[list[dict]] = field(default_factory=list)  # per layer, per refit projection
+
+    def to_json(self) -> dict:
+        return {"seconds": round(self.seconds, 3), "tokens": self.tokens, "layers": self.layers}
+
+    @property
+    def error_ratio(self) -> float:
+        """Σ refit error / Σ plain-removal error over every refit projection (calibration)."""
+        base = sum(r["error_removed"] for l in self.layers for r in l)
+        return sum(r["error_refit"] for l in self.layers for r in l) / base if base > 0 else 1.0
+
+
+def reconstruct(lm: LoadedModel, keeps: list[tuple[list[int] | None, list[int] | None]], texts: list[str], *,
+                lam: float = 0.0, fit_bias: bool = True, batch_size: int = 16, max_length: int | None = None,
+                should_stop: Callable[[], bool] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> ReconstructReport:
+    """Cut `lm.model` (dense at the plan's widths) to `keeps` — per layer (attention units,
+    neurons) to keep, None for all — and refit every cut block's output projections, layer
+    by layer on the calibration `texts`. Modifies lm.model in place."""
+    t0 = time.perf_counter()
+    adapter: Adapter = lm.adapter
+    model = lm.model
+    n_layers = len(adapter.layers(model))
+    assert len(keeps) == n_layers, (len(keeps), n_layers)
+    if fit_bias:
+        adapter.enable_output_bias(model)
+    was_training = model.training
+    model.eval()
+    report = ReconstructReport()
+    auto = lam <= 0
+    with torch.no_grad():
+        inp = capture_inputs(lm, texts, batch_size, max_length)
+        report.tokens = int(sum(int(m.sum()) for m in inp.masks))
+        try:
+            for i in range(n_layers):
+                if should_stop and should_stop():
+                    raise Cancelled()
+                layer = adapter.layers(model)[i]
+                done = []
+                for kind, keep in (("attention", keeps[i][0]), ("mlp", keeps[i][1])):
+                    block = adapter.block(model, i)
+                    group = block.attn if kind == "attention" else block.mlp
+                    if keep is None or len(keep) >= group.n_units:
+                        continue
+                    stats = _forward_block(layer, inp, collect=group, auto=auto)
+                    done.append(_refit_group(group, keep, stats, lam, fit_bias))
+                    adapter.after_prune(adapter.block(model, i))
+                after = adapter.block(model, i)
+                for kind, keep, g in (("attention", keeps[i][0], after.attn), ("mlp", keeps[i][1], after.mlp)):
+                    assert keep is None or g.n_units == len(keep), f"layer {i} {kind}: {g.n_units} != {len(keep)}"
+                if i < n_layers - 1:
+                    _forward_block(layer, inp, update=True)
+                report.layers.append(done)
+                if progress:
+                    progress(i + 1, n_layers)
+        finally:
+            model.train(was_training)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    report.seconds = time.perf_counter() - t0
+    return report
