@@ -209,7 +209,8 @@ def report_rows(rep: dict) -> list[dict]:
         rows.append({**base, "model": f"stage {st['stage']}", "params": st["params"], "block_params": st["block_params"],
                      "removed_fraction": st["removed_fraction"], "quality": st["quality"].get(m),
                      "latency_ms": st["latency_ms"], "flops_per_token": st["flops_per_token"],
-                     "last_loss": st["losses"][-1] if st["losses"] else None, "seconds": st["seconds"]})
+                     "last_loss": st["losses"][-1] if st["losses"] else None, "seconds": st["seconds"],
+                     **{f"after_{k}": v.get(m) for k, v in (st.get("phases") or {}).items()}})
     return rows
 
 
@@ -217,11 +218,12 @@ def stage_table(rows: list[dict], metric: str) -> pd.DataFrame:
     def num(v, digits):
         return None if v is None else round(v, digits)
     return pd.DataFrame(
-        [[r["model"], num(r["params"] / 1e6, 3), f"{r['removed_fraction']:.1%}", num(r["quality"], 4),
+        [[r["model"], num(r["params"] / 1e6, 3), f"{r['removed_fraction']:.1%}", num(r.get("after_cut"), 4),
+          num(r.get("after_reconstructed"), 4), num(r["quality"], 4),
           num(r["latency_ms"], 1), num(r["flops_per_token"] / 1e6, 2), num(r["last_loss"], 4), num(r["seconds"], 1)]
          for r in rows],
-        columns=["model", "params (M)", "removed", metric or "quality", "latency (ms)", "FLOPs/token (M)",
-                 "last loss", "time (s)"])
+        columns=["model", "params (M)", "removed", "after cut", "after reconstruction", metric or "quality",
+                 "latency (ms)", "FLOPs/token (M)", "last loss", "time (s)"])
 
 
 def report_csv(history: list[dict]) -> str:
@@ -520,6 +522,14 @@ class ExplorerApp:
                 yield quality, skip, cost, table, f"Dense model measured. Stage 1/{K}: estimating importance…", skip, skip
             elif kind == "analysis":
                 yield (skip,) * 4 + (f"Stage {ev['stage']}/{K}: pruning, then recovery ({run.prune.recovery})…", skip, skip)
+            elif kind == "phase":
+                q = ", ".join(f"{k} {v:.4f}" for k, v in ev["quality"].items())
+                nxt = {"cut": "reconstructing" if run.reconstructs else "training",
+                       "reconstructed": "training"}[ev["phase"]]
+                yield (skip,) * 4 + (f"Stage {ev['stage']}/{K}: {ev['phase']} ({q}); {nxt}…", skip, skip)
+            elif kind == "reconstruct":
+                yield (skip,) * 4 + (f"Stage {ev['stage']}/{K}: reconstructing layer by layer (closed-form refit "
+                                     "of each block's output projections)…", skip, skip)
             elif kind == "step":
                 losses.setdefault(ev["stage"], []).append(ev["loss"])
                 now = time.perf_counter()
@@ -564,7 +574,8 @@ class ExplorerApp:
         stages = rows[1:]
         s.figures["quality"] = quality = plots.quality_chart(
             rows[0]["quality"], [r["removed_fraction"] for r in stages], [r["quality"] for r in stages], m,
-            title=f"{m or 'quality'} vs parameters removed: {run.label}")
+            title=f"{m or 'quality'} vs parameters removed: {run.label}",
+            phases=[{k: r.get(f"after_{k}") for k in ("cut", "reconstructed")} for r in stages])
         s.figures["size and latency"] = cost = plots.stage_cost_chart(
             [r["model"] for r in rows], [r["params"] for r in rows], [r["latency_ms"] for r in rows])
         return quality, cost, stage_table(rows, m)
@@ -654,7 +665,7 @@ def layer_figure(imp, normalization: str = "maxabs"):
 
 def task_defaults(task: str | None) -> tuple[str, str]:
     """(metric, recovery) that work for a task: encoders have no head, so no gradients."""
-    return (LABEL_FREE_METRICS[0], "none") if task == "encoder" else ("taylor", "lora")
+    return (LABEL_FREE_METRICS[0], "reconstruct") if task == "encoder" else ("taylor", "reconstruct")
 
 
 def require_loaded(s: Session) -> Loaded:

@@ -216,11 +216,23 @@ def _quality_axis(metric: str) -> str:
     return {"accuracy": "accuracy", "perplexity": "perplexity (lower is better)"}.get(metric, metric or "quality")
 
 
+PHASE_STYLE = {"cut": ("after the cut", "#d62728", "x"), "reconstructed": ("after reconstruction", "#ff7f0e", "diamond")}
+
+
 def quality_chart(dense: float | None, removed: Sequence[float], quality: Sequence[float], metric: str,
-                  title: str = "") -> go.Figure:
+                  title: str = "", phases: Sequence[Mapping] | None = None) -> go.Figure:
     """Quality against the fraction of block parameters removed: the dense model at 0 and
-    one labelled point per completed stage."""
+    one labelled point per completed stage; `phases` (per stage {"cut": q, "reconstructed": q})
+    adds the quality right after each stage's cut and after its reconstruction, at the same x."""
     fig = _figure()
+    extra = []
+    for name, (label, color, symbol) in PHASE_STYLE.items():
+        pts = [(x, ph[name]) for x, ph in zip(removed, phases or []) if ph and ph.get(name) is not None]
+        if pts:
+            extra += [q for _, q in pts]
+            fig.add_scatter(x=[x for x, _ in pts], y=[q for _, q in pts], mode="markers", name=label,
+                            marker=dict(size=10, color=color, symbol=symbol),
+                            hovertemplate=label + "<br>removed %{x:.1%}<br>" + metric + " %{y:.4f}<extra></extra>")
     if dense is not None:
         fig.add_scatter(x=[0.0], y=[dense], mode="markers+text", name="dense", text=["dense"],
                         textposition="top center", marker=dict(size=12, color=GREY, symbol="star"),
@@ -234,7 +246,7 @@ def quality_chart(dense: float | None, removed: Sequence[float], quality: Sequen
                         hovertemplate="%{text}<br>removed %{x:.1%}<br>" + metric + " %{y:.4f}<extra></extra>")
     right = max([0.0, *removed]) * 1.15 + 0.04  # room for the labels on the last point
     fig.update_xaxes(title_text="block parameters removed", tickformat=".0%", range=[-0.02, right])
-    qs = [v for v in [dense, *quality] if v is not None]
+    qs = [v for v in [dense, *quality, *extra] if v is not None]
     if qs:
         pad = max(0.1 * (max(qs) - min(qs)), 0.01 * abs(max(qs)), 1e-3)
         fig.update_yaxes(range=[min(qs) - 2 * pad, max(qs) + 2 * pad])

@@ -40,7 +40,7 @@ from .errors import Cancelled
 from .models import LoadedModel
 from .surgery import keep_units
 
-LAMBDA_GRID = (1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
+LAMBDA_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, math.inf)
 HOLDOUT = 5  # every 5th calibration sample is held out to choose λ
 
 
@@ -87,58 +87,76 @@ def set_out_weight(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> Non
         m.bias = nn.Parameter(b.to(m.bias.dtype).contiguous(), requires_grad=m.bias.requires_grad)
 
 
-def refit(W: torch.Tensor, b: torch.Tensor | None, st: GramStats, keep: torch.Tensor, lam: float,
-          fit_bias: bool, WG: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass
+class Problem:
+    """What every λ shares for one projection and one set of statistics (float64):
+    W_:,K (out, K), G_KK (K, K), W G_:,K (out, K), s_K (K,), W s (out,), n."""
+
+    WK: torch.Tensor
+    GKK: torch.Tensor
+    WGK: torch.Tensor
+    sK: torch.Tensor
+    Ws: torch.Tensor
+    n: float
+    W: torch.Tensor
+    G: torch.Tensor
+
+    @classmethod
+    def of(cls, W: torch.Tensor, st: GramStats, keep: torch.Tensor) -> "Problem":
+        GK = st.G[:, keep]  # (C, K)
+        return cls(W[:, keep], GK[keep], W @ GK, st.s[keep], W @ st.s, st.n, W, st.G)
+
+    def energy(self) -> float:
+        """tr(W G Wᵀ): the part of the error no refit changes (for reporting only)."""
+        return float((self.W @ self.G * self.W).sum())
+
+
+def refit(W: torch.Tensor, b: torch.Tensor | None, st: GramStats | Problem, keep: torch.Tensor, lam: float,
+          fit_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ridge least-squares refit above. W: (out, C) dense weight (float64), b: (out,) or
-    None, keep: (C_K,) kept channel indices, WG: W @ st.G if already computed.
-    Returns (W' (out, C_K), b' or None), float64."""
-    G, s, n = st.G, st.s, st.n
-    WK = W[:, keep]  # (out, K)
+    None, keep: (C_K,) kept channel indices; `st` the statistics (or their Problem). The
+    free bias is eliminated by centring: b' = b + (W s − W' s_K)/n, and W' solves the ridge
+    on the centred Gram matrix. Returns (W' (out, C_K), b' or None), float64."""
+    P = st if isinstance(st, Problem) else Problem.of(W, st, keep)
+    n = max(P.n, 1.0)
     if math.isinf(lam):  # plain removal, the bias alone compensates the removed channels' mean
-        if not fit_bias:
-            return WK, b
-        shift = (W @ s - WK @ s[keep]) / max(n, 1.0)  # W_:,R E[x_R]  (out,)
-        return WK, (b if b is not None else 0) + shift
-    WG = W @ G if WG is None else WG  # (out, C)
-    GKK = G[keep][:, keep]  # (K, K)
-    D = GKK.diagonal().clamp_min(1e-12 * max(float(GKK.diagonal().max()), 1e-30))  # (K,)
-    rhs = WG[:, keep] + lam * WK * D  # (out, K)
-    A = GKK + torch.diag(lam * D)  # (K, K), symmetric positive definite
+        return (P.WK, (b if b is not None else 0) + (P.Ws - P.WK @ P.sK) / n) if fit_bias else (P.WK, b)
+    diag = P.GKK.diagonal()
+    D = diag.clamp_min(1e-12 * max(float(diag.max()), 1e-30))  # (K,) ridge scale: each channel's energy
+    A, rhs = P.GKK, P.WGK  # (K, K), (out, K)
     if fit_bias:
-        bb = b if b is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-        sK = s[keep]
-        rhs = torch.cat([rhs + bb[:, None] * sK[None, :], (W @ s + bb * n)[:, None]], 1)  # (out, K+1)
-        corner = torch.full((1, 1), float(n), dtype=W.dtype, device=W.device)
-        A = torch.cat([torch.cat([A, sK[:, None]], 1), torch.cat([sK[None, :], corner], 1)], 0)  # (K+1, K+1)
-    L = torch.linalg.cholesky(A)
-    sol = torch.cholesky_solve(rhs.T, L).T  # [W' b'] = rhs A⁻¹   (out, K[+1])
-    if fit_bias:
-        return sol[:, :-1], sol[:, -1]
-    return sol, b
+        A = A - torch.outer(P.sK, P.sK) / n  # centred: Σ (x_K − x̄_K)(x_K − x̄_K)ᵀ
+        rhs = rhs - torch.outer(P.Ws, P.sK) / n
+    A = A + torch.diag(lam * D)  # symmetric positive definite
+    rhs = rhs + lam * P.WK * D
+    Wn = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(A)).T  # W' = rhs A⁻¹   (out, K)
+    if not fit_bias:
+        return Wn, b
+    return Wn, (b if b is not None else 0) + (P.Ws - Wn @ P.sK) / n
 
 
 def error(W: torch.Tensor, b: torch.Tensor | None, Wn: torch.Tensor, bn: torch.Tensor | None,
-          st: GramStats, keep: torch.Tensor, WG: torch.Tensor | None = None) -> float:
-    """Σ_tokens ‖(W x + b) − (W' x_K + b')‖² from the Gram statistics alone (float64)."""
-    G, s = st.G, st.s
-    WG = W @ G if WG is None else WG  # (out, C)
-    e = (WG * W).sum() - 2 * (WG[:, keep] * Wn).sum() + (Wn @ G[keep][:, keep] * Wn).sum()
+          st: GramStats | Problem, keep: torch.Tensor, constant: bool = True) -> float:
+    """Σ_tokens ‖(W x + b) − (W' x_K + b')‖² from the Gram statistics alone (float64);
+    without the `constant` tr(W G Wᵀ) when only differences between refits matter."""
+    P = st if isinstance(st, Problem) else Problem.of(W, st, keep)
+    e = -2 * (P.WGK * Wn).sum() + (Wn @ P.GKK * Wn).sum()
     c = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
     if b is not None:
         c = c + b
     if bn is not None:
         c = c - bn
-    e = e + 2 * c @ (W @ s - Wn @ s[keep]) + st.n * (c @ c)
-    return float(e)
+    e = e + 2 * c @ (P.Ws - Wn @ P.sK) + P.n * (c @ c)
+    return float(e) + (P.energy() if constant else 0.0)
 
 
 def choose_lambda(W, b, fit: GramStats, held: GramStats, keep, fit_bias: bool) -> tuple[float, dict]:
     """λ from LAMBDA_GRID with the least error on the held-out samples' statistics."""
-    WG_fit, WG_held = W @ fit.G, W @ held.G
+    P_fit, P_held = Problem.of(W, fit, keep), Problem.of(W, held, keep)
     errs = {}
     for lam in LAMBDA_GRID:
-        Wn, bn = refit(W, b, fit, keep, lam, fit_bias, WG_fit)
-        errs[lam] = error(W, b, Wn, bn, held, keep, WG_held)
+        Wn, bn = refit(W, b, P_fit, keep, lam, fit_bias)
+        errs[lam] = error(W, b, Wn, bn, P_held, keep, constant=False)
     best = min(errs, key=lambda k: (errs[k], -k))  # ties: the stronger ridge
     return best, errs
 
@@ -265,15 +283,15 @@ def _refit_group(group: UnitGroup, keep: list[int], stats: tuple[GramStats, Gram
     keep_ch = _channels(group, keep)
     fit, held = stats
     chosen, errs = (lam, {}) if lam > 0 else choose_lambda(W, b, fit, held, keep_ch, fit_bias)
-    total = fit + held if lam <= 0 else fit
-    WG = W @ total.G  # (out, C)
-    Wn, bn = refit(W, b, total, keep_ch, chosen, fit_bias, WG)
-    base = error(W, b, W[:, keep_ch], b, total, keep_ch, WG)  # plain removal
-    after = error(W, b, Wn, bn, total, keep_ch, WG)
+    P = Problem.of(W, fit + held if lam <= 0 else fit, keep_ch)
+    Wn, bn = refit(W, b, P, keep_ch, chosen, fit_bias)
+    energy = P.energy()
+    base = error(W, b, P.WK, b, P, keep_ch, constant=False) + energy  # plain removal
+    after = error(W, b, Wn, bn, P, keep_ch, constant=False) + energy
     keep_units(group, keep)
     set_out_weight(m, Wn, bn if fit_bias else None)
     return {"kind": group.kind, "kept": len(keep), "of": group.n_units, "lambda": chosen,
-            "error_removed": base, "error_refit": after, "tokens": total.n,
+            "error_removed": base, "error_refit": after, "tokens": P.n,
             "heldout_errors": {str(k): v for k, v in errs.items()}}
 
 

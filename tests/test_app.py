@@ -30,7 +30,7 @@ def test_load_bundled_minilm_encoder(app):
     summary, status, metric, recovery = out[:4]
     assert "Loaded `minilm`" in status, status
     assert "| layers | 6 |" in summary and "1536" in summary and "12, head size 32" in summary
-    assert metric["value"] == "magnitude_l1" and recovery["value"] == "none"  # no head: no gradients, no training
+    assert metric["value"] == "magnitude_l1" and recovery["value"] == "reconstruct"  # no head: no gradients, no training
     assert len(out) == 4 + A.N_DERIVED
     assert app.registry.get("a").loaded.lm.task == "encoder"
 

