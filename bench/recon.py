@@ -2,7 +2,8 @@
 
 One-shot cuts at equal block parameters, each evaluated right after the cut ("cut") and
 after the layer-sequential refit ("recon"), for
-  * uniform   : S_L = S_base, taylor salience, salience split;
+  * uniform   : S_L = S_base, taylor salience, salience split; its "recon" re-chooses the units
+                per layer by structured OBS (the plan's counts) and refits (explorer's default);
   * adaptive  : exact mode, taylor salience, (A, normalisation) chosen on the **val** split
                 from a small grid (A = 0 allowed) *after reconstruction*;
   * flap      : FLAP (An et al. 2024) from its paper: fluctuation metric, per-layer widths from
@@ -39,13 +40,14 @@ class Case:
     test_n: int  # test examples (0: all) / BBC tokens
     other_n: int = 0  # tokens of the second-domain corpus (LMs)
     batch_size: int = 16
+    extra_budgets: list[float] = field(default_factory=list)  # run for the first seed only
     fixed: dict = field(default_factory=dict)  # A / normalisation fixed instead of chosen (stated in the report)
 
 
 PRESETS = {
-    "quick": [Case("minilm-rt", [0.2, 0.4, 0.6], [0, 1, 2], 256, [0.0, 0.05, 0.1, 0.2], ["maxabs", "rank"], 500, 0),
-              Case("smollm2-135m", [0.2], [0], 32, [0.15], ["maxabs"], 2048, 8192, 2048, batch_size=8,
-                   fixed={"amplitude": 0.15, "normalization": "maxabs"})],
+    "quick": [Case("minilm-rt", [0.2, 0.4, 0.6], [0, 1, 2], 512, [0.0, 0.05, 0.1, 0.2], ["maxabs", "rank"], 500, 0),
+              Case("smollm2-135m", [0.2], [0, 1, 2], 32, [0.0, 0.15, 0.3], ["maxabs", "rank"], 2048, 16384, 4096,
+                   batch_size=8, extra_budgets=[0.4])],
     "smoke": [Case("tiny-bert", [0.3], [0, 1], 40, [0.0, 0.1], ["maxabs", "rank"], 0, 0),
               Case("tiny-llama", [0.3], [0], 40, [0.1], ["maxabs"], 256, 512, 256)],
 }
@@ -115,7 +117,8 @@ def run_case(case: Case) -> dict:
         t_analysis = time.perf_counter() - t0
         log(f"  seed {seed}: analysis {t_analysis:.0f} s on {imp.tokens:,} tokens")
 
-        def evaluate_plan(keeps, lam, label, budget, split="test", extra=None, cut=True):
+        def evaluate_plan(keeps, lam, label, budget, split="test", extra=None, cut=True, also_val=False,
+                          select="obs"):
             """Cut (plain) -> score; then the refit from the dense copy -> score."""
             row = {"method": label, "budget": budget, "seed": seed, **(extra or {})}
             if cut:
@@ -127,29 +130,31 @@ def run_case(case: Case) -> dict:
                 del lm
             lm = fresh(base)
             t1 = time.perf_counter()
-            rep = reconstruct(lm, keeps, texts, lam=lam, batch_size=case.batch_size)
+            rep = reconstruct(lm, keeps, texts, lam=lam, batch_size=case.batch_size, select=select)
             row["recon_seconds"] = time.perf_counter() - t1
             row["analysis_seconds"] = t_analysis
             row["recon"] = score(lm, split)
+            if also_val:
+                row["recon_val"] = score(lm, "val")
             row["calibration_error_ratio"] = rep.error_ratio
             row["block_params"] = lm.block_params
             return row
 
-        for budget in case.budgets:
+        for budget in case.budgets + (case.extra_budgets if seed == case.seeds[0] else []):
             def adaptive(a, norm):
                 cfg = AllocationConfig(target=budget, amplitude=a, mode="exact" if a else "uniform", normalization=norm)
                 return plan_keeps(imp, allocate(imp.normalized_by(norm), imp.params, cfg, scores=imp.unit_scores()))
             # uniform
-            rows.append(evaluate_plan(adaptive(0.0, "maxabs"), 0.0, "uniform", budget))
+            rows.append(evaluate_plan(adaptive(0.0, "maxabs"), 0.0, "uniform", budget, also_val=not case.fixed))
             log(f"    {budget:.0%} uniform {rows[-1]['cut']} -> {rows[-1]['recon']}")
             # adaptive: (A, normalisation) chosen on val after reconstruction
             if case.fixed:
                 best = (case.fixed["amplitude"], case.fixed["normalization"])
                 choice = {"chosen_on": "fixed (not chosen on val: too slow here)"}
             else:
-                vals = {}
+                vals = {(0.0, "maxabs"): list(rows[-1]["recon_val"].values())[0]}  # A = 0 is the uniform row
                 for a in case.amplitudes:
-                    for norm in (case.normalizations if a else ["maxabs"]):
+                    for norm in (case.normalizations if a else []):
                         r = evaluate_plan(adaptive(a, norm), 0.0, "val", budget, split="val", cut=False)
                         vals[(a, norm)] = list(r["recon"].values())[0]
                 hib = base.task == "classification"
@@ -159,9 +164,9 @@ def run_case(case: Case) -> dict:
                                       extra={"amplitude": best[0], "normalization": best[1], **choice}))
             log(f"    {budget:.0%} adaptive A={best[0]:g} {best[1]} {rows[-1]['cut']} -> {rows[-1]['recon']}")
             fk = flap_keeps(imp, budget)
-            flap = evaluate_plan(fk, float("inf"), "flap", budget)
+            flap = evaluate_plan(fk, float("inf"), "flap", budget, select="given")
             rows.append(flap)
-            refit = evaluate_plan(fk, 0.0, "flap+refit", budget, cut=False)
+            refit = evaluate_plan(fk, 0.0, "flap+refit", budget, cut=False, select="given")
             refit["cut"] = flap["recon"]  # the same plan: its "before" is FLAP itself
             rows.append(refit)
             log(f"    {budget:.0%} flap {flap['cut']} -> bias only {flap['recon']} -> refit {refit['recon']}")
@@ -213,8 +218,10 @@ def render(results: list[dict], meta: dict) -> str:
              f"Generated {meta['date']} by `python -m bench.recon --{meta['mode']}` in {meta['seconds'] / 60:.1f} min on "
              f"{meta['machine'].get('cpu', '?')}, {meta['machine'].get('torch_threads', '?')} torch threads, load average "
              f"before/after {meta['load_before']} / {meta['load_after']}.", "",
-             "One-shot cuts at equal block parameters. *cut*: units removed, nothing else; *recon*: the same plan cut "
-             "and refit layer by layer (explorer/reconstruct.py, λ per projection on held-out calibration samples). "
+             "One-shot cuts at equal block parameters. *cut*: the plan's units (taylor salience) removed, nothing "
+             "else; *recon*: the same per-layer counts, cut layer by layer with the units re-chosen by structured OBS "
+             "and refit (explorer/reconstruct.py defaults: relative token weights, λ per projection on held-out "
+             "calibration samples). "
              "FLAP's *recon* column is its own bias compensation (λ = ∞); *flap+refit* is FLAP's plan with our refit "
              "(its *cut* column repeats FLAP). Adaptive's (A, normalisation) is chosen on val after reconstruction; "
              "figures are on test. ± is the std over calibration seeds; *vs uniform* is the mean paired difference "
@@ -272,6 +279,12 @@ def main(argv=None) -> int:
     meta.update(seconds=time.perf_counter() - t0, load_after=common.load_average())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    old = out / "recon.json"
+    if args.models and old.exists():  # a partial rerun keeps the other models' results (and says when they ran)
+        prev = json.loads(old.read_text())
+        keep = [r for r in prev["results"] if r["model"] not in {c.model for c in cases}]
+        results = keep + results
+        meta["earlier"] = prev.get("meta")
     (out / "recon.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     (out / "RECON.md").write_text(render(results, meta))
     log(f"wrote {out / 'RECON.md'} in {meta['seconds'] / 60:.1f} min")

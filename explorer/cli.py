@@ -11,7 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args, validate
+from .config import (AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args, split_recovery,
+                     validate)
 from .data import MAX_DATA_BYTES
 from .errors import OOM_HINT, ExplorerError, is_oom
 
@@ -149,7 +150,7 @@ def cmd_prune(args) -> None:
     options = {k: getattr(args, k) for k in ("trials", "rounds", "pattern", "rewind_step")
                if getattr(args, k) is not None}
     run = make_run(method, lm, data, analysis, alloc, prune, **options)
-    total = prune.stages * (1 + max(prune.recovery_steps, 0) * (prune.recovery != "none"))
+    total = prune.stages * (1 + max(prune.recovery_steps, 0) * (split_recovery(prune.recovery)[1] != "none"))
     bar = tqdm(total=total, desc="pruning", file=sys.stderr)
     m = None
     for ev in run.events():
@@ -161,8 +162,14 @@ def cmd_prune(args) -> None:
             bar.update(1)
             if t == "step":
                 bar.set_postfix(stage=ev["stage"], loss=f"{ev['loss']:.3f}")
+        elif t == "phase":
+            bar.write(f"stage {ev['stage']} {ev['phase']}: {m} {ev['quality'].get(m):.4f}")
         elif t == "stage":
             r = ev["record"]
+            if r.reconstruction:
+                bar.write(f"stage {r.stage} reconstruction: {r.reconstruction['seconds']:.1f} s on "
+                          f"{r.reconstruction['tokens']:,} tokens, calibration error x{r.reconstruction['error_ratio']:.3f} "
+                          "of plain removal")
             bar.write(f"stage {r.stage}: removed {r.removed_fraction:.3f} of block params, {m} "
                       f"{r.quality.get(m):.4f}, latency {r.latency_ms:.1f} ms")
         elif t == "trial":

@@ -81,6 +81,13 @@ class PruneConfig:
     recon_bias: bool = opt(True, "reconstruction refits a bias that absorbs the removed channels' mean "
                            "contribution (FLAP's bias compensation); LLaMA projections get biases for it "
                            "(config attention_bias / mlp_bias)")
+    recon_select: str = opt("obs", "which units reconstruction removes: obs (re-chosen per layer on the pruned "
+                            "model's own inputs by greedy structured Optimal Brain Surgeon, the units whose loss the "
+                            "refit can best make up; the plan's counts are kept) or metric (the analysis metric's choice)",
+                            ("obs", "metric"))
+    recon_weighting: str = opt("relative", "reconstruction token weights: relative (each token's error relative to "
+                               "its own output, so a few massive-activation tokens do not decide the refit) or none",
+                               ("relative", "none"))
     recon_samples: int = opt(0, "calibration samples for reconstruction (0: the analysis samples)", min=0)
     eval_phases: bool = opt(True, "also evaluate each stage right after the cut (and after reconstruction when "
                             "training follows), so the quality chart shows what each step buys")

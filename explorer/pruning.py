@@ -231,6 +231,7 @@ class PruningRun:
         texts, _ = (self.data.calibration(cfg.recon_samples, stage=k, seed=self.analysis.seed)
                     if cfg.recon_samples else self._calibration(k))
         rep = reconstruct(lm, plan_keeps(imp, alloc), texts, lam=cfg.recon_lambda, fit_bias=cfg.recon_bias,
+                          weighting=cfg.recon_weighting, select="obs" if cfg.recon_select == "obs" else "given",
                           batch_size=self.analysis.batch_size, max_length=self.analysis.max_length or None,
                           should_stop=self._should_stop)
         check_widths(lm, alloc)

@@ -59,13 +59,14 @@ class GramStats:
         return cls(torch.zeros(c, c, dtype=torch.float64, device=device),
                    torch.zeros(c, dtype=torch.float64, device=device), 0.0)
 
-    def add(self, x: torch.Tensor) -> None:
-        """x: (N, C) tokens. One matmul per batch in float32 (float64 input stays float64),
-        summed in float64."""
+    def add(self, x: torch.Tensor, w: torch.Tensor | None = None) -> None:
+        """x: (N, C) tokens, w: (N,) token weights or None (all 1). One matmul per batch in
+        float32 (float64 input stays float64), summed in float64: G += Σ w x xᵀ, s += Σ w x."""
         xf = x if x.dtype == torch.float64 else x.float()
-        self.G += (xf.T @ xf).double()
-        self.s += xf.sum(0).double()
-        self.n += x.shape[0]
+        xw = xf if w is None else xf * w.to(xf.dtype)[:, None]  # (N, C)
+        self.G += (xw.T @ xf).double()
+        self.s += xw.sum(0).double()
+        self.n += float(x.shape[0]) if w is None else float(w.sum())
 
     def __add__(self, other: "GramStats") -> "GramStats":
         return GramStats(self.G + other.G, self.s + other.s, self.n + other.n)
@@ -226,8 +227,22 @@ def _first(x):
 
 
 @torch.no_grad()
+def token_weights(m: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) weights 1 / (e_t + ē) with e_t the mean square of the dense projection's output
+    at token t and ē its mean over the batch's real tokens: each token's error counts relative
+    to its own output, so the few tokens with massive activations (BERT's [CLS]/[SEP], a
+    decoder's first token) no longer decide the refit for all the others."""
+    W = out_weight(m)  # (out, C)
+    y = x @ W.T  # (B, T, out)
+    if m.bias is not None:
+        y = y + m.bias
+    e = y.float().pow(2).mean(-1)  # (B, T)
+    e_bar = e[mask].mean().clamp_min(1e-30)
+    return 1.0 / (e + e_bar)
+
+
 def _forward_block(layer: nn.Module, inp: BlockInputs, collect: UnitGroup | None = None,
-                   update: bool = False, auto: bool = True) -> tuple[GramStats, GramStats] | None:
+                   update: bool = False, auto: bool = True, relative: bool = False) -> tuple[GramStats, GramStats] | None:
     """One pass of the stream through `layer`. With `collect`, accumulates the Gram
     statistics of that group's out_module input (fit and held-out samples apart when `auto`);
     with `update`, the stream moves on to the layer's outputs."""
@@ -243,10 +258,12 @@ def _forward_block(layer: nn.Module, inp: BlockInputs, collect: UnitGroup | None
             x = args[0]  # (B, T, C)
             assert x.shape[-1] == c, (tuple(x.shape), c)
             m, held = cur["mask"], cur["held"]
+            w = token_weights(module, x, m) if relative else None  # (B, T) or None
             fit_tok = m & ~held[:, None] if auto else m  # (B, T)
-            stats[0].add(x[fit_tok])
+            stats[0].add(x[fit_tok], None if w is None else w[fit_tok])
             if auto:
-                stats[1].add(x[m & held[:, None]])
+                held_tok = m & held[:, None]
+                stats[1].add(x[held_tok], None if w is None else w[held_tok])
             if not update:
                 raise _Caught()  # nothing after this projection is needed
         handle = collect.out_module.register_forward_pre_hook(hook)
@@ -273,15 +290,57 @@ def _channels(group: UnitGroup, keep: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(u * size, (u + 1) * size, device=dev) for u in sorted(keep)])
 
 
+def obs_select(W: torch.Tensor, st: GramStats, n_units: int, size: int, n_keep: int, centred: bool,
+               damp: float = 0.01) -> list[int]:
+    """Which `n_keep` of `n_units` units (each `size` consecutive input channels) to keep so
+    that the least-squares refit loses least: greedy structured Optimal Brain Surgeon (as
+    ZipLM, and SparseGPT for whole units). With H = G (+ damp·mean diag G, centred when the
+    bias is refit) and H⁻¹ kept up to date, removing unit u costs tr(W_u (H⁻¹_uu)⁻¹ W_uᵀ) after
+    the optimal update of the others; remove the cheapest (neurons: the cheapest k at once,
+    jointly), update W and H⁻¹, repeat."""
+    G = st.G - torch.outer(st.s, st.s) / max(st.n, 1.0) if centred else st.G  # (C, C)
+    H = G + torch.eye(G.shape[0], dtype=G.dtype, device=G.device) * damp * float(G.diagonal().mean())
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))  # (C, C)
+    Wc = W.clone()  # (out, C), updated as units go
+    alive = list(range(n_units))
+    while len(alive) > n_keep:
+        if size == 1:  # neurons: remove the cheapest few at once (jointly exact), ~16 rounds a layer
+            idx = torch.tensor(alive, device=W.device)
+            cost = Wc[:, idx].pow(2).sum(0) / Hinv.diagonal()[idx]  # (n_alive,) single-removal costs
+            k = min(len(alive) - n_keep, max(1, math.ceil((n_units - n_keep) / 16)))
+            R = idx[cost.argsort()[:k]]  # (k,)
+            inv = torch.linalg.inv(Hinv[R][:, R])  # (k, k)
+            Wc -= Wc[:, R] @ inv @ Hinv[R]  # OBS update of the remaining weights
+            Hinv -= Hinv[:, R] @ inv @ Hinv[R]
+            gone = set(R.tolist())
+            alive = [j for j in alive if j not in gone]
+            continue
+        costs = []
+        for u in alive:
+            c = slice(u * size, (u + 1) * size)
+            costs.append(float((Wc[:, c] @ torch.linalg.inv(Hinv[c, c]) * Wc[:, c]).sum()))
+        u = alive[min(range(len(alive)), key=costs.__getitem__)]
+        c = slice(u * size, (u + 1) * size)
+        inv = torch.linalg.inv(Hinv[c, c])  # (size, size)
+        Wc -= Wc[:, c] @ inv @ Hinv[c]
+        Hinv -= Hinv[:, c] @ inv @ Hinv[c]
+        alive.remove(u)
+    return alive
+
+
 def _refit_group(group: UnitGroup, keep: list[int], stats: tuple[GramStats, GramStats],
-                 lam: float, fit_bias: bool) -> dict:
-    """Cut `group` to `keep` and refit its out_module from the dense weights and the stats."""
+                 lam: float, fit_bias: bool, select: str = "given") -> dict:
+    """Cut `group` to `keep` and refit its out_module from the dense weights and the stats.
+    With select "obs" only len(keep) counts: the units are chosen by `obs_select` on the fit
+    samples' statistics."""
     m = group.out_module
     W = out_weight(m).detach().double()  # (out, C) dense
     b = m.bias.detach().double() if m.bias is not None else None
     fit_bias = fit_bias and m.bias is not None
-    keep_ch = _channels(group, keep)
     fit, held = stats
+    if select == "obs":
+        keep = obs_select(W, fit, group.n_units, group.act_unit_size, len(keep), centred=fit_bias)
+    keep_ch = _channels(group, keep)
     chosen, errs = (lam, {}) if lam > 0 else choose_lambda(W, b, fit, held, keep_ch, fit_bias)
     P = Problem.of(W, fit + held if lam <= 0 else fit, keep_ch)
     Wn, bn = refit(W, b, P, keep_ch, chosen, fit_bias)
@@ -290,7 +349,7 @@ def _refit_group(group: UnitGroup, keep: list[int], stats: tuple[GramStats, Gram
     after = error(W, b, Wn, bn, P, keep_ch, constant=False) + energy
     keep_units(group, keep)
     set_out_weight(m, Wn, bn if fit_bias else None)
-    return {"kind": group.kind, "kept": len(keep), "of": group.n_units, "lambda": chosen,
+    return {"kind": group.kind, "kept": len(keep), "of": group.n_units, "lambda": chosen, "units": list(keep),
             "error_removed": base, "error_refit": after, "tokens": P.n,
             "heldout_errors": {str(k): v for k, v in errs.items()}}
 
@@ -312,7 +371,9 @@ class ReconstructReport:
 
 
 def reconstruct(lm: LoadedModel, keeps: list[tuple[list[int] | None, list[int] | None]], texts: list[str], *,
-                lam: float = 0.0, fit_bias: bool = True, batch_size: int = 16, max_length: int | None = None,
+                lam: float = 0.0, fit_bias: bool = True, weighting: str = "relative", select: str = "given",
+                batch_size: int = 16,
+                max_length: int | None = None,
                 should_stop: Callable[[], bool] | None = None,
                 progress: Callable[[int, int], None] | None = None) -> ReconstructReport:
     """Cut `lm.model` (dense at the plan's widths) to `keeps` — per layer (attention units,
@@ -343,8 +404,8 @@ def reconstruct(lm: LoadedModel, keeps: list[tuple[list[int] | None, list[int] |
                     group = block.attn if kind == "attention" else block.mlp
                     if keep is None or len(keep) >= group.n_units:
                         continue
-                    stats = _forward_block(layer, inp, collect=group, auto=auto)
-                    done.append(_refit_group(group, keep, stats, lam, fit_bias))
+                    stats = _forward_block(layer, inp, collect=group, auto=auto, relative=weighting == "relative")
+                    done.append(_refit_group(group, keep, stats, lam, fit_bias, select))
                     adapter.after_prune(adapter.block(model, i))
                 after = adapter.block(model, i)
                 for kind, keep, g in (("attention", keeps[i][0], after.attn), ("mlp", keeps[i][1], after.mlp)):

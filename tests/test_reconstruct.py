@@ -135,10 +135,10 @@ def test_sequential_inputs_come_from_pruned_predecessors(monkeypatch):
     seen = {}
     real = R._forward_block
 
-    def spy(layer, inp, collect=None, update=False, auto=True):
+    def spy(layer, inp, collect=None, update=False, **kw):
         if collect is not None and layer is lm.adapter.layers(lm.model)[1] and "x" not in seen:
             seen["x"] = inp.hidden(0).clone()
-        return real(layer, inp, collect=collect, update=update, auto=auto)
+        return real(layer, inp, collect=collect, update=update, **kw)
     monkeypatch.setattr(R, "_forward_block", spy)
     R.reconstruct(lm, _keeps(lm), texts, batch_size=len(texts))
     pruned_l1_in = _layer_inputs(lm, texts, 1)
@@ -217,3 +217,31 @@ def test_encoder_without_head_can_reconstruct():
     assert run.run()["status"] == "done"
     with pytest.raises(Exception, match="no task head to train"):
         PruningRun(lm, data, AnalysisConfig(metric="fluctuation"), None, PruneConfig(recovery="reconstruct+lora"))
+
+
+def test_obs_removes_the_channel_the_refit_can_rebuild():
+    """Channel 2 is a copy of channel 0 (x2 = x0): after the refit its removal costs nothing,
+    though it has the largest weights; OBS removes it, a magnitude choice would not."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(500, 5, generator=g, dtype=torch.float64)
+    x[:, 2] = x[:, 0]
+    W = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    W[:, 2] *= 10
+    keep = R.obs_select(W, _stats(x), 5, 1, 4, centred=False, damp=1e-9)
+    assert keep == [0, 1, 3, 4] or keep == [1, 2, 3, 4]  # one of the twins goes
+    Wn, _ = R.refit(W, None, _stats(x), torch.tensor(keep), 1e-9, False)
+    assert R.error(W, None, Wn, None, _stats(x), torch.tensor(keep)) < 1e-6 * float((x @ W.T).pow(2).sum())
+
+
+def test_obs_selection_keeps_the_plan_counts_and_beats_the_given_units(tiny):
+    name, _ = tiny
+    data = tiny_data(160)
+    out = {}
+    for select in ("given", "obs"):
+        lm = tiny_lm(name)
+        keeps = _keeps(lm)
+        rep = R.reconstruct(lm, keeps, data.texts["train"], lam=1e-3, select=select, weighting="none")
+        assert [(b.attn.n_units, b.mlp.n_units) for b in lm.adapter.blocks(lm.model)] == \
+            [(len(a), len(m)) for a, m in keeps]
+        out[select] = rep.layers[0][-1]["error_refit"]  # layer 0's MLP: the same inputs either way
+    assert out["obs"] <= out["given"] * 1.001
