@@ -94,3 +94,25 @@ def test_targets_pass_fail():
     assert got[("adaptive ≥ uniform", "p")] is True  # lower perplexity is better
     assert got[("speed-up ≥ 85 % of the same-width limit", "m")] is False
     assert got[("analysis ≤ 1.5x forward+backward", "m")] is True
+
+
+def test_recon_bench_smoke(tmp_path):
+    """`python -m bench.recon --mode smoke`: every method, both phases, seeds, paired differences."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "bench.recon", "--mode", "smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "recon.json").read_text())
+    assert [r["model"] for r in res["results"]] == ["tiny-bert", "tiny-llama"]
+    bert = res["results"][0]
+    assert {r["method"] for r in bert["rows"]} == {"uniform", "adaptive", "flap", "flap+refit"}
+    assert {r["seed"] for r in bert["rows"]} == {0, 1}
+    for r in bert["rows"]:
+        assert 0 <= r["recon"]["accuracy"] <= 1 and r["calibration_error_ratio"] <= 1.0 + 1e-9
+        assert r["method"] == "flap+refit" or "cut" in r
+    adaptive = [r for r in bert["rows"] if r["method"] == "adaptive"]
+    assert all(r["chosen_on"] == "val" and r["val"] for r in adaptive)
+    llama = res["results"][1]
+    assert all("perplexity_imdb" in r["recon"] for r in llama["rows"])
+    md = (tmp_path / "RECON.md").read_text()
+    assert "## tiny-bert" in md and "| 30% | flap+refit |" in md and "vs uniform" in md

@@ -61,10 +61,11 @@ def test_analyze_then_allocate(tiny_dirs, capsys):
     assert json.loads(u.read_text())["allocation"]["split"] == "proportional"
 
 
-def test_prune_saves_a_model_that_eval_reproduces(tiny_dirs, capsys):
-    out, rep = tiny_dirs["root"] / "pruned", tiny_dirs["root"] / "p.json"
+@pytest.mark.parametrize("recovery", ["lora", "reconstruct+lora"])
+def test_prune_saves_a_model_that_eval_reproduces(tiny_dirs, capsys, recovery):
+    out, rep = tiny_dirs["root"] / f"pruned-{recovery}", tiny_dirs["root"] / "p.json"
     assert main(["prune", "--model", tiny_dirs["llama"], "--data", tiny_dirs["txt"], "--target", "0.3",
-                 "--amplitude", "0.1", "--stages", "2", "--recovery", "lora", "--recovery-steps", "2",
+                 "--amplitude", "0.1", "--stages", "2", "--recovery", recovery, "--recovery-steps", "2",
                  "--train-batch-size", "4", "--samples", "8", "--batch-size", "4", "--eval-samples", "200",
                  "--out", str(out), "--json", str(rep)]) == 0
     r = json.loads(rep.read_text())
@@ -72,6 +73,11 @@ def test_prune_saves_a_model_that_eval_reproduces(tiny_dirs, capsys):
     for k in ("params", "perplexity", "latency_ms"):
         assert k in r["dense"] and k in r["final"]
     assert r["final"]["params"] < r["dense"]["params"]
+    if recovery.startswith("reconstruct"):
+        st = r["stages"][0]
+        assert st["reconstruction"]["error_ratio"] < 1 and set(st["phases"]) == {"cut", "reconstructed"}
+        cap = capsys.readouterr()
+        assert "stage 1 reconstruction" in cap.out + cap.err
     ev = tiny_dirs["root"] / "e.json"
     assert main(["eval", "--model", str(out), "--data", tiny_dirs["txt"], "--eval-samples", "200",
                  "--batch-size", "2", "--seq-len", "8", "--json", str(ev)]) == 0
