@@ -116,3 +116,16 @@ def test_recon_bench_smoke(tmp_path):
     assert all("perplexity_imdb" in r["recon"] for r in llama["rows"])
     md = (tmp_path / "RECON.md").read_text()
     assert "## tiny-bert" in md and "| 30% | flap+refit |" in md and "vs uniform" in md
+
+
+def test_recipe_bench_smoke(tmp_path):
+    """`python -m bench.recipe --mode smoke`: a grid on val, the recipe on test with every phase."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "bench.recipe", "--mode", "smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "recipe.json").read_text())
+    assert len(res["grid"]) == 2 and set(res["recipe"]) == {"steps", "lr", "kd_hidden_weight"}
+    for r in res["rows"]:
+        assert {"cut", "reconstructed", "trained", "val"} <= set(r)
+    assert "after distillation" in (tmp_path / "RECIPE.md").read_text()
