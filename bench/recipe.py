@@ -36,7 +36,7 @@ class Preset:
     amplitude: float = 0.05
 
 
-PRESETS = {"quick": Preset("minilm-rt", 0.4, [0.2, 0.4, 0.6], [0, 1, 2], [40], [1e-4, 3e-4], [0.0, 1.0]),
+PRESETS = {"quick": Preset("minilm-rt", 0.4, [0.4, 0.6], [0, 1, 2], [40], [1e-4], [0.0, 1.0]),
            "smoke": Preset("tiny-bert", 0.3, [0.3], [0, 1], [2], [1e-4], [0.0, 1.0], samples=40, batch_size=8)}
 
 

@@ -53,6 +53,9 @@ PRESETS = {
 }
 
 
+METHODS = ("uniform", "adaptive", "flap", "flap+refit")
+
+
 def flap_keeps(imp, target: float) -> list[tuple[list[int], list[int]]]:
     """FLAP's adaptive structure: standardise each (layer, kind)'s fluctuation scores, then remove
     the globally lowest units (each with its parameters) until `target` of the block parameters
@@ -193,7 +196,8 @@ def summarise(res: dict) -> list[dict]:
     by = {}
     for r in res["rows"]:
         by.setdefault((r["budget"], r["method"]), []).append(r)
-    for (budget, method), rs in sorted(by.items()):
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (budget, method), rs in sorted(by.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
         d = {"budget": budget, "method": method, "n": len(rs)}
         for phase in ("cut", "recon"):
             vals = [r[phase][metric] for r in rs if phase in r]
@@ -266,7 +270,12 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--out", default="bench")
     ap.add_argument("--models", default=None)
+    ap.add_argument("--render-only", action="store_true", help="rewrite RECON.md from the existing recon.json")
     args = ap.parse_args(argv)
+    if args.render_only:
+        res = json.loads((Path(args.out) / "recon.json").read_text())
+        (Path(args.out) / "RECON.md").write_text(render(res["results"], res["meta"]))
+        return 0
     if args.mode == "smoke":
         torch.set_num_threads(1)
     cases = PRESETS[args.mode]

@@ -4,26 +4,31 @@ that the pruned block reproduces the dense one on calibration tokens (no trainin
 For each block's output projections (LLaMA o_proj / down_proj, BERT attention.output.dense
 / output.dense, DistilBERT out_lin / lin2, GPT-2 attn.c_proj / mlp.c_proj: `UnitGroup.out_module`),
 with x the projection's C input channels (the units' activations), K the kept channels,
-W (out, C) its weight and b its bias, the refit solves the ridge least squares
+W (out, C) its weight and b its bias, the refit solves the weighted ridge least squares
 
-    W', b' = argmin Σ_tokens ‖W x + b − W' x_K − b'‖² + λ Σ_k D_k ‖W'_:,k − W_:,k‖²,   D = diag G_KK
+    W', b' = argmin Σ_t w_t ‖W x_t + b − W' x_t,K − b'‖² + λ Σ_k D_k ‖W'_:,k − W_:,k‖²,   D = diag G_KK
 
-from the Gram statistics G = Σ x xᵀ, s = Σ x, n (float64): with z = [x_K; 1],
+from the Gram statistics G = Σ w x xᵀ, s = Σ w x, n = Σ w (float64). The free bias is
+eliminated by centring: W' = (W Ĝ_:,K + λ W_:,K D)(Ĝ_KK + λD)⁻¹ with Ĝ = G − s sᵀ/n, and
+b' = b + (W s − W' s_K)/n, which absorbs the removed channels' mean contribution W_:,R E[x_R]
+(FLAP's bias compensation; λ = ∞ gives exactly that with W' = W_:,K). The ridge pulls toward
+the original weights, so a refit never raises the calibration error above plain removal. λ is
+relative to each channel's energy (scale-free); with `lam = 0` it is chosen per projection
+from LAMBDA_GRID (∞ included) by the error on held-out calibration samples (every HOLDOUT-th),
+then the refit uses all samples.
 
-    [W' b'] = [W G_:,K + b s_Kᵀ + λ W_:,K D,  W s + b n] · [[G_KK + λD, s_K], [s_Kᵀ, n]]⁻¹ .
-
-The free bias b' absorbs the removed channels' mean contribution W_:,R E[x_R] (FLAP's bias
-compensation; λ → ∞ gives exactly that with W' = W_:,K). The ridge pulls toward the original
-weights, so a refit can never raise the calibration error above plain removal. λ is relative
-to each channel's energy (scale-free, robust to the few massive-activation channels); with
-`recon_lambda = 0` it is chosen per projection from LAMBDA_GRID (∞ included) by the error on
-held-out calibration samples (every HOLDOUT-th sample), then the refit uses all samples.
+Token weights (`weighting="relative"`): w_t = 1/(e_t + ē), e_t the dense output's mean square
+at token t, so the few tokens with massive activations do not decide the fit for all others.
+Unit choice (`select="obs"`): the plan's counts are kept, the units re-chosen per projection by
+greedy structured Optimal Brain Surgeon on the same statistics (`obs_select`).
 
 Layer-sequential (as SparseGPT, Wanda, FLAP): the calibration stream enters block i as the
 output of the already cut and refit blocks 0..i-1; within a block, attention is cut and
 refit first, and the MLP's statistics are taken behind the refit attention. The target is
-the dense weights applied to the pruned path's own inputs (the dense block i on that stream).
-Memory: the stream (tokens x hidden) and one C x C Gram at a time; no second model.
+the dense weights applied to the pruned path's own inputs (the dense block i on that stream);
+so these statistics cannot come from the analysis pass, which sees the dense stream.
+Memory: the stream (tokens x hidden, with each batch's block kwargs) and one C x C Gram
+(plus H⁻¹ for OBS) at a time; no second model.
 """
 from __future__ import annotations
 
