@@ -69,7 +69,7 @@ def test_minilm_cosine_importance_matches_hidden_states():
     norm = imp.normalized
     assert np.all(norm >= -1 - 1e-12) and np.all(norm <= 1 + 1e-12)
     assert np.max(np.abs(norm)) == pytest.approx(1.0) and np.mean(norm) == pytest.approx(0.0, abs=1e-12)
-    assert set(imp.heads) == {"magnitude_l1", "magnitude_l2"}  # label-free only
+    assert set(imp.heads) == {"magnitude_l1", "magnitude_l2", "fluctuation"}  # label-free only
     for h, g, n in zip(imp.heads["magnitude_l1"], imp.groups["magnitude_l1"], imp.neurons["magnitude_l1"]):
         assert h.shape == (12,) and g.shape == (12,) and n.shape == (1536,)
         assert np.isfinite(n).all() and (n > 0).all() and (h > 0).all()
