@@ -216,7 +216,7 @@ def capture_inputs(lm: LoadedModel, texts: list[str], batch_size: int, max_lengt
             except _Caught:
                 pass
             args, kwargs = got.pop()
-            kwargs.pop("past_key_values", None) if lm.task == "causal-lm" else None
+            kwargs.pop("past_key_values", None)  # no cache: each block is called on its own
             inp.args.append(args)
             inp.kwargs.append(kwargs)
             inp.masks.append(batch["attention_mask"].bool())

@@ -14,13 +14,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_METHODS = {"dense", "uniform", "adaptive", "torch-pruning", "torch-pruning-magnitude", "one-shot"}
 
 
+def run_bench(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` offline from the project root; asserts it succeeded."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_bench("bench", "--smoke", "--out", str(out))
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
 
@@ -98,10 +104,7 @@ def test_targets_pass_fail():
 
 def test_recon_bench_smoke(tmp_path):
     """`python -m bench.recon --mode smoke`: every method, both phases, seeds, paired differences."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "bench.recon", "--mode", "smoke", "--out", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench("bench.recon", "--mode", "smoke", "--out", str(tmp_path))
     res = json.loads((tmp_path / "recon.json").read_text())
     assert [r["model"] for r in res["results"]] == ["tiny-bert", "tiny-llama"]
     bert = res["results"][0]
@@ -120,10 +123,7 @@ def test_recon_bench_smoke(tmp_path):
 
 def test_recipe_bench_smoke(tmp_path):
     """`python -m bench.recipe --mode smoke`: a grid on val, the recipe on test with every phase."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "bench.recipe", "--mode", "smoke", "--out", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench("bench.recipe", "--mode", "smoke", "--out", str(tmp_path))
     res = json.loads((tmp_path / "recipe.json").read_text())
     assert len(res["grid"]) == 2 and set(res["recipe"]) == {"steps", "lr", "kd_hidden_weight"}
     for r in res["rows"]:
