@@ -40,6 +40,8 @@ from explorer.config import (LABEL_FREE_METRICS, METRICS, AllocationConfig, Anal
 from explorer.data import BUILTIN_DATA, load_data  # noqa: E402
 from explorer.errors import OOM_HINT, Cancelled, DataError, ExplorerError, is_oom  # noqa: E402
 from explorer.evaluate import evaluate, metric_name  # noqa: E402
+from explorer.export import export  # noqa: E402
+from explorer.generate import classify, generate  # noqa: E402
 from explorer.importance import analyze  # noqa: E402
 from explorer.models import BUILTIN_MODELS, DEFAULT_MODEL, TASKS, load_model, save_model  # noqa: E402
 from explorer.methods import METHODS, make_run  # noqa: E402
@@ -53,6 +55,8 @@ MAX_UPLOAD_MB = 100  # largest data file a browser may upload (--max-upload-mb)
 MODEL_DEFAULT_DATA = "(the model's default)"
 ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a busy session says it does
 PLANS = ("adaptive", "uniform", "manual table")
+EXPORT_ZIP = "pruned model (safetensors, zip)"
+EXPORT_FORMATS = {EXPORT_ZIP: None, "ONNX": "onnx", "GGUF f16 (llama.cpp)": "gguf-f16"}  # label -> export format
 TABLE_COLUMNS = ["layer", "Î_L", "sparsity", "actual", "heads kept", "neurons kept", "note"]
 EDITABLE = TABLE_COLUMNS.index("sparsity")
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
@@ -204,33 +208,47 @@ def report_rows(rep: dict) -> list[dict]:
     base = {"run": rep["label"], "status": rep["status"], "metric": m}
     rows = [{**base, "model": "dense", "params": d["params"], "block_params": d["block_params"],
              "removed_fraction": 0.0, "quality": d.get(m), "latency_ms": d.get("latency_ms"),
-             "flops_per_token": d.get("flops_per_token"), "last_loss": None, "seconds": None}]
+             "flops_per_token": d.get("flops_per_token"), "last_loss": None, "seconds": None, **speed_columns(d)}]
     for st in rep["stages"]:
         rows.append({**base, "model": f"stage {st['stage']}", "params": st["params"], "block_params": st["block_params"],
                      "removed_fraction": st["removed_fraction"], "quality": st["quality"].get(m),
                      "latency_ms": st["latency_ms"], "flops_per_token": st["flops_per_token"],
                      "last_loss": st["losses"][-1] if st["losses"] else None, "seconds": st["seconds"],
+                     **speed_columns(st.get("speed") or {}),
                      **{f"after_{k}": v.get(m) for k, v in (st.get("phases") or {}).items()}})
     return rows
+
+
+SPEED_COLUMNS = {"decode_tokens_per_s": "decode tok/s (b1)", "decode_tokens_per_s_b8": "decode tok/s (b8)",
+                 "prefill_ms": "prefill ms (b1)", "latency_b1x128_ms": "latency ms (1×128)"}
+
+
+def speed_columns(ev: dict) -> dict:
+    """The speed figures of a dense evaluation or a stage record (None where not measured)."""
+    return {k: ev.get(k) for k in SPEED_COLUMNS}
 
 
 def stage_table(rows: list[dict], metric: str) -> pd.DataFrame:
     def num(v, digits):
         return None if v is None else round(v, digits)
+    speed = [k for k in SPEED_COLUMNS if any(r.get(k) is not None for r in rows)]  # only what was measured
     return pd.DataFrame(
         [[r["model"], num(r["params"] / 1e6, 3), f"{r['removed_fraction']:.1%}", num(r.get("after_cut"), 4),
           num(r.get("after_reconstructed"), 4), num(r["quality"], 4),
-          num(r["latency_ms"], 1), num(r["flops_per_token"] / 1e6, 2), num(r["last_loss"], 4), num(r["seconds"], 1)]
+          num(r["latency_ms"], 1), *[num(r.get(k), 1) for k in speed], num(r["flops_per_token"] / 1e6, 2),
+          num(r["last_loss"], 4), num(r["seconds"], 1)]
          for r in rows],
         columns=["model", "params (M)", "removed", "after cut", "after reconstruction", metric or "quality",
-                 "latency (ms)", "FLOPs/token (M)", "last loss", "time (s)"])
+                 "latency (ms, 32×128)", *[SPEED_COLUMNS[k] for k in speed], "FLOPs/token (M)", "last loss",
+                 "time (s)"])
 
 
 def report_csv(history: list[dict]) -> str:
     """One row per model (dense and each stage) of every run in the history."""
     buf = io.StringIO()
     rows = [r for rep in history for r in report_rows(rep)]
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["run"])
+    names = list(dict.fromkeys(k for r in rows for k in r)) or ["run"]  # stages add phase columns
+    w = csv.DictWriter(buf, fieldnames=names)
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
@@ -504,22 +522,34 @@ class ExplorerApp:
                 else:
                     run = make_run(method, lm, loaded.data, analysis, alloc_cfg, prune, timing=bool(timing),
                                    label=label)
+                run.dense_given = loaded.dense_runs.get(run.dense_settings())  # measured once per model and data
                 s.run = run
-                yield from self._stream(s, run, metric_name(lm))
+                yield from self._stream(s, run, metric_name(lm), loaded)
         except Exception as e:
             yield (*skip7[:4], warn(message(e)), *skip7[5:])
 
-    def _stream(self, s: Session, run: PruningRun, m: str):
-        """Turn the run's events into UI updates; unchanged outputs are skipped."""
+    def _stream(self, s: Session, run: PruningRun, m: str, loaded: Loaded):
+        """Turn the run's events into UI updates; unchanged outputs are skipped. Every phase
+        (measuring, importance, pruning, reconstruction, recovery, evaluation) says so."""
         losses: dict[int, list[float]] = {}
         K = run.prune.stages
         skip = gr.skip()
         t_last = 0.0
+        cost_note = evaluation_note(run)
+        if run.dense_given is None:
+            yield (skip,) * 4 + (f"Measuring the dense model ({cost_note}; once per loaded model and settings)…",
+                                 skip, skip)
         for ev in run.events():
             kind = ev["type"]
             if kind == "dense":
+                cached = run.dense_given is not None
+                loaded.dense_runs[run.dense_settings()] = run.dense
                 quality, cost, table = self._run_views(s, run, m)
-                yield quality, skip, cost, table, f"Dense model measured. Stage 1/{K}: estimating importance…", skip, skip
+                yield (quality, skip, cost, table, f"Dense model {'measurement reused' if cached else 'measured'}. "
+                       f"Stage 1/{K}: estimating importance ({run.analysis.metric}, {run.analysis.samples} "
+                       "calibration samples)…", skip, skip)
+            elif kind == "evaluating":
+                yield (skip,) * 4 + (f"Stage {ev['stage']}/{K}: evaluating ({cost_note})…", skip, skip)
             elif kind == "analysis":
                 yield (skip,) * 4 + (f"Stage {ev['stage']}/{K}: pruning, then recovery ({run.prune.recovery})…", skip, skip)
             elif kind == "phase":
@@ -605,15 +635,17 @@ class ExplorerApp:
         return f"{job[0].upper()}{job[1:]} cannot be stopped; it finishes on its own."
 
     # tab 5
-    def on_export(self, request: gr.Request, progress=gr.Progress()):
-        """-> files, status. Charts always; report and pruned model once a run finished."""
+    def on_export(self, request: gr.Request, formats=(EXPORT_ZIP,), progress=gr.Progress()):
+        """-> files, status. Charts always; report and pruned model (zip, ONNX, GGUF) once a run
+        finished. A failure clears the list (no stale download) and keeps the pruned model."""
         s = self.session(request)
+        formats = list(formats or [])
         try:
             with s.busy("the export"):
                 out = s.workdir / time.strftime("export-%Y%m%d-%H%M%S")
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
-                files, missing = [], []
+                files, missing, checks = [], [], []
                 if s.figures:
                     (out / "charts.html").write_text(plots.charts_html(s.figures), encoding="utf-8")
                     files.append(out / "charts.html")
@@ -626,18 +658,80 @@ class ExplorerApp:
                     files += [out / "report.json", out / "report.csv"]
                 else:
                     missing.append("report (run pruning first)")
-                if s.pruned is not None:
-                    progress(0.3, desc="saving the pruned model")
-                    d = save_model(s.pruned, out / "pruned-model", extra={"report": s.history[-1]})
-                    progress(0.7, desc="zipping")
-                    files.append(Path(shutil.make_archive(str(d), "zip", root_dir=d.parent, base_dir=d.name)))
-                    shutil.rmtree(d, ignore_errors=True)
-                else:
+                if s.pruned is None:
                     missing.append("pruned model (run pruning first)")
+                else:
+                    stem = export_stem(s)
+                    if EXPORT_ZIP in formats:
+                        progress(0.2, desc="saving the pruned model")
+                        d = save_model(s.pruned, out / stem, extra={"report": s.history[-1]})
+                        progress(0.4, desc="zipping")
+                        files.append(Path(shutil.make_archive(str(d), "zip", root_dir=d.parent, base_dir=d.name)))
+                        shutil.rmtree(d, ignore_errors=True)
+                    for fmt, label in ((f, l) for l, f in EXPORT_FORMATS.items() if l in formats and f):
+                        if fmt.startswith("gguf") and s.pruned.adapter.family != "LLaMA":
+                            missing.append(f"GGUF (LLaMA-family models only; {s.pruned.adapter.family} exports to ONNX)")
+                            continue
+                        progress(0.6, desc=f"exporting {label}")
+                        res = export(s.pruned, fmt, out / f"{stem}.{fmt.split('-')[0]}")
+                        files.append(Path(res["path"]))
+                        checks.append(f"{label}: {res.get('check_summary', 'written')}")
         except Exception as e:
-            return gr.skip(), warn(message(e))
+            return [], warn(f"Export failed, nothing to download ({message(e)}); the pruned model is kept: try again.")
         names = ", ".join(f"`{p.name}`" for p in files) or "nothing yet"
-        return [str(p) for p in files], f"Exported {names}." + (f" Missing: {'; '.join(missing)}." if missing else "")
+        return [str(p) for p in files], (f"Exported {names}." + (f" Missing: {'; '.join(missing)}." if missing else "")
+                                         + "".join(f"\n\n{c}" for c in checks))
+
+    def on_generate(self, prompt, max_new_tokens, temperature, request: gr.Request):
+        """-> dense output, pruned output, status: the same prompt through both models."""
+        s = self.session(request)
+        try:
+            with s.busy("generation"):
+                loaded = require_loaded(s)
+                n = number(max_new_tokens, "max new tokens", int)
+                t = number(temperature, "temperature")
+                outs = [try_model(m, prompt, n, t) if m is not None else None for m in (loaded.lm, s.pruned)]
+        except Exception as e:
+            return gr.skip(), gr.skip(), warn(message(e))
+        dense, pruned = outs
+        status = f"Dense: {dense['stats']}." + (f" Pruned: {pruned['stats']}." if pruned else
+                                                " No pruned model yet: run pruning in the Prune & recover tab.")
+        return dense["text"], pruned["text"] if pruned else "", status
+
+
+def export_stem(s: Session) -> str:
+    """A file name that says which run it is: model, run number, method and budget."""
+    rep = s.history[-1]
+    cfg = rep.get("config", {}).get("allocation", {})
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(rep["model"])).name)
+    return f"{safe}-run{len(s.history)}-{rep.get('method', 'adaptive')}-S{cfg.get('target', 0):g}"
+
+
+def try_model(lm, prompt: str, max_new_tokens: int, temperature: float) -> dict:
+    """One model's answer to the prompt: a continuation (LMs) or class probabilities (classifiers)."""
+    if lm.task == "causal-lm":
+        g = generate(lm, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+        return {"text": g["text"], "stats": f"{g['new_tokens']} tokens in {g['seconds']:.1f} s "
+                                            f"({g['tokens_per_s']:.1f} tokens/s, {'greedy' if g['greedy'] else 'sampled'})"}
+    if lm.task == "classification":
+        c = classify(lm, prompt)
+        return {"text": "\n".join(f"{k}: {v:.3f}" for k, v in sorted(c["probabilities"].items(), key=lambda kv: -kv[1])),
+                "stats": f"{c['label']} in {c['seconds'] * 1000:.0f} ms"}
+    raise ExplorerError("this model is an encoder without a task head: there is nothing to generate or classify")
+
+
+def evaluation_note(run: PruningRun) -> str:
+    """What one evaluation of a run costs, in words: the status line shows it while it runs."""
+    n = run.prune.eval_samples
+    if run.lm.task == "causal-lm":
+        what = f"{n or EVAL_TOKENS:,} test tokens"
+    else:  # never more than the split has
+        n_test = len(run.data.texts["test"])
+        what = f"{min(n, n_test) if n else n_test:,} test examples"
+    if not run.timing:
+        return what + ", no timing"
+    speed = ("decode at batch 1 and 8 + prefill" if run.lm.task == "causal-lm" else "latency at 1 and 32 × 128")
+    return f"{what}, latency 32 × 128, {speed} × {run.prune.speed_repeats}"
 
 
 def allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization="maxabs") -> AllocationConfig:
@@ -815,13 +909,32 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                 pareto_plot = gr.Plot(ph[13], label="Pareto (every stage of every run)", elem_id="pareto-plot")
 
             with gr.Tab("Export", id="export"):
-                gr.Markdown("Download the pruned model of the last run (a zip of the directory written by "
-                            "`save_model`: safetensors, config, tokenizer and `explorer_plan.json`; reload it with "
-                            "`load_model(path)`), the run reports (JSON and CSV, every run of this session) and "
-                            "all charts in one HTML page (works offline).")
-                export_btn = gr.Button("Prepare downloads", variant="primary", elem_id="export-btn")
+                gr.Markdown("Download the pruned model of the last run: a zip of the directory written by "
+                            "`save_model` (safetensors, config, tokenizer, `explorer_plan.json` and a model card; "
+                            "reload it with `load_model(path)`), an ONNX graph (every architecture, checked by "
+                            "onnxruntime) or a GGUF file for llama.cpp (LLaMA family, per-layer widths); the run "
+                            "reports (JSON and CSV, every run of this session) and all charts in one HTML page.")
+                with gr.Row():
+                    formats_in = gr.CheckboxGroup(list(EXPORT_FORMATS), value=[EXPORT_ZIP], label="Formats",
+                                                  elem_id="export-formats")
+                    export_btn = gr.Button("Prepare downloads", variant="primary", elem_id="export-btn", scale=0)
                 export_status = gr.Markdown(elem_classes="status-line", elem_id="export-status")
                 export_files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="export-files")
+                gr.Markdown("### Try it: dense and pruned side by side\nA language model continues the prompt "
+                            "(greedy at temperature 0); a classifier gives its class probabilities.")
+                with gr.Row():
+                    prompt_in = gr.Textbox("The government said on Monday that", label="Prompt or sentence", lines=2,
+                                           elem_id="prompt-input", scale=3)
+                    new_tokens_in = gr.Number(40, precision=0, minimum=1, maximum=512, label="Max new tokens",
+                                              elem_id="new-tokens-input", scale=1)
+                    temperature_in = gr.Number(0.0, minimum=0, maximum=5, label="Temperature (0: greedy)",
+                                               elem_id="temperature-input", scale=1)
+                    generate_btn = gr.Button("Run both", elem_id="generate-btn", scale=0)
+                with gr.Row():
+                    dense_out = gr.Textbox(label="Dense model", lines=6, interactive=False, elem_id="dense-output")
+                    pruned_out = gr.Textbox(label="Pruned model (last run)", lines=6, interactive=False,
+                                            elem_id="pruned-output")
+                generate_status = gr.Markdown(elem_classes="status-line", elem_id="generate-status")
 
         # --- wiring ---
         alloc_in = [target_in, amp_in, mode_in, smax_in, round_in, split_in, norm_in]  # handlers: norm after request
@@ -846,7 +959,9 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                       show_progress="minimal")
         stop_btn.click(app.on_stop, None, run_status, concurrency_limit=None, show_progress="hidden")
         imp_stop_btn.click(app.on_stop, None, imp_status, concurrency_limit=None, show_progress="hidden")
-        export_btn.click(app.on_export, None, [export_files, export_status])
+        export_btn.click(app.on_export, formats_in, [export_files, export_status])
+        generate_btn.click(app.on_generate, [prompt_in, new_tokens_in, temperature_in],
+                           [dense_out, pruned_out, generate_status])
         demo.unload(app.on_unload)
     return demo
 

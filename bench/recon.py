@@ -8,7 +8,10 @@ after the layer-sequential refit ("recon"), for
                 from a small grid (A = 0 allowed) *after reconstruction*;
   * flap      : FLAP (An et al. 2024) from its paper: fluctuation metric, per-layer widths from
                 scores standardised per (layer, kind) and compared globally, bias compensation
-                only (λ = ∞: kept weights unchanged); "flap+refit" is the same plan with our refit.
+                only (λ = ∞: kept weights unchanged); "flap+refit" is the same plan with our refit;
+  * torch-pruning : the external baseline (GroupTaylorImportance + BasePruner, uniform widths with
+                the proportional split; FFN channels only on GQA models); its "recon" keeps exactly
+                the units Torch-Pruning kept and refits them.
 Quality on the **test** split (SmolLM2: BBC perplexity, and IMDB reviews, a second domain used
 for nothing else); several calibration seeds, mean ± std, and paired differences per seed.
 Writes recon.json and RECON.md in --out.
@@ -53,7 +56,7 @@ PRESETS = {
 }
 
 
-METHODS = ("uniform", "adaptive", "flap", "flap+refit")
+METHODS = ("uniform", "adaptive", "flap", "flap+refit", "torch-pruning")
 
 
 def flap_keeps(imp, target: float) -> list[tuple[list[int], list[int]]]:
@@ -83,7 +86,7 @@ def flap_keeps(imp, target: float) -> list[tuple[list[int], list[int]]]:
              [u for u in range(p["n_neurons"]) if (i, "mlp", u) not in drop]) for i, p in enumerate(imp.params)]
 
 
-def run_case(case: Case) -> dict:
+def run_case(case: Case, methods: tuple[str, ...] = METHODS) -> dict:
     from explorer.allocation import allocate
     from explorer.config import AllocationConfig, AnalysisConfig
     from explorer.evaluate import perplexity
@@ -147,15 +150,20 @@ def run_case(case: Case) -> dict:
             def adaptive(a, norm):
                 cfg = AllocationConfig(target=budget, amplitude=a, mode="exact" if a else "uniform", normalization=norm)
                 return plan_keeps(imp, allocate(imp.normalized_by(norm), imp.params, cfg, scores=imp.unit_scores()))
-            # uniform
-            rows.append(evaluate_plan(adaptive(0.0, "maxabs"), 0.0, "uniform", budget, also_val=not case.fixed))
-            log(f"    {budget:.0%} uniform {rows[-1]['cut']} -> {rows[-1]['recon']}")
+            if "torch-pruning" in methods:
+                rows.append(torch_pruning_row(base, texts, labels, budget, case.batch_size, score, evaluate_plan))
+                log(f"    {budget:.0%} torch-pruning {rows[-1]['cut']} -> refit {rows[-1]['recon']}")
+            # uniform (also the A = 0 point of adaptive's choice)
+            if {"uniform", "adaptive"} & set(methods):
+                uni = evaluate_plan(adaptive(0.0, "maxabs"), 0.0, "uniform", budget, also_val=not case.fixed)
+                rows.append(uni)
+                log(f"    {budget:.0%} uniform {uni['cut']} -> {uni['recon']}")
             # adaptive: (A, normalisation) chosen on val after reconstruction
-            if case.fixed:
+            if "adaptive" in methods and case.fixed:
                 best = (case.fixed["amplitude"], case.fixed["normalization"])
                 choice = {"chosen_on": "fixed (not chosen on val: too slow here)"}
-            else:
-                vals = {(0.0, "maxabs"): list(rows[-1]["recon_val"].values())[0]}  # A = 0 is the uniform row
+            elif "adaptive" in methods:
+                vals = {(0.0, "maxabs"): list(uni["recon_val"].values())[0]}  # A = 0 is the uniform row
                 for a in case.amplitudes:
                     for norm in (case.normalizations if a else []):
                         r = evaluate_plan(adaptive(a, norm), 0.0, "val", budget, split="val", cut=False)
@@ -163,9 +171,12 @@ def run_case(case: Case) -> dict:
                 hib = base.task == "classification"
                 best = (max if hib else min)(vals, key=vals.get)
                 choice = {"chosen_on": "val", "val": {f"A={a:g},{n}": v for (a, n), v in vals.items()}}
-            rows.append(evaluate_plan(adaptive(*best), 0.0, "adaptive", budget,
-                                      extra={"amplitude": best[0], "normalization": best[1], **choice}))
-            log(f"    {budget:.0%} adaptive A={best[0]:g} {best[1]} {rows[-1]['cut']} -> {rows[-1]['recon']}")
+            if "adaptive" in methods:
+                rows.append(evaluate_plan(adaptive(*best), 0.0, "adaptive", budget,
+                                          extra={"amplitude": best[0], "normalization": best[1], **choice}))
+                log(f"    {budget:.0%} adaptive A={best[0]:g} {best[1]} {rows[-1]['cut']} -> {rows[-1]['recon']}")
+            if "flap" not in methods:
+                continue
             fk = flap_keeps(imp, budget)
             flap = evaluate_plan(fk, float("inf"), "flap", budget, select="given")
             rows.append(flap)
@@ -175,6 +186,30 @@ def run_case(case: Case) -> dict:
             log(f"    {budget:.0%} flap {flap['cut']} -> bias only {flap['recon']} -> refit {refit['recon']}")
     return {"model": case.model, "task": base.task, "dense": dense, "case": case.__dict__, "rows": rows,
             "block_params_dense": base.block_params}
+
+
+def torch_pruning_row(base, texts, labels, budget, batch_size, score, evaluate_plan) -> dict:
+    """Torch-Pruning's one-shot cut on the same calibration texts ("cut"), then our refit of exactly
+    the units it kept ("recon")."""
+    from explorer.allocation import allocate
+    from explorer.config import AllocationConfig
+
+    from .tp_baseline import accumulate_grads, kept_units, structure, tp_prune_step
+    lm = fresh(base)
+    st = structure(lm)
+    heads_ok = lm.adapter.family == "BERT"
+    plan = allocate(np.zeros(len(st)), st, AllocationConfig(target=budget, mode="uniform", prune_attention=heads_ok,
+                                                            prune_mlp=True, split="proportional"))
+    accumulate_grads(lm, texts, labels, batch_size)
+    tp_seconds = tp_prune_step(lm, plan, "taylor")
+    cut = score(lm, "test")
+    keeps = kept_units(base, lm)
+    del lm
+    row = evaluate_plan(keeps, 0.0, "torch-pruning", budget, cut=False, select="given",
+                        extra={"tp_seconds": tp_seconds, "importance": "GroupTaylorImportance",
+                               "units": "heads + FFN channels" if heads_ok else "FFN channels only (GQA)"})
+    row["cut"] = cut
+    return row
 
 
 def _other_corpus(case: Case) -> list[str] | None:
@@ -241,7 +276,7 @@ def render(results: list[dict], meta: dict) -> str:
                   + (f"{case['test_n']:,} BBC tokens + {case['other_n']:,} IMDB tokens" if res["task"] == "causal-lm"
                      else f"{case['test_n'] or 'all'} examples") + "."
                   + (f" Adaptive uses fixed {case['fixed']} (not chosen on val)." if case["fixed"] else ""), ""]
-        head = "| budget | method | removed | cut | recon | recon / dense |" + (" IMDB ppl |" if res["task"] == "causal-lm" else "") \
+        head = "| budget | method | seeds | removed | cut | recon | recon / dense |" + (" IMDB ppl |" if res["task"] == "causal-lm" else "") \
             + " vs uniform | analysis s | recon s |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for d in summarise(res):
@@ -252,7 +287,7 @@ def render(results: list[dict], meta: dict) -> str:
             vs_s = "–" if not vs else (f"{vs[0]:+.4f} ± {vs[1]:.4f}" if metric == "accuracy" else f"{vs[0]:+.2f} ± {vs[1]:.2f}")
             if vs and vs[2]:
                 vs_s = f"**{vs_s}**"
-            row = f"| {d['budget']:.0%} | {d['method']} | {d['params_removed']:.1%} | {ms(d['cut'])} | {ms(d['recon'])} | {rel:.3f}x |"
+            row = f"| {d['budget']:.0%} | {d['method']} | {d['n']} | {d['params_removed']:.1%} | {ms(d['cut'])} | {ms(d['recon'])} | {rel:.3f}x |"
             if res["task"] == "causal-lm":
                 row += f" {d['imdb']:.2f} |" if d.get("imdb") else " – |"
             row += f" {vs_s} | {d['analysis_seconds']:.0f} | {d['recon_seconds']:.1f} |"
@@ -264,6 +299,21 @@ def render(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_rows(old: dict | None, new: dict) -> dict:
+    """`new`'s rows over `old`'s: a row of the same (method, budget, seed) is replaced; the case
+    records every seed and budget that has rows."""
+    if not old:
+        return new
+    key = lambda r: (r["method"], r["budget"], r["seed"])  # noqa: E731
+    fresh_keys = {key(r) for r in new["rows"]}
+    rows = [r for r in old["rows"] if key(r) not in fresh_keys] + new["rows"]
+    case = dict(old["case"])
+    case["seeds"] = sorted({r["seed"] for r in rows})
+    case["budgets"] = sorted({r["budget"] for r in rows})
+    case["extra_budgets"] = []
+    return {**old, "rows": rows, "case": case, "dense": new["dense"]}
+
+
 def main(argv=None) -> int:
     import torch
     ap = argparse.ArgumentParser(prog="python -m bench.recon")
@@ -271,16 +321,31 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench")
     ap.add_argument("--models", default=None)
     ap.add_argument("--render-only", action="store_true", help="rewrite RECON.md from the existing recon.json")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS)
+                    + " (flap includes flap+refit; adaptive includes uniform)")
+    ap.add_argument("--budgets", default=None, help="comma-separated budgets instead of the preset's")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds instead of the preset's")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; smoke: 1)")
+    ap.add_argument("--merge", action="store_true", help="add the new rows to recon.json, replacing rows of the "
+                    "same (model, method, budget, seed) and keeping the rest")
     args = ap.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}")
     if args.render_only:
         res = json.loads((Path(args.out) / "recon.json").read_text())
         (Path(args.out) / "RECON.md").write_text(render(res["results"], res["meta"]))
         return 0
-    if args.mode == "smoke":
-        torch.set_num_threads(1)
+    if args.threads or args.mode == "smoke":
+        torch.set_num_threads(args.threads or 1)
     cases = PRESETS[args.mode]
     if args.models:
         cases = [c for c in cases if c.model in args.models.split(",")]
+    if args.budgets:
+        cases = [replace(c, budgets=[float(b) for b in args.budgets.split(",")], extra_budgets=[]) for c in cases]
+    if args.seeds:
+        cases = [replace(c, seeds=[int(s) for s in args.seeds.split(",")]) for c in cases]
     t0 = time.perf_counter()
     meta = {"mode": args.mode, "machine": machine(), "load_before": common.load_average(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -288,13 +353,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     old = out / "recon.json"
     keep = []
-    if args.models and old.exists():  # a partial rerun keeps the other models' results (and says when they ran)
-        prev = json.loads(old.read_text())
+    prev = json.loads(old.read_text()) if old.exists() and (args.models or args.merge) else None
+    if prev:  # a partial rerun keeps the other models' results (and says when they ran)
         keep = [r for r in prev["results"] if r["model"] not in {c.model for c in cases}]
         meta["earlier"] = prev.get("meta")
     results = []
     for c in cases:  # written after each model, so a long run that is stopped keeps what it finished
-        results.append(run_case(c))
+        res = run_case(c, methods)
+        if args.merge:
+            res = merge_rows(next((r for r in prev["results"] if r["model"] == c.model), None) if prev else None, res)
+        results.append(res)
         meta.update(seconds=time.perf_counter() - t0, load_after=common.load_average())
         (out / "recon.json").write_text(json.dumps({"meta": meta, "results": keep + results}, indent=1, default=str))
         (out / "RECON.md").write_text(render(keep + results, meta))

@@ -174,3 +174,27 @@ def tp_run(lm: LoadedModel, data, budget: float, prune: PruneConfig, calib_sampl
     lm.model.eval()
     return {"losses": losses, "seconds": time.perf_counter() - t0, "tp_seconds": tp_seconds,
             "removed_fraction": 1 - lm.block_params / original}
+
+
+def kept_units(base: LoadedModel, pruned: LoadedModel) -> list[tuple[list[int], list[int]]]:
+    """Which attention groups and FFN neurons Torch-Pruning kept, per layer, found by matching
+    the pruned rows to the dense ones (Torch-Pruning slices, it never changes a kept weight), so
+    that the explorer's refit can start from Torch-Pruning's own choice."""
+    import torch
+    out = []
+    for bd, bp in zip(base.adapter.blocks(base.model), pruned.adapter.blocks(pruned.model)):
+        qd, qp = _attention_modules(base, bd)[0][0].weight, _attention_modules(pruned, bp)[0][0].weight
+        width = bd.head_dim * bd.heads_per_group  # query rows per group
+        groups = _match_rows(qd.reshape(-1, width * qd.shape[1]), qp.reshape(-1, width * qp.shape[1]))
+        nd, np_ = _ffn_roots(base, bd)[0].weight, _ffn_roots(pruned, bp)[0].weight
+        out.append((groups, _match_rows(nd, np_)))
+        assert len(out[-1][0]) == bp.attn.n_units and len(out[-1][1]) == bp.mlp.n_units, "unmatched rows"
+    return out
+
+
+def _match_rows(dense, pruned) -> list[int]:
+    """Indices i (increasing) with pruned[j] == dense[i_j]: each pruned row found exactly once."""
+    index = {bytes(r.detach().cpu().float().numpy().tobytes()): i for i, r in enumerate(dense)}
+    keep = [index[bytes(r.detach().cpu().float().numpy().tobytes())] for r in pruned]
+    assert keep == sorted(keep) and len(set(keep)) == len(keep), "Torch-Pruning reordered or duplicated units"
+    return keep

@@ -31,12 +31,14 @@ def _write_json(obj: dict, path: str | None) -> None:
     tmp.replace(p)
 
 
-def _load(args):
+def _load(args, need_data: bool = True):
     from .data import load_data
     from .models import load_model
     from .pruning import check_pairing
     lm = load_model(args.model, task=args.task, device=args.device, trust_remote_code=args.trust_remote_code,
-                    allow_pickle=args.allow_pickle)
+                    allow_pickle=args.allow_pickle, dtype=args.dtype)
+    if not need_data:
+        return lm, None
     data_name = args.data or lm.default_data
     if not data_name:
         raise ExplorerError(f"no --data given and '{args.model}' has no default data set")
@@ -58,6 +60,8 @@ def _add_model_args(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--task", default=None, choices=["classification", "causal-lm", "encoder"],
                    help="override the task inferred from the config")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' precision (auto: bfloat16 on CUDA, float32 on the CPU; GGUF files are dequantised)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (unsafe)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based .bin weights (unsafe for untrusted files)")
 
@@ -182,24 +186,68 @@ def cmd_prune(args) -> None:
             raise ExplorerError(ev.get("message", "stopped"))
     bar.close()
     report = run.report()
-    if args.out:
-        path = save_model(lm, args.out, extra={"report": {k: report[k] for k in ("dense", "final", "metric")}})
-        report["saved_to"] = str(path)
-    _write_json(report, args.json)
+    _write_json(report, args.json)  # first: a failed save must not lose the run
     f, d = report["final"], report["dense"]
     print(f"{m}: dense {d[m]:.4f} -> pruned {f[m]:.4f}; params {d['params']:,} -> {f['params']:,}; "
           f"latency {d['latency_ms']:.1f} -> {f['latency_ms']:.1f} ms", file=sys.stderr)
+    if args.out:
+        try:
+            path = save_model(lm, args.out, extra={"report": {k: report[k] for k in ("dense", "final", "metric",
+                                                                                     "config", "method")
+                                                              if k in report}})
+        except (OSError, ValueError) as e:
+            raise ExplorerError(f"the run finished and its report is in {args.json}, but saving the model to "
+                                f"'{args.out}' failed: {e}") from None
+        report["saved_to"] = str(path)
+        _write_json(report, args.json)
+        print(f"saved to {path}", file=sys.stderr)
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate, metric_name
+    from .evaluate import SpeedSetup, evaluate, metric_name
     lm, data = _load(args)
-    ev = evaluate(lm, data, args.eval_samples, batch_size=args.batch_size, seq_len=args.seq_len)
+    setup = SpeedSetup(repeats=args.speed_repeats, new_tokens=args.new_tokens) if args.speed_repeats else None
+    ev = evaluate(lm, data, args.eval_samples, batch_size=args.batch_size, seq_len=args.seq_len, speed_setup=setup)
     m = metric_name(lm)
-    out = {"model": args.model, "data": data.name, "metric": m, **ev}
+    sp = ev.pop("speed", {})
+    out = {"model": args.model, "data": data.name, "metric": m, **ev,
+           **{k: v for k, v in sp.items() if k not in ("speedup",)}}
     _write_json(out, args.json)
-    print(f"{m}: {ev.get(m)}  params {ev['params']:,}  latency {ev['latency_ms']:.1f} ms "
-          f"(batch {args.batch_size} x {args.seq_len})", file=sys.stderr)
+    figures = "  ".join(f"{k} {v:.1f}" for k, v in sp.items() if isinstance(v, float) and k != "weight_mb")
+    print(f"{m}: {ev.get(m)}  params {ev['params']:,}  weights {ev['weight_mb']:.0f} MB  latency "
+          f"{ev['latency_ms']:.1f} ms (batch {args.batch_size} x {args.seq_len})  {figures}", file=sys.stderr)
+
+
+def cmd_generate(args) -> None:
+    from .generate import classify, generate
+    lm, _ = _load(args, need_data=False)
+    others = [lm] + ([_load(argparse.Namespace(**{**vars(args), "model": args.against}), need_data=False)[0]]
+                     if args.against else [])
+    for model in others:
+        if model.task == "causal-lm":
+            g = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         seed=args.seed)
+            print(f"--- {model.name} ({g['new_tokens']} tokens, {g['tokens_per_s']:.1f} tokens/s)", file=sys.stderr)
+            print(args.prompt + g["text"])
+        elif model.task == "classification":
+            c = classify(model, args.prompt)
+            print(f"--- {model.name}", file=sys.stderr)
+            print(f"{c['label']}  " + "  ".join(f"{k} {v:.3f}" for k, v in c["probabilities"].items()))
+        else:
+            raise ExplorerError(f"'{model.name}' is an encoder without a task head: it neither generates nor classifies")
+
+
+def cmd_export(args) -> None:
+    from .export import FORMATS, export
+    if args.format not in FORMATS:
+        raise ExplorerError(f"unknown format '{args.format}': use one of {', '.join(FORMATS)}")
+    lm, _ = _load(args, need_data=False)
+    res = export(lm, args.format, args.out, check=not args.no_check)
+    _write_json(res, args.json) if args.json else None
+    print(f"exported {args.format} -> {res['path']} ({res['bytes'] / 1e6:.1f} MB)" + (
+        f"; check: {res['check_summary']}" if res.get("check_summary") else ""), file=sys.stderr)
+    if res.get("check") and not res["check"].get("ok", True):
+        raise ExplorerError(f"the exported file does not reproduce the model: {res['check_summary']}")
 
 
 def cmd_sensitivity(args) -> None:
@@ -275,8 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=0, help="test examples / tokens (0: all / 16384)")
     p.add_argument("--batch-size", type=int, default=32, help="latency batch size")
     p.add_argument("--seq-len", type=int, default=128, help="latency sequence length")
+    p.add_argument("--speed-repeats", type=int, default=3,
+                   help="timed repeats of the speed figures (LMs: decode tokens/s at batch 1 and 8 with the KV cache, "
+                        "prefill ms; encoders: latency at 1 x 128 and 32 x 128); 0: skip them")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per decode measurement")
     p.add_argument("--json", required=True, help="output file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt (LMs) or classify a sentence (classifiers)")
+    _add_model_args(p, data=False)
+    p.add_argument("--prompt", required=True, help="the prompt (LMs) or sentence to classify")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--against", default=None, help="a second model (e.g. the dense one) to run on the same prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a model as ONNX (every architecture) or GGUF (LLaMA family)")
+    _add_model_args(p, data=False)
+    p.add_argument("--format", required=True, help="onnx or gguf (gguf-f16 for half-precision weights)")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--no-check", action="store_true", help="skip reading the file back / running it")
+    p.add_argument("--json", default=None, help="also write the export report here")
+    p.set_defaults(func=cmd_export)
     return ap
 
 

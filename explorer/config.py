@@ -93,6 +93,10 @@ class PruneConfig:
                             "training follows), so the quality chart shows what each step buys")
     layer_drop: int = opt(0, "also remove this many whole blocks first (lowest cosine importance, ShortGPT style)", min=0)
     eval_samples: int = opt(0, "test examples for accuracy (0: all) / tokens for perplexity (0: 16384)", min=0)
+    speed_repeats: int = opt(1, "timed repeats of the speed figures of the dense model and after every stage "
+                             "(LMs: decode tokens/s with the KV cache at batch 1 and 8, 16 new tokens, and prefill "
+                             "ms; encoders: latency at 1 x 128 and 32 x 128), after one warm-up; each repeat costs "
+                             "about 2 s for SmolLM2 on 2 cores; 0: skip them", min=0, max=100)
     seed: int = opt(0, "random seed for recovery and sampling")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -87,6 +88,106 @@ def latency(lm: LoadedModel, batch_size: int = 32, seq_len: int = 128, repeats: 
             "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats}
 
 
+def weight_mb(lm: LoadedModel) -> float:
+    """Memory of the weights and buffers in MB (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(lm.model.parameters()) + list(lm.model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 1e6
+
+
+@torch.inference_mode()
+def _decode_once(lm: LoadedModel, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Greedy generation with the KV cache, timed by hand: (prefill s, decode s of new_tokens - 1 steps)."""
+    model = lm.model
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # logits [B, 1, V]
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+    sync()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, cache=out.cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _random_ids(lm: LoadedModel, batch_size: int, seq_len: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(5, lm.model.config.vocab_size, (batch_size, seq_len), generator=g).to(lm.device)
+
+
+@torch.inference_mode()
+def _encoder_once(lm: LoadedModel, ids: torch.Tensor) -> float:
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    lm.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    sync()
+    return time.perf_counter() - t
+
+
+@dataclass(frozen=True)
+class SpeedSetup:
+    """What the speed figures refer to (stated next to them in every report)."""
+    prompt_len: int = 32  # LMs: prompt tokens (prefill)
+    new_tokens: int = 16  # LMs: generated tokens per measurement (greedy, KV cache)
+    decode_batches: tuple[int, ...] = (1, 8)
+    encoder_shapes: tuple[tuple[int, int], ...] = ((1, 128), (32, 128))  # (batch, seq) for encoders
+    repeats: int = 3  # timed repeats per figure after one warm-up; the median is reported
+
+
+def _speed_samples(lm: LoadedModel, setup: SpeedSetup) -> dict[str, float]:
+    """One measurement of every figure (no warm-up)."""
+    lm.model.eval()
+    if lm.task == "causal-lm":
+        out = {}
+        for b in setup.decode_batches:
+            prefill, decode = _decode_once(lm, _random_ids(lm, b, setup.prompt_len), setup.new_tokens)
+            out["decode_tokens_per_s" + (f"_b{b}" if b != 1 else "")] = b * (setup.new_tokens - 1) / max(decode, 1e-9)
+            if b == 1:
+                out["prefill_ms"] = prefill * 1000
+        return out
+    return {f"latency_b{b}x{t}_ms": _encoder_once(lm, _random_ids(lm, b, min(t, lm.max_positions))) * 1000
+            for b, t in setup.encoder_shapes}
+
+
+def speed(lm: LoadedModel, setup: SpeedSetup = SpeedSetup()) -> dict:
+    """Speed as users feel it: for LMs decode tokens/s with the KV cache (batch 1 and 8) and
+    prefill (time to first token, batch 1); for encoders latency at batch 1 and 32 x 128. Medians
+    of `setup.repeats` after a warm-up, with min/max; plus weight memory."""
+    return compare_speed({"model": lm}, setup)["model"]
+
+
+def compare_speed(models: dict[str, LoadedModel], setup: SpeedSetup = SpeedSetup()) -> dict[str, dict]:
+    """The same figures for several models measured interleaved (round r times every model once),
+    so that a machine getting busier or quieter shifts them all alike. Per model: the median and
+    [min, max] of each figure, weight MB; and `speedup` of every figure over the first model."""
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in models}
+    for lm in models.values():  # warm-up
+        _speed_samples(lm, setup)
+    for _ in range(setup.repeats):
+        for name, lm in models.items():
+            for k, v in _speed_samples(lm, setup).items():
+                samples[name].setdefault(k, []).append(v)
+    out = {}
+    for name, lm in models.items():
+        fig = {k: statistics.median(v) for k, v in samples[name].items()}
+        fig["spread"] = {k: [min(v), max(v)] for k, v in samples[name].items()}
+        fig["weight_mb"] = weight_mb(lm)
+        fig["setup"] = asdict(setup) | {"device": str(lm.device)}
+        out[name] = fig
+    first = next(iter(out.values()))
+    for name, fig in out.items():
+        fig["speedup"] = {k: (v / first[k] if k.startswith("decode") else first[k] / v)
+                          for k, v in fig.items() if isinstance(v, float) and k in first and k != "weight_mb"}
+    return out
+
+
 def quality(lm: LoadedModel, data: TextData, eval_samples: int = 0) -> dict:
     """Accuracy on the test split (classifiers) or perplexity on test text (LMs)."""
     if lm.task == "classification":
@@ -101,14 +202,17 @@ def quality(lm: LoadedModel, data: TextData, eval_samples: int = 0) -> dict:
 
 
 def evaluate(lm: LoadedModel, data: TextData, eval_samples: int = 0, timing: bool = True,
-             batch_size: int = 32, seq_len: int = 128) -> dict:
-    """Everything the reports show for one model."""
-    out = {"params": lm.n_params, "block_params": lm.block_params,
+             batch_size: int = 32, seq_len: int = 128, speed_setup: SpeedSetup | None = None) -> dict:
+    """Everything the reports show for one model: quality, size, FLOPs; with `timing`, the
+    forward latency at batch_size x seq_len and, with a `speed_setup`, the speed figures."""
+    out = {"params": lm.n_params, "block_params": lm.block_params, "weight_mb": weight_mb(lm),
            "flops_per_token": flops_per_token(lm, seq_len), **quality(lm, data, eval_samples)}
     if timing:
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         out.update(latency(lm, batch_size=batch_size, seq_len=seq_len))
+        if speed_setup is not None:
+            out["speed"] = speed(lm, speed_setup)
         if lm.device.type == "cuda":
             out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -69,6 +69,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """'auto' -> bfloat16 on CUDA, float32 elsewhere; a name or torch dtype as given; None keeps the stored one."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 @dataclass
 class LoadedModel:
     """A model with everything needed to analyse, prune and evaluate it."""
@@ -152,7 +166,7 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
 
 
 def load_model(name_or_path: str, *, task: str | None = None, device: str = "auto",
-               dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+               dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
                allow_pickle: bool = False, allow_local: bool = True, num_labels: int | None = None,
                max_length: int | None = None) -> LoadedModel:
     """Load a built-in name, a saved explorer directory, a local HF directory or a hub id."""
@@ -164,6 +178,7 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
     if task is not None and task not in TASKS:
         raise ModelError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     dev = resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
     kw = {"trust_remote_code": trust_remote_code}
     builtin = BUILTIN_MODELS.get(name)
     plan: dict = {}
@@ -236,6 +251,8 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
         raise ModelError(f"could not load '{name}': {str(e).splitlines()[0][:300]}") from None
     if builtin and builtin.lora_adapter:
         model = _apply_bundled_adapter(model, ASSETS / builtin.lora_adapter)
+    if gguf:
+        _forget_gguf(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
@@ -248,6 +265,18 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_length
     return LoadedModel(model, tok, task, name, adapter, dev, default_data,
                        min(max_length, max_pos), plan)
+
+
+def _forget_gguf(model: nn.Module) -> None:
+    """transformers dequantises GGUF weights on load but still calls the model quantised, which
+    makes `save_pretrained` refuse it. The weights are plain tensors now: say so, so that the
+    model saves as ordinary safetensors whose config no longer claims GGUF quantisation."""
+    assert all(p.dtype.is_floating_point for p in model.parameters()), "GGUF weights were not dequantised"
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 @contextlib.contextmanager
@@ -297,8 +326,9 @@ def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict) -> nn.
 
 
 def save_model(lm: LoadedModel, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Save weights (safetensors), config, tokenizer and the plan file. Written to a
-    temporary directory first and renamed, so a saved model is never half-written."""
+    """Save weights (safetensors, in the model's dtype), config, tokenizer, the plan file and a
+    model card (README.md). Written to a temporary directory first and renamed, so a saved model
+    is never half-written."""
     from .surgery import widths
 
     out = Path(out_dir).expanduser().resolve()
@@ -312,7 +342,9 @@ def save_model(lm: LoadedModel, out_dir: str | Path, extra: dict | None = None) 
                 "model_type": lm.model.config.model_type, "data": lm.default_data,
                 "loads_with_plain_from_pretrained": uniform_config,
                 "layers": widths(lm.adapter, lm.model), **(extra or {})}
-        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1, default=float))
+        from .export import model_card
+        (tmp / "README.md").write_text(model_card(lm, plan))
         if out.exists():
             old = out.with_name(out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

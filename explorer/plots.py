@@ -316,13 +316,18 @@ def pareto_front(cost: Sequence[float], quality: Sequence[float], higher_is_bett
 
 
 def pareto_chart(points: Sequence[Mapping], metric: str) -> go.Figure:
-    """Quality against parameters (left) and latency (right) for every stage of every run;
-    the Pareto front (nothing both smaller/faster and better) is drawn as a line.
-    `points`: [{"run", "model" (e.g. "stage 2"), "params", "latency_ms", "quality"}]."""
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=("vs parameters", "vs latency"))
+    """Quality against parameters (left) and speed (right) for every stage of every run; the
+    Pareto front (nothing both smaller/faster and better) is drawn as a line. Speed is the time
+    per decoded token at batch 1 where it was measured (LMs), else the forward latency.
+    `points`: [{"run", "model" (e.g. "stage 2"), "params", "latency_ms", "quality", "decode_tokens_per_s"?}]."""
+    points = [dict(p, ms_per_token=1000 / p["decode_tokens_per_s"]) if p.get("decode_tokens_per_s") else p
+              for p in points]
+    speed_key, speed_title = (("ms_per_token", "ms per decoded token (batch 1)")
+                              if any(p.get("ms_per_token") for p in points) else ("latency_ms", "latency (ms)"))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=("vs parameters", "vs speed"))
     higher = metric != "perplexity"
     runs = list(dict.fromkeys(p["run"] for p in points))
-    for col, key, scale in ((1, "params", 1e6), (2, "latency_ms", 1.0)):
+    for col, key, scale in ((1, "params", 1e6), (2, speed_key, 1.0)):
         pts = [p for p in points if p.get(key) is not None and p.get("quality") is not None]
         for i, run in enumerate(runs):
             mine = [p for p in pts if p["run"] == run]
@@ -338,11 +343,14 @@ def pareto_chart(points: Sequence[Mapping], metric: str) -> go.Figure:
             fig.add_scatter(x=[p[key] / scale for p in front], y=[p["quality"] for p in front], mode="lines",
                             name="Pareto front", legendgroup="front", showlegend=col == 1,
                             line=dict(color=GREY, dash="dash"), hoverinfo="skip", row=1, col=col)
+        if points and not pts and col == 2:
+            fig.add_annotation(text="speed not measured: turn on “Measure latency”", x=0.5, y=0.5,
+                               xref="x2 domain", yref="y2 domain", showarrow=False, font=dict(color=GREY))
     if not points:
         fig.add_annotation(text="finished runs appear here", x=0.5, y=0.5, xref="paper", yref="paper",
                            showarrow=False, font=dict(color=GREY))
     fig.update_xaxes(title_text="parameters (M)", row=1, col=1)
-    fig.update_xaxes(title_text="latency (ms)", row=1, col=2)
+    fig.update_xaxes(title_text=speed_title, row=1, col=2)
     fig.update_yaxes(title_text=_quality_axis(metric), row=1, col=1)
     return _layout(fig, "Pareto: quality against size and speed", legend_below=True)
 

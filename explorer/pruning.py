@@ -21,7 +21,7 @@ from .config import AllocationConfig, AnalysisConfig, PruneConfig, split_recover
 from .config import validate as validate_config
 from .data import TextData
 from .errors import OOM_HINT, Cancelled, DataError, ExplorerError, is_oom
-from .evaluate import evaluate, metric_name, quality
+from .evaluate import SpeedSetup, evaluate, metric_name, quality
 from .importance import Importance, analyze
 from .models import LoadedModel
 from .reconstruct import reconstruct
@@ -102,9 +102,18 @@ class StageRecord:
     sparsity: list[float] = field(default_factory=list)
     phases: dict = field(default_factory=dict)  # quality right after the cut / after reconstruction
     reconstruction: dict | None = None  # seconds, tokens, calibration error ratio, λ per projection
+    speed: dict | None = None  # decode tokens/s, prefill ms (LMs) or latencies (encoders), weight MB
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def speed_brief(ev: dict) -> dict | None:
+    """The headline speed figures of an evaluation (None without a speed measurement)."""
+    sp = ev.get("speed")
+    if not sp:
+        return None
+    return {k: v for k, v in sp.items() if isinstance(v, float)} | {"spread": sp.get("spread", {})}
 
 
 class PruningRun:
@@ -113,13 +122,15 @@ class PruningRun:
 
     def __init__(self, lm: LoadedModel, data: TextData, analysis: AnalysisConfig | None = None,
                  allocation: AllocationConfig | None = None, prune: PruneConfig | None = None,
-                 final_plan: Allocation | None = None, timing: bool = True, label: str = ""):
+                 final_plan: Allocation | None = None, timing: bool = True, label: str = "",
+                 dense_eval: dict | None = None):
         self.lm, self.data = lm, data
         self.analysis = analysis or AnalysisConfig()
         self.allocation = allocation or AllocationConfig()
         self.prune = prune or PruneConfig()
         self.final_plan = final_plan
         self.timing = timing
+        self.dense_given = dense_eval  # the dense model measured before with the same settings (the app caches it)
         self.label = label or f"{self.allocation.mode} A={self.allocation.amplitude:g}"
         self.records: list[StageRecord] = []
         self.dense: dict = {}
@@ -142,8 +153,16 @@ class PruningRun:
     def _should_stop(self) -> bool:
         return self._stop
 
+    def dense_settings(self) -> tuple:
+        """What a dense evaluation depends on: a cached one is reused only for the same settings."""
+        return (self.prune.eval_samples, self.timing, self.prune.speed_repeats)
+
+    def _dense_eval(self) -> dict:
+        return dict(self.dense_given) if self.dense_given else self._eval()
+
     def _eval(self) -> dict:
-        return evaluate(self.lm, self.data, self.prune.eval_samples, timing=self.timing)
+        setup = SpeedSetup(repeats=self.prune.speed_repeats) if self.prune.speed_repeats else None
+        return evaluate(self.lm, self.data, self.prune.eval_samples, timing=self.timing, speed_setup=setup)
 
     def _calibration(self, stage: int):
         return self.data.calibration(self.analysis.samples, stage=stage, seed=self.analysis.seed)
@@ -154,7 +173,7 @@ class PruningRun:
         self.status = "running"
         t_run = time.perf_counter()
         original = lm.block_params
-        self.dense = self._eval()
+        self.dense = self._dense_eval()
         yield {"type": "dense", "eval": self.dense, "metric": metric_name(lm)}
         last_good = copy.deepcopy(lm.model)
         teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None
@@ -181,6 +200,7 @@ class PruningRun:
                 losses: list[float] = []
                 for ev in self._recover(k, teacher, losses):
                     yield ev
+                yield {"type": "evaluating", "stage": k}
                 rec = self._record(k, original, losses, time.perf_counter() - t0, alloc)
                 rec.phases, rec.reconstruction = phases, recon
                 self.records.append(rec)
@@ -259,7 +279,8 @@ class PruningRun:
         q = {key: ev[key] for key in ("accuracy", "perplexity") if key in ev}
         return StageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / original, q,
                            ev.get("latency_ms"), ev["flops_per_token"], losses, seconds,
-                           widths(self.lm.adapter, self.lm.model), [l.sparsity for l in alloc.layers])
+                           widths(self.lm.adapter, self.lm.model), [l.sparsity for l in alloc.layers],
+                           speed=speed_brief(ev))
 
     def run(self) -> dict:
         """Run to the end (no streaming) and return the report."""
@@ -272,7 +293,8 @@ class PruningRun:
 
         def brief(ev):
             return {"params": ev.get("params"), "block_params": ev.get("block_params"), m: ev.get(m),
-                    "latency_ms": ev.get("latency_ms"), "flops_per_token": ev.get("flops_per_token")}
+                    "latency_ms": ev.get("latency_ms"), "flops_per_token": ev.get("flops_per_token"),
+                    **(speed_brief(ev) or {})}
         final = brief({**asdict(self.records[-1]), **self.records[-1].quality}) if self.records else brief(self.dense)
         return {"label": self.label, "model": self.lm.name, "data": self.data.name, "metric": m,
                 "status": self.status, "error": self.error,

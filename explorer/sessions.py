@@ -48,6 +48,7 @@ class Loaded:
     lm: LoadedModel
     data: TextData
     dense_eval: dict
+    dense_runs: dict = field(default_factory=dict)  # PruningRun.dense_settings() -> the dense model's evaluation
 
 
 @dataclass
@@ -148,7 +149,8 @@ class SessionRegistry:
         try:
             t = self.template
             if t is not None:  # copied outside the registry lock: other sessions need not wait
-                s.loaded = Loaded(copy.deepcopy(t.lm), t.data, dict(t.dense_eval))  # data are read-only: shared
+                s.loaded = Loaded(copy.deepcopy(t.lm), t.data, dict(t.dense_eval),  # data are read-only: shared
+                                  dense_runs=t.dense_runs)  # the same dense model: its measurements too
         finally:
             s._ready.set()
         return s

@@ -162,7 +162,9 @@ def test_table_edit_sets_a_layer_by_hand_and_the_chart_follows(ready):
 def test_run_streams_stages_then_history(ready):
     outs = run_all(ready, req("a"), stages=2)
     statuses = [o[4] for o in outs if isinstance(o[4], str)]
-    assert statuses[0].startswith("Dense model measured") and statuses[-1].startswith("Done: 2 stage(s)")
+    assert statuses[0].startswith("Measuring the dense model (16 test examples, no timing")  # the tiny test split
+    assert statuses[1].startswith("Dense model measured") and statuses[-1].startswith("Done: 2 stage(s)")
+    assert "Stage 2/2: evaluating (16 test examples" in " ".join(statuses)
     quality, _, cost, table, _, history, pareto = outs[-1]
     assert list(quality.data[1].text) == ["", "stage 1", "stage 2"]
     assert list(table["model"]) == ["dense", "stage 1", "stage 2"]
@@ -171,6 +173,7 @@ def test_run_streams_stages_then_history(ready):
     s = ready.registry.get("a")
     assert s.pruned is not None and s.pruned.block_params < s.loaded.lm.block_params  # the dense model stays
     outs = run_all(ready, req("a"), stages=1, plan="uniform")  # a second run overlays the first
+    assert outs[0][4].startswith("Dense model measurement reused")  # measured once per model and settings
     assert [t.name for t in outs[-1][5].data] == ["#1 exact A=0.05, S=0.3, K=2, none", "#2 uniform, S=0.3, K=1, none"]
 
 
@@ -238,12 +241,16 @@ def test_export_writes_model_zip_reports_and_charts(ready):
     run_all(ready, req("a"), stages=1)
     files, status = ready.on_export(req("a"))
     got = {Path(f).name: Path(f) for f in files}
-    assert set(got) == {"charts.html", "report.json", "report.csv", "pruned-model.zip"}, status
-    with zipfile.ZipFile(got["pruned-model.zip"]) as z:
+    zname = next(n for n in got if n.endswith(".zip"))
+    assert zname.startswith("tiny-bert") and zname.endswith("-run1-adaptive-S0.3.zip")  # model, run, method, budget
+    assert set(got) == {"charts.html", "report.json", "report.csv", zname}, status
+    with zipfile.ZipFile(got[zname]) as z:
         names = z.namelist()
-        z.extractall(got["pruned-model.zip"].parent / "unzipped")
-    assert "pruned-model/explorer_plan.json" in names and any(n.endswith(".safetensors") for n in names)
-    reloaded = load_model(str(got["pruned-model.zip"].parent / "unzipped" / "pruned-model"))
+        z.extractall(got[zname].parent / "unzipped")
+    stem = zname[:-4]
+    assert f"{stem}/explorer_plan.json" in names and f"{stem}/README.md" in names
+    assert any(n.endswith(".safetensors") for n in names)
+    reloaded = load_model(str(got[zname].parent / "unzipped" / stem))
     assert reloaded.summary()["ffn"] == ready.registry.get("a").pruned.summary()["ffn"]  # it loads back
     csv = pd.read_csv(got["report.csv"])
     assert list(csv["model"]) == ["dense", "stage 1"]

@@ -108,7 +108,7 @@ def test_recon_bench_smoke(tmp_path):
     res = json.loads((tmp_path / "recon.json").read_text())
     assert [r["model"] for r in res["results"]] == ["tiny-bert", "tiny-llama"]
     bert = res["results"][0]
-    assert {r["method"] for r in bert["rows"]} == {"uniform", "adaptive", "flap", "flap+refit"}
+    assert {r["method"] for r in bert["rows"]} == {"uniform", "adaptive", "flap", "flap+refit", "torch-pruning"}
     assert {r["seed"] for r in bert["rows"]} == {0, 1}
     for r in bert["rows"]:
         assert 0 <= r["recon"]["accuracy"] <= 1 and r["calibration_error_ratio"] <= 1.0 + 1e-9
@@ -117,8 +117,17 @@ def test_recon_bench_smoke(tmp_path):
     assert all(r["chosen_on"] == "val" and r["val"] for r in adaptive)
     llama = res["results"][1]
     assert all("perplexity_imdb" in r["recon"] for r in llama["rows"])
+    tp = [r for r in res["results"][1]["rows"] if r["method"] == "torch-pruning"]
+    assert tp and all(r["units"] == "FFN channels only (GQA)" and "cut" in r and "recon" in r for r in tp)
     md = (tmp_path / "RECON.md").read_text()
-    assert "## tiny-bert" in md and "| 30% | flap+refit |" in md and "vs uniform" in md
+    assert "## tiny-bert" in md and "| 30% | flap+refit | 2 |" in md and "vs uniform" in md
+    # an incremental run adds a seed's rows for one method and keeps the rest
+    run_bench("bench.recon", "--mode", "smoke", "--models", "tiny-bert", "--methods", "torch-pruning",
+              "--seeds", "5", "--merge", "--out", str(tmp_path))
+    merged = json.loads((tmp_path / "recon.json").read_text())["results"]
+    rows = next(r for r in merged if r["model"] == "tiny-bert")["rows"]
+    assert len(rows) == len(bert["rows"]) + 1 and {r["seed"] for r in rows} == {0, 1, 5}
+    assert [r["model"] for r in merged] == ["tiny-llama", "tiny-bert"]
 
 
 def test_recipe_bench_smoke(tmp_path):

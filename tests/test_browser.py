@@ -155,3 +155,58 @@ def test_stop_during_the_importance_analysis(driver):
     status = d.wait_text("importance-status", "Stopped: the analysis was cancelled")
     assert "the previous importance and allocation stay" in status and status != before
     assert d.plot("layer-importance-plot")  # the last heatmaps stay
+
+
+def _answers(d: Driver, prompt: str) -> tuple[str, str, str]:
+    """Type a prompt in the Export tab's side-by-side panel, press Run both; (dense, pruned, status)."""
+    d.tab("export")
+    d.page.locator("#prompt-input textarea").fill(prompt)
+    status = d.click_and_wait("generate-btn", "generate-status", "Dense:")
+    return (d.page.locator("#dense-output textarea").input_value(),
+            d.page.locator("#pruned-output textarea").input_value(), status)
+
+
+def test_side_by_side_classification_and_onnx_export(driver):
+    """After the runs above: both models classify a typed sentence; the pruned model exports to ONNX."""
+    d = driver
+    dense, pruned, status = _answers(d, "A warm, funny and beautifully acted film.")
+    assert "positive:" in dense and "negative:" in dense and "positive:" in pruned, (dense, pruned)
+    assert "Pruned:" in status and "ms" in status
+    d.page.locator("#export-formats label", has_text="ONNX").click()
+    status = d.click_and_wait("export-btn", "export-status", "Exported")
+    assert ".onnx" in status and "onnxruntime max" in status and "ok" in status, status
+    assert ".onnx" in d.text("export-files") and ".zip" in d.text("export-files")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_server(tmp_path_factory):
+    """The app on a tiny random LLaMA (GQA) saved as a model directory, and a text file."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_data, tiny_lm
+    from explorer.models import save_model
+    root = tmp_path_factory.mktemp("tiny-llama-app")
+    model = save_model(tiny_lm("llama"), root / "tiny-llama")
+    text = root / "words.txt"
+    text.write_text("\n\n".join(sum(tiny_data(200).texts.values(), [])))
+    with AppServer("--model", str(model), "--data", str(text)) as s:
+        yield s
+
+
+def test_language_model_prune_generate_and_export_gguf_and_onnx(driver, tiny_llama_server):
+    """A causal LM end to end in the page: prune with reconstruction, read both continuations,
+    export the pruned model to GGUF and ONNX (both checked)."""
+    page = driver.page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    d = Driver(page, tiny_llama_server.url, timeout_s=180)
+    d.open()
+    status = d.run(1, "reconstruct")
+    assert status.startswith("Done: 1 stage(s)"), status
+    assert "decode tok/s (b1)" in d.text("stage-table")  # speed as users feel it, per stage
+    dense, pruned, status = _answers(d, "w3 w4 w5")
+    assert dense.strip() and pruned.strip() and "tokens/s" in status, (dense, pruned, status)
+    for fmt in ("ONNX", "GGUF"):
+        d.page.locator("#export-formats label", has_text=fmt).click()
+    status = d.click_and_wait("export-btn", "export-status", "Exported")
+    assert "onnxruntime max" in status and "read back (" in status and "match" in status, status
+    files = d.text("export-files")
+    assert ".gguf" in files and ".onnx" in files and ".zip" in files
+    page.close()

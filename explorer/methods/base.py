@@ -25,7 +25,7 @@ from ..errors import Cancelled, ExplorerError
 from ..evaluate import batched_logits, metric_name, perplexity
 from ..importance import Importance, analyze
 from ..models import LoadedModel
-from ..pruning import PruningRun, StageRecord, apply_allocation, stage_sparsity
+from ..pruning import PruningRun, StageRecord, apply_allocation, speed_brief, stage_sparsity
 from ..recovery import recover_steps
 from ..surgery import widths
 
@@ -60,7 +60,7 @@ class MethodRun(PruningRun):
         self.status = "running"
         t_run = time.perf_counter()
         self.original = lm.block_params
-        self.dense = self._eval()
+        self.dense = self._dense_eval()
         ev = {"type": "dense", "eval": self.dense, "metric": metric_name(lm), "method": self.method}
         if self.note:
             ev["note"] = self.note
@@ -129,7 +129,7 @@ class MethodRun(PruningRun):
         return MethodStageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / self.original, q,
                                  ev.get("latency_ms"), ev["flops_per_token"], list(losses), seconds,
                                  widths(self.lm.adapter, self.lm.model), [float(s) for s in sparsity],
-                                 extra=extra or None)
+                                 speed=speed_brief(ev), extra=extra or None)
 
     def _stage_event(self, rec: StageRecord) -> dict:
         self.records.append(rec)
@@ -165,6 +165,7 @@ class MethodRun(PruningRun):
             yield from self._train(k, cfg, losses, teacher)
             if before_record is not None:
                 yield from before_record(k, losses)
+            yield {"type": "evaluating", "stage": k}
             rec = self._make_record(k, losses, time.perf_counter() - t0, [l.sparsity for l in alloc.layers])
             rec.phases, rec.reconstruction = phases, recon
             yield self._stage_event(rec)

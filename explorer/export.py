@@ -1,0 +1,144 @@
+"""Export: formats that run outside the explorer, and the model card of a saved directory.
+
+  * onnx      every adapter; any per-layer width is fine in a graph (export_onnx.py), checked
+              by onnxruntime against PyTorch's logits on held-out sentences;
+  * gguf      LLaMA family (export_gguf.py), per-layer `feed_forward_length` / `head_count(_kv)`
+              arrays; written as llama.cpp's `llama` architecture when every layer has the same
+              width, else as `deci` (same tensors, per-layer sizes: llama.cpp's `llama` graph sizes
+              every layer from layer 0); checked by reading it back; gguf-f16 halves it;
+  * the model card: README.md with Hugging Face front matter, written by `save_model`.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import ExplorerError
+from .models import BUILTIN_MODELS, LoadedModel, package_dir
+
+FORMATS = ("onnx", "gguf", "gguf-f16")
+ONNX_ATOL, ONNX_RTOL = 1e-4, 2e-5  # onnxruntime vs PyTorch: absolute, or relative to the largest output
+
+# Held-out inputs of the ONNX check: none of them comes from a data set the explorer uses.
+CHECK_SENTENCES = [
+    "The committee will publish its findings on the new railway line next spring.",
+    "A quiet film, beautifully shot, that never quite finds its story.",
+    "Prices rose again in March",
+    "She said the results were better than anyone had expected, and that the team would keep going.",
+]
+
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm-rt": "sentence-transformers/all-MiniLM-L6-v2",
+           "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def source_gguf(lm: LoadedModel) -> Path | None:
+    """The GGUF file a model (or the model it was pruned from) was loaded from, if any: its
+    tokenizer is copied verbatim into an exported GGUF."""
+    for name in (lm.name, lm.plan.get("base")):
+        b = BUILTIN_MODELS.get(name or "")
+        if b and b.gguf:
+            return package_dir(b.package) / b.subdir / b.gguf
+    return None
+
+
+def export(lm: LoadedModel, fmt: str, out: str | Path, check: bool = True) -> dict:
+    """Write `lm` as `fmt` to the file `out`; with `check`, verify the file reproduces the model."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ExplorerError(f"'{out}' is a directory: give a file name (e.g. {out / ('model.' + fmt.split('-')[0])})")
+    if fmt not in FORMATS:
+        raise ExplorerError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if fmt == "onnx":
+        from .export_onnx import check_onnx, export_onnx
+        res = export_onnx(lm, out)
+        if check:
+            c = check_onnx(lm, out, CHECK_SENTENCES)
+            # 1e-4 absolute; a 30-layer LM's float32 logits (|z| ~ 30) differ by more than that between two
+            # PyTorch thread counts (SmolLM2: 6.6e-4), so a relative 2e-5 of the largest logit also passes
+            c["ok"] = c["max_abs_diff"] <= ONNX_ATOL or c["max_rel_diff"] <= ONNX_RTOL
+            res["check"] = c
+            res["check_summary"] = (f"onnxruntime max |Δ| {c['max_abs_diff']:.1e} (relative {c['max_rel_diff']:.1e}; "
+                                    f"{'ok' if c['ok'] else 'NOT within tolerance'}), {c['onnx_ms']:.1f} ms vs "
+                                    f"PyTorch {c['torch_ms']:.1f} ms at {c['batch_size']} x {c['seq_len']}")
+    else:
+        from .export_gguf import check_gguf, export_gguf
+        res = export_gguf(lm, out, dtype="f16" if fmt == "gguf-f16" else "f32", source_gguf=source_gguf(lm))
+        if check:
+            c = check_gguf(lm, out)
+            res["check"] = c
+            res["check_summary"] = (f"read back ({res['architecture']} architecture): per-layer widths, tensor "
+                                    "shapes and values match" if c["ok"] else "; ".join(c["problems"][:3]))
+            res["check_summary"] += "".join(f"; note: {w}" for w in res.get("warnings", []))
+    res.update(format=fmt, seconds=time.perf_counter() - t0)
+    return res
+
+
+# --- the model card ------------------------------------------------------------------------------
+
+def _fmt(v, metric: str = "") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if metric == "accuracy":
+        return f"{v:.4f}"
+    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4f}"
+
+
+def model_card(lm: LoadedModel, plan: dict) -> str:
+    """README.md of a saved model: what it came from, how it was pruned, what it measures, and how
+    to load it (front matter as the Hugging Face hub reads it)."""
+    base = plan.get("base", lm.name)
+    report = plan.get("report") or {}
+    metric = report.get("metric", "")
+    pipeline = {"causal-lm": "text-generation", "classification": "text-classification"}.get(lm.task,
+                                                                                              "feature-extraction")
+    lines = ["---", f"base_model: {HUB_IDS.get(base, base)}", "library_name: transformers",
+             f"pipeline_tag: {pipeline}", "tags:", "- pruned", "- structured-pruning", "- pruning-explorer", "---", "",
+             f"# {Path(str(base)).name}, structurally pruned", "",
+             f"Pruned with Pruning Explorer from `{base}` ({plan.get('model_type')}, task {lm.task}). "
+             "Attention heads (whole KV groups for GQA) and FFN neurons were removed physically: every layer has "
+             "its own width, listed below.", ""]
+    cfg = report.get("config") or {}
+    if cfg:
+        a, al, p = cfg.get("analysis", {}), cfg.get("allocation", {}), cfg.get("prune", {})
+        lines += ["## Method", "",
+                  f"- method: {report.get('method', 'adaptive')}; allocation {al.get('mode')} with target "
+                  f"S_base = {al.get('target')}, A = {al.get('amplitude')} (normalisation {al.get('normalization')}), "
+                  f"split {al.get('split')}",
+                  f"- importance: {a.get('metric')} on {a.get('samples')} calibration samples of `{plan.get('data')}`",
+                  f"- {p.get('stages')} stage(s), recovery {p.get('recovery')}, {p.get('recovery_steps')} steps per "
+                  "stage", ""]
+    dense, final = report.get("dense") or {}, report.get("final") or {}
+    if dense and final:
+        rows = [(metric + " (test)", metric), ("parameters", "params"), ("block parameters", "block_params"),
+                ("weights, MB", "weight_mb"), ("latency, ms (forward, 32 x 128)", "latency_ms"),
+                ("decode tokens/s (batch 1, KV cache)", "decode_tokens_per_s"),
+                ("decode tokens/s (batch 8)", "decode_tokens_per_s_b8"), ("prefill ms (batch 1)", "prefill_ms"),
+                ("latency ms (1 x 128)", "latency_b1x128_ms"), ("latency ms (32 x 128)", "latency_b32x128_ms")]
+        lines += ["## Dense vs pruned", "", "Measured by the explorer at the end of the run (speed on the machine "
+                  "that ran it, dense measured at the start of the run).", "", "| | dense | pruned |", "|---|---|---|"]
+        lines += [f"| {label} | {_fmt(dense.get(k), metric)} | {_fmt(final.get(k), metric)} |"
+                  for label, k in rows if dense.get(k) is not None or final.get(k) is not None]
+        lines.append("")
+    layers = plan.get("layers") or []
+    if layers:
+        lines += ["## Plan per layer", "", "| layer | KV groups (attention units) | FFN neurons |", "|---|---|---|"]
+        lines += [f"| {i} | {w['groups']} | {w['neurons']} |" for i, w in enumerate(layers)]
+        lines.append("")
+    plain = plan.get("loads_with_plain_from_pretrained")
+    lines += ["## How to load", "", "```python", "from explorer.models import load_model  # Pruning Explorer",
+              "lm = load_model('path/to/this/folder')  # rebuilds the per-layer widths from explorer_plan.json",
+              "```", ""]
+    if plain:
+        lines += ["Every layer has the same width, so plain transformers loads it too:", "", "```python",
+                  "from transformers import AutoModel, AutoTokenizer",
+                  "model = AutoModel.from_pretrained('path/to/this/folder')", "```", ""]
+    else:
+        lines += ["The widths differ between layers, which a transformers config cannot express; "
+                  "`explorer_plan.json` holds them. For other runtimes export it: "
+                  "`python -m explorer export --model DIR --format onnx --out model.onnx`"
+                  + (" (or `--format gguf` for llama.cpp)." if lm.adapter.family == "LLaMA" else "."), ""]
+    return "\n".join(lines)
