@@ -138,3 +138,17 @@ def test_recipe_bench_smoke(tmp_path):
     for r in res["rows"]:
         assert {"cut", "reconstructed", "trained", "val"} <= set(r)
     assert "after distillation" in (tmp_path / "RECIPE.md").read_text()
+
+
+def test_decode_bench_smoke(tmp_path):
+    """`python -m bench.decode --mode smoke`: interleaved decode / latency figures and the ONNX check."""
+    run_bench("bench.decode", "--mode", "smoke", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "decode.json").read_text())["results"]
+    lm, enc = res
+    assert [r["name"] for r in lm["rows"]] == ["dense", "uniform 30%"]
+    for r in lm["rows"]:
+        assert r["decode_tokens_per_s"] > 0 and r["decode_tokens_per_s_b8"] > 0 and r["prefill_ms"] > 0
+        assert len(r["spread"]["prefill_ms"]) == 2 and r["onnx"]["ok"]
+    assert lm["rows"][1]["params"] < lm["rows"][0]["params"]
+    assert all(r["latency_b32x128_ms"] > 0 and r["onnx"]["max_abs_diff"] < 1e-4 for r in enc["rows"])
+    assert "decode tok/s b1" in (tmp_path / "DECODE.md").read_text()
