@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -36,7 +36,7 @@ import pandas as pd  # noqa: E402
 from explorer import plots  # noqa: E402
 from explorer.allocation import Allocation, allocate  # noqa: E402
 from explorer.config import (LABEL_FREE_METRICS, METRICS, AllocationConfig, AnalysisConfig,  # noqa: E402
-                             PruneConfig, choices_of, help_of, validate)
+                             PruneConfig, choices_of, help_of, split_recovery, validate)
 from explorer.data import BUILTIN_DATA, load_data  # noqa: E402
 from explorer.errors import OOM_HINT, Cancelled, DataError, ExplorerError, is_oom  # noqa: E402
 from explorer.evaluate import evaluate, metric_name  # noqa: E402
@@ -55,6 +55,12 @@ MAX_UPLOAD_MB = 100  # largest data file a browser may upload (--max-upload-mb)
 MODEL_DEFAULT_DATA = "(the model's default)"
 ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a busy session says it does
 PLANS = ("adaptive", "uniform", "manual table")
+# Config fields the tabs do not show: the Prune tab's "Advanced" accordion is generated from their metadata,
+# so a new field appears there without UI code. (class, field name) in the order of on_run's *advanced.
+SHOWN = {"stages", "recovery", "recovery_steps", "eval_samples", "samples", "metric", "target", "amplitude", "mode",
+         "max_sparsity", "round_to", "split", "normalization", "batch_size"}
+ADVANCED = [(cls, f.name) for cls in (PruneConfig, AnalysisConfig, AllocationConfig) for f in fields(cls)
+            if f.name not in SHOWN]
 EXPORT_ZIP = "pruned model (safetensors, zip)"
 EXPORT_FORMATS = {EXPORT_ZIP: None, "ONNX": "onnx", "GGUF f16 (llama.cpp)": "gguf-f16"}  # label -> export format
 TABLE_COLUMNS = ["layer", "Î_L", "sparsity", "actual", "heads kept", "neurons kept", "note"]
@@ -488,18 +494,24 @@ class ExplorerApp:
 
     # tab 4
     def on_run(self, stages, recovery, steps, plan, method, target, amplitude, mode, max_sparsity, round_to, split,
-               metric, samples, eval_n, timing, request: gr.Request, normalization="maxabs"):
-        """Generator -> (quality, loss, cost, stage table, status, history, pareto) per event."""
+               metric, samples, eval_n, timing, request: gr.Request, normalization="maxabs", *advanced):
+        """Generator -> (quality, loss, cost, stage table, status, history, pareto) per event.
+        `advanced`: the Advanced accordion's values, in the order of ADVANCED (defaults when absent)."""
         s = self.session(request)
         skip7 = (gr.skip(),) * 7
         try:
             with s.busy(RUN_JOB):
                 loaded = require_loaded(s)
+                adv = advanced_configs(advanced) if advanced else {PruneConfig: {}, AnalysisConfig: {},
+                                                                   AllocationConfig: {}}
                 prune = PruneConfig(stages=number(stages, "stages", int), recovery=recovery,
                                     recovery_steps=number(steps, "recovery steps", int),
-                                    eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)))
-                analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric)
-                alloc_cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization)
+                                    eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)),
+                                    **adv[PruneConfig])
+                analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric,
+                                          **adv[AnalysisConfig])
+                alloc_cfg = replace(allocation_config(target, amplitude, mode, max_sparsity, round_to, split,
+                                                      normalization), **adv[AllocationConfig])
                 final_plan = None
                 if plan == "uniform":
                     alloc_cfg = replace(alloc_cfg, mode="uniform", amplitude=0.0)
@@ -514,7 +526,9 @@ class ExplorerApp:
                     desc = f"{method} A={alloc_cfg.amplitude:g}"
                 if alloc_cfg.split != "salience":
                     desc += f", {alloc_cfg.split} split"
-                label = f"#{len(s.history) + 1} {desc}, S={alloc_cfg.target:g}, K={prune.stages}, {recovery}"
+                steps_txt = f" {prune.recovery_steps} steps" if split_recovery(recovery)[1] != "none" else ""
+                label = (f"#{len(s.history) + 1} {desc}, S={alloc_cfg.target:g}, K={prune.stages}, {recovery}{steps_txt}"
+                         + non_default(adv))
                 lm = copy.deepcopy(loaded.lm)  # the session's dense model stays intact for the next run
                 if method in ("adaptive", "uniform"):  # the Allocation choice above decides
                     run = PruningRun(lm, loaded.data, analysis, alloc_cfg, prune, final_plan=final_plan,
@@ -588,8 +602,12 @@ class ExplorerApp:
             else:  # stopped / error / done: the run is over
                 if run.records:
                     s.pruned = run.lm
-                s.history.append(run.report())
                 done = len(run.records)
+                rep = run.report()
+                if kind != "done":  # a label that says how the run ended
+                    rep["label"] += " (stopped)" if kind == "stopped" else f" (failed at stage {done + 1})"
+                    run.label = rep["label"]
+                s.history.append(rep)
                 status = {"done": f"Done: {done} stage(s) in {ev.get('seconds', 0):.0f} s. Export it in the Export tab.",
                           "stopped": f"Stopped: kept the model after stage {done}." if done else
                                      "Stopped before the first stage finished: nothing was pruned.",
@@ -682,6 +700,20 @@ class ExplorerApp:
         return [str(p) for p in files], (f"Exported {names}." + (f" Missing: {'; '.join(missing)}." if missing else "")
                                          + "".join(f"\n\n{c}" for c in checks))
 
+    def plan_json(self, request: gr.Request) -> dict:
+        """The plan the Allocation tab shows now (per layer: S_L, kept heads/groups/neurons), as JSON."""
+        s = self.session(request)
+        if s.allocation is None:
+            return {"error": "no plan yet: compute importance first"}
+        return s.allocation.to_json()
+
+    def analysis_json(self, request: gr.Request) -> dict:
+        """The last importance analysis (per-layer importance, unit salience), as JSON."""
+        s = self.session(request)
+        if s.importance is None:
+            return {"error": "no analysis yet: compute importance first"}
+        return {"model": s.loaded.lm.name if s.loaded else None, **s.importance.to_json()}
+
     def on_generate(self, prompt, max_new_tokens, temperature, request: gr.Request):
         """-> dense output, pruned output, status: the same prompt through both models."""
         s = self.session(request)
@@ -718,6 +750,24 @@ def try_model(lm, prompt: str, max_new_tokens: int, temperature: float) -> dict:
         return {"text": "\n".join(f"{k}: {v:.3f}" for k, v in sorted(c["probabilities"].items(), key=lambda kv: -kv[1])),
                 "stats": f"{c['label']} in {c['seconds'] * 1000:.0f} ms"}
     raise ExplorerError("this model is an encoder without a task head: there is nothing to generate or classify")
+
+
+def advanced_configs(values) -> dict[type, dict]:
+    """The Advanced accordion's values, per config class: {PruneConfig: {"lr": ...}, ...}."""
+    out: dict[type, dict] = {PruneConfig: {}, AnalysisConfig: {}, AllocationConfig: {}}
+    for (cls, name), v in zip(ADVANCED, values):
+        default = next(f.default for f in fields(cls) if f.name == name)
+        out[cls][name] = v if isinstance(default, (bool, str)) else number(v, name.replace("_", " "), type(default))
+    return out
+
+
+def non_default(configs: dict[type, dict]) -> str:
+    """', lr=0.0001, seed=3' for the advanced values that differ from the defaults (for run labels)."""
+    parts = []
+    for cls, vals in configs.items():
+        defaults = {f.name: f.default for f in fields(cls)}
+        parts += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items() if v != defaults[k]]
+    return "".join(", " + p for p in parts)
 
 
 def evaluation_note(run: PruningRun) -> str:
@@ -792,6 +842,21 @@ CSS = """
 #load-btn, #importance-btn, #run-btn { min-width: 140px; }
 .status-line { min-height: 1.6em; }
 """
+
+
+def config_control(cls, name: str):
+    """A control for one config field, from its metadata (type, default, help, choices, range)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    md = f.metadata
+    prefix = "calibration " if cls is AnalysisConfig else ""  # AnalysisConfig.seed vs PruneConfig.seed
+    kw = {"label": prefix + name.replace("_", " "), "info": md.get("help"),
+          "elem_id": "adv-" + (prefix + name).replace("_", "-").replace(" ", "-")}
+    if isinstance(f.default, bool):
+        return gr.Checkbox(f.default, **kw)
+    if md.get("choices"):
+        return gr.Dropdown(list(md["choices"]), value=f.default, **kw)
+    return gr.Number(f.default, precision=0 if isinstance(f.default, int) else None, minimum=md.get("min"),
+                     maximum=md.get("max"), **kw)
 
 
 def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data: str | None = None,
@@ -895,6 +960,11 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                                             info=f"0: {EVAL_EXAMPLES} test examples (accuracy) / {EVAL_TOKENS} tokens (perplexity)")
                         timing_in = gr.Checkbox(True, label="Measure latency (batch 32 × 128 tokens, median of 5)",
                                                 elem_id="timing-input")
+                with gr.Accordion("Advanced: every other setting of the run", open=False):
+                    adv_in = []
+                    for i in range(0, len(ADVANCED), 4):
+                        with gr.Row():
+                            adv_in += [config_control(cls, name) for cls, name in ADVANCED[i:i + 4]]
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -941,27 +1011,31 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
         alloc_out = [alloc_plot, alloc_table, alloc_md]
         derived = [layer_plot, heads_plot, neurons_plot, imp_status, *alloc_out, quality_plot, loss_plot, cost_plot,
                    stage_table, run_status, history_plot, pareto_plot]
-        demo.load(app.on_page_load, None, [summary, load_status])
+        private = {"api_visibility": "private"}  # UI plumbing; the named endpoints below are the API
+        demo.load(app.on_page_load, None, [summary, load_status], **private)
         load_btn.click(app.on_load, [model_in, task_in, data_in, upload, text_col, label_col],
-                       [summary, load_status, metric_in, recovery_in, *derived])
+                       [summary, load_status, metric_in, recovery_in, *derived], api_name="load")
         imp_btn.click(app.on_importance, [metric_in, samples_in, batch_in, *alloc_in],
-                      [layer_plot, heads_plot, neurons_plot, imp_status, *alloc_out])
+                      [layer_plot, heads_plot, neurons_plot, imp_status, *alloc_out], api_name="analyze")
         for comp in alloc_in[:-1]:
-            comp.change(app.on_allocation, alloc_in, alloc_out, concurrency_limit=None, show_progress="hidden")
+            comp.change(app.on_allocation, alloc_in, alloc_out, concurrency_limit=None, show_progress="hidden",
+                        **private)
         norm_in.change(app.on_normalization, alloc_in, [layer_plot, *alloc_out], concurrency_limit=None,
-                       show_progress="hidden")
+                       show_progress="hidden", **private)
         alloc_table.input(app.on_table_edit, [alloc_table, *alloc_in], alloc_out, concurrency_limit=None,
-                          show_progress="hidden")
-        reset_btn.click(app.on_reset_manual, alloc_in, alloc_out, concurrency_limit=None)
+                          show_progress="hidden", **private)
+        reset_btn.click(app.on_reset_manual, alloc_in, alloc_out, concurrency_limit=None, **private)
+        gr.api(app.plan_json, api_name="plan_json")
+        gr.api(app.analysis_json, api_name="analysis_json")
         run_btn.click(app.on_run, [stages_in, recovery_in, steps_in, plan_in, method_in, *alloc_in[:-1], metric_in,
-                                   samples_in, eval_in, timing_in, norm_in],
+                                   samples_in, eval_in, timing_in, norm_in, *adv_in],
                       [quality_plot, loss_plot, cost_plot, stage_table, run_status, history_plot, pareto_plot],
-                      show_progress="minimal")
-        stop_btn.click(app.on_stop, None, run_status, concurrency_limit=None, show_progress="hidden")
-        imp_stop_btn.click(app.on_stop, None, imp_status, concurrency_limit=None, show_progress="hidden")
-        export_btn.click(app.on_export, formats_in, [export_files, export_status])
+                      show_progress="minimal", api_name="run")
+        stop_btn.click(app.on_stop, None, run_status, concurrency_limit=None, show_progress="hidden", api_name="stop")
+        imp_stop_btn.click(app.on_stop, None, imp_status, concurrency_limit=None, show_progress="hidden", **private)
+        export_btn.click(app.on_export, formats_in, [export_files, export_status], api_name="export")
         generate_btn.click(app.on_generate, [prompt_in, new_tokens_in, temperature_in],
-                           [dense_out, pruned_out, generate_status])
+                           [dense_out, pruned_out, generate_status], api_name="generate")
         demo.unload(app.on_unload)
     return demo
 

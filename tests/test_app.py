@@ -283,3 +283,27 @@ def test_other_methods_run_from_the_ui(ready, method):
     outs = run_all(ready, req("methods-" + method), method=method, stages=1)
     status = outs[-1][4]
     assert "Done" in status, status
+
+
+def test_advanced_settings_reach_the_run_and_its_label(ready):
+    """The Advanced accordion (generated from the config dataclasses) sets any field of the run."""
+    from dataclasses import fields
+    defaults = {(cls, f.name): f.default for cls in (A.PruneConfig, A.AnalysisConfig, A.AllocationConfig)
+                for f in fields(cls)}
+    values = [defaults[key] for key in A.ADVANCED]
+    values[A.ADVANCED.index((A.PruneConfig, "lora_rank"))] = 4
+    values[A.ADVANCED.index((A.PruneConfig, "seed"))] = 3
+    values[A.ADVANCED.index((A.AllocationConfig, "prune_attention"))] = False
+    outs = list(ready.on_run(1, "lora", 2, "adaptive", "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
+                             req("a"), "maxabs", *values))
+    assert outs[-1][4].startswith("Done"), outs[-1][4]
+    rep = ready.registry.get("a").history[-1]
+    assert rep["config"]["prune"]["lora_rank"] == 4 and rep["config"]["prune"]["seed"] == 3
+    assert rep["config"]["allocation"]["prune_attention"] is False
+    assert rep["label"].endswith("lora 2 steps, lora_rank=4, seed=3, prune_attention=False"), rep["label"]
+    assert ready.registry.get("a").pruned.summary()["kv_groups"] == [4, 4, 4]  # attention left whole
+    bad = list(values)
+    bad[A.ADVANCED.index((A.PruneConfig, "lr"))] = "fast"
+    out = list(ready.on_run(1, "lora", 2, "adaptive", "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
+                            req("a"), "maxabs", *bad))[-1]
+    assert out[4].startswith("⚠️") and "lr" in out[4]

@@ -210,3 +210,25 @@ def test_language_model_prune_generate_and_export_gguf_and_onnx(driver, tiny_lla
     files = d.text("export-files")
     assert ".gguf" in files and ".onnx" in files and ".zip" in files
     page.close()
+
+
+def test_gradio_client_named_endpoints(server):
+    """The programmable API: named endpoints, and plain JSON for the analysis and the plan."""
+    from gradio_client import Client
+    c = Client(server.url, verbose=False)
+    names = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/load", "/analyze", "/plan_json", "/analysis_json", "/run", "/stop", "/export", "/generate"} <= names
+    assert not any(n.startswith("/on_") or n.startswith("/lambda") for n in names)  # handlers stay private
+    assert c.predict(api_name="/plan_json")["error"].startswith("no plan yet")
+    out = c.predict(MODEL, "auto", "(the model's default)", None, "text", "label", api_name="/load")
+    assert out[1].startswith(f"Loaded `{MODEL}`") or f"Loaded {MODEL}" in out[1], out[1]
+    out = c.predict("taylor", 16, 8, 0.3, 0.05, "exact", 0.95, 1, "salience", "maxabs", api_name="/analyze")
+    assert "Importance from 16" in out[3]
+    plan = c.predict(api_name="/plan_json")
+    assert len(plan["layers"]) == 6 and abs(plan["removed_fraction"] - 0.3) < 0.02
+    assert all({"sparsity", "keep_groups", "keep_neurons"} <= set(layer) for layer in plan["layers"])
+    analysis = c.predict(api_name="/analysis_json")
+    assert len(analysis["layers"]) == 6 and analysis["model"] == MODEL
+    outs = c.predict(1, "reconstruct", 0, "adaptive", "adaptive", 0.3, 0.05, "exact", 0.95, 1, "salience",
+                     "taylor", 16, 100, False, "maxabs", api_name="/run")
+    assert outs[4].startswith("Done: 1 stage(s)"), outs[4]
