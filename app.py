@@ -39,7 +39,7 @@ from explorer.config import (LABEL_FREE_METRICS, METRICS, AllocationConfig, Anal
                              PruneConfig, choices_of, help_of, split_recovery, validate)
 from explorer.data import BUILTIN_DATA, load_data  # noqa: E402
 from explorer.errors import OOM_HINT, Cancelled, DataError, ExplorerError, is_oom  # noqa: E402
-from explorer.evaluate import evaluate, metric_name  # noqa: E402
+from explorer.evaluate import evaluate, metric_name, quality  # noqa: E402
 from explorer.export import export  # noqa: E402
 from explorer.generate import classify, generate  # noqa: E402
 from explorer.importance import analyze  # noqa: E402
@@ -57,7 +57,7 @@ ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a b
 PLANS = ("adaptive", "uniform", "manual table")
 # Config fields the tabs do not show: the Prune tab's "Advanced" accordion is generated from their metadata,
 # so a new field appears there without UI code. (class, field name) in the order of on_run's *advanced.
-SHOWN = {"stages", "recovery", "recovery_steps", "eval_samples", "samples", "metric", "target", "amplitude", "mode",
+SHOWN = {"stages", "recovery", "recovery_steps", "eval_samples", "eval_split", "samples", "metric", "target", "amplitude", "mode",
          "max_sparsity", "round_to", "split", "normalization", "batch_size"}
 ADVANCED = [(cls, f.name) for cls in (PruneConfig, AnalysisConfig, AllocationConfig) for f in fields(cls)
             if f.name not in SHOWN]
@@ -144,9 +144,9 @@ def _widths(values: list[int]) -> str:
 
 def _quality_text(ev: dict) -> str:
     if "accuracy" in ev:
-        return f"accuracy **{ev['accuracy']:.2%}** on {ev.get('eval_examples', '?'):,} test examples"
+        return f"accuracy **{ev['accuracy']:.2%}** on {ev.get('eval_examples', '?'):,} {ev.get('eval_split', 'test')} examples"
     if "perplexity" in ev:
-        return f"perplexity **{ev['perplexity']:.2f}** on {ev.get('eval_tokens', '?'):,} test tokens"
+        return f"perplexity **{ev['perplexity']:.2f}** on {ev.get('eval_tokens', '?'):,} {ev.get('eval_split', 'test')} tokens"
     return "not measured (no task head: encoder models are analysed with label-free metrics only)"
 
 
@@ -234,7 +234,7 @@ def speed_columns(ev: dict) -> dict:
     return {k: ev.get(k) for k in SPEED_COLUMNS}
 
 
-def stage_table(rows: list[dict], metric: str) -> pd.DataFrame:
+def stage_table(rows: list[dict], metric: str, split: str = "") -> pd.DataFrame:
     def num(v, digits):
         return None if v is None else round(v, digits)
     speed = [k for k in SPEED_COLUMNS if any(r.get(k) is not None for r in rows)]  # only what was measured
@@ -244,7 +244,8 @@ def stage_table(rows: list[dict], metric: str) -> pd.DataFrame:
           num(r["latency_ms"], 1), *[num(r.get(k), 1) for k in speed], num(r["flops_per_token"] / 1e6, 2),
           num(r["last_loss"], 4), num(r["seconds"], 1)]
          for r in rows],
-        columns=["model", "params (M)", "removed", "after cut", "after reconstruction", metric or "quality",
+        columns=["model", "params (M)", "removed", "after cut", "after reconstruction",
+                 f"{metric or 'quality'} ({split})" if split else (metric or "quality"),
                  "latency (ms, 32×128)", *[SPEED_COLUMNS[k] for k in speed], "FLOPs/token (M)", "last loss",
                  "time (s)"])
 
@@ -327,7 +328,7 @@ class ExplorerApp:
                           **limit)
         check_pairing(lm, data_)
         say(0.75, desc="evaluating the dense model")
-        return Loaded(lm, data_, evaluate(lm, data_, eval_size(lm), timing=False))
+        return Loaded(lm, data_, evaluate(lm, data_, eval_size(lm), timing=False, split="val"))  # test: on request
 
     def checked_upload(self, upload) -> str | None:
         """The path of an uploaded file, refused unless it lies in Gradio's upload folder (a request
@@ -507,7 +508,7 @@ class ExplorerApp:
                 prune = PruneConfig(stages=number(stages, "stages", int), recovery=recovery,
                                     recovery_steps=number(steps, "recovery steps", int),
                                     eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)),
-                                    **adv[PruneConfig])
+                                    eval_split="val", **adv[PruneConfig])  # choices on val; test on request
                 analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric,
                                           **adv[AnalysisConfig])
                 alloc_cfg = replace(allocation_config(target, amplitude, mode, max_sparsity, round_to, split,
@@ -567,7 +568,7 @@ class ExplorerApp:
             elif kind == "analysis":
                 yield (skip,) * 4 + (f"Stage {ev['stage']}/{K}: pruning, then recovery ({run.prune.recovery})…", skip, skip)
             elif kind == "phase":
-                q = ", ".join(f"{k} {v:.4f}" for k, v in ev["quality"].items())
+                q = ", ".join(f"{k} {v:.4f}" for k, v in ev["quality"].items() if k in ("accuracy", "perplexity"))
                 nxt = {"cut": "reconstructing" if run.reconstructs else "training",
                        "reconstructed": "training"}[ev["phase"]]
                 yield (skip,) * 4 + (f"Stage {ev['stage']}/{K}: {ev['phase']} ({q}); {nxt}…", skip, skip)
@@ -622,11 +623,11 @@ class ExplorerApp:
         stages = rows[1:]
         s.figures["quality"] = quality = plots.quality_chart(
             rows[0]["quality"], [r["removed_fraction"] for r in stages], [r["quality"] for r in stages], m,
-            title=f"{m or 'quality'} vs parameters removed: {run.label}",
+            title=f"{m or 'quality'} ({run.prune.eval_split}) vs parameters removed: {run.label}",
             phases=[{k: r.get(f"after_{k}") for k in ("cut", "reconstructed")} for r in stages])
         s.figures["size and latency"] = cost = plots.stage_cost_chart(
             [r["model"] for r in rows], [r["params"] for r in rows], [r["latency_ms"] for r in rows])
-        return quality, cost, stage_table(rows, m)
+        return quality, cost, stage_table(rows, m, run.prune.eval_split)
 
     @staticmethod
     def _history_views(s: Session, m: str):
@@ -699,6 +700,28 @@ class ExplorerApp:
         names = ", ".join(f"`{p.name}`" for p in files) or "nothing yet"
         return [str(p) for p in files], (f"Exported {names}." + (f" Missing: {'; '.join(missing)}." if missing else "")
                                          + "".join(f"\n\n{c}" for c in checks))
+
+    def on_test(self, request: gr.Request, progress=gr.Progress()):
+        """-> status: the last run's final model and the dense model on the whole test split, once the
+        plan is chosen (runs are evaluated on val, so that tuning A and the table never sees test)."""
+        s = self.session(request)
+        try:
+            with s.busy("the test evaluation"):
+                loaded = require_loaded(s)
+                if s.pruned is None or not s.history:
+                    raise ExplorerError("no pruned model yet: run pruning first")
+                progress(0.1, desc="evaluating the dense model on test")
+                dense = quality(loaded.lm, loaded.data, 0, "test")
+                progress(0.5, desc="evaluating the pruned model on test")
+                final = quality(s.pruned, loaded.data, 0, "test")
+                rep = s.history[-1]
+                rep["test"] = {"dense": dense, "final": final}
+        except Exception as e:
+            return warn(message(e))
+        m = metric_name(loaded.lm)
+        size = f"{final['eval_examples']:,} examples" if "eval_examples" in final else f"{final['eval_tokens']:,} tokens"
+        return (f"**Test** ({size}, the whole split) for `{rep['label']}`: {m} **{final[m]:.4f}**, dense "
+                f"{dense[m]:.4f}. Report this figure; the runs' charts and table show val.")
 
     def plan_json(self, request: gr.Request) -> dict:
         """The plan the Allocation tab shows now (per layer: S_L, kept heads/groups/neurons), as JSON."""
@@ -968,6 +991,7 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                 with gr.Row():
                     run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                    test_btn = gr.Button("Evaluate the last run on test", elem_id="test-btn")
                 run_status = gr.Markdown(ph[11], elem_classes="status-line", elem_id="run-status")
                 with gr.Row():
                     quality_plot = gr.Plot(ph[7], label="Quality", elem_id="quality-plot")
@@ -1032,6 +1056,7 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                       [quality_plot, loss_plot, cost_plot, stage_table, run_status, history_plot, pareto_plot],
                       show_progress="minimal", api_name="run")
         stop_btn.click(app.on_stop, None, run_status, concurrency_limit=None, show_progress="hidden", api_name="stop")
+        test_btn.click(app.on_test, None, run_status, api_name="test")
         imp_stop_btn.click(app.on_stop, None, imp_status, concurrency_limit=None, show_progress="hidden", **private)
         export_btn.click(app.on_export, formats_in, [export_files, export_status], api_name="export")
         generate_btn.click(app.on_generate, [prompt_in, new_tokens_in, temperature_in],

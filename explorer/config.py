@@ -92,7 +92,10 @@ class PruneConfig:
     eval_phases: bool = opt(True, "also evaluate each stage right after the cut (and after reconstruction when "
                             "training follows), so the quality chart shows what each step buys")
     layer_drop: int = opt(0, "also remove this many whole blocks first (lowest cosine importance, ShortGPT style)", min=0)
-    eval_samples: int = opt(0, "test examples for accuracy (0: all) / tokens for perplexity (0: 16384)", min=0)
+    eval_samples: int = opt(0, "held-out examples for accuracy (0: all) / tokens for perplexity (0: 16384)", min=0)
+    eval_split: str = opt("test", "split the stages are evaluated on: test for reported figures, val while tuning "
+                          "a plan (the app uses val during runs and evaluates the final model on test on request)",
+                          ("val", "test"))
     speed_repeats: int = opt(1, "timed repeats of the speed figures of the dense model and after every stage "
                              "(LMs: decode tokens/s with the KV cache at batch 1 and 8, 16 new tokens, and prefill "
                              "ms; encoders: latency at 1 x 128 and 32 x 128), after one warm-up; each repeat costs "

@@ -18,7 +18,7 @@ def batched_logits(lm: LoadedModel, texts: list[str], labels: list[int], batch_s
     """Yields (logits, labels) per batch, examples in the given order (eval mode, no grad)."""
     lm.model.eval()
     for i in range(0, len(texts), batch_size):
-        logits = lm.model(**lm.encode(texts[i:i + batch_size])).logits
+        logits = lm.model(**lm.encode(texts[i:i + batch_size])).logits.float()  # argmax / loss in float32
         yield logits, torch.as_tensor(labels[i:i + batch_size], device=logits.device)
 
 
@@ -47,9 +47,11 @@ def perplexity(lm: LoadedModel, texts: list[str], max_tokens: int = 16384,
         target = chunk.clone()
         n_new = end - prev_end  # tokens not scored by an earlier window
         target[:, :-n_new] = -100
-        loss = lm.model(input_ids=chunk, labels=target).loss
+        logits = lm.model(input_ids=chunk).logits[:, :-1].float()  # the loss in float32 in every dtype
+        nll_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[:, 1:].flatten(),
+                                                    ignore_index=-100, reduction="sum")
         scored = int((target[:, 1:] != -100).sum())
-        nll += float(loss) * scored
+        nll += float(nll_sum)
         count += scored
         prev_end = end
         if end == len(ids):
@@ -188,25 +190,30 @@ def compare_speed(models: dict[str, LoadedModel], setup: SpeedSetup = SpeedSetup
     return out
 
 
-def quality(lm: LoadedModel, data: TextData, eval_samples: int = 0) -> dict:
-    """Accuracy on the test split (classifiers) or perplexity on test text (LMs)."""
+def quality(lm: LoadedModel, data: TextData, eval_samples: int = 0, split: str = "test") -> dict:
+    """Accuracy (classifiers) or perplexity (LMs) on a held-out split: "test" for figures,
+    "val" while choosing (A, λ, steps, …). Records the split and the real number of examples."""
+    if split not in ("val", "test"):
+        raise ValueError(f"evaluation split must be val or test, got '{split}'")
     if lm.task == "classification":
         if not data.has_labels:
             raise ValueError("accuracy needs a labelled data set")
-        n = eval_samples or len(data.texts["test"])
-        return {"accuracy": accuracy(lm, data.texts["test"][:n], data.labels["test"][:n]), "eval_examples": n}
+        n = min(eval_samples or len(data.texts[split]), len(data.texts[split]))
+        return {"accuracy": accuracy(lm, data.texts[split][:n], data.labels[split][:n]), "eval_examples": n,
+                "eval_split": split}
     if lm.task == "causal-lm":
         n = eval_samples or 16384
-        return {"perplexity": perplexity(lm, data.texts["test"], max_tokens=n), "eval_tokens": n}
+        return {"perplexity": perplexity(lm, data.texts[split], max_tokens=n), "eval_tokens": n, "eval_split": split}
     return {}
 
 
 def evaluate(lm: LoadedModel, data: TextData, eval_samples: int = 0, timing: bool = True,
-             batch_size: int = 32, seq_len: int = 128, speed_setup: SpeedSetup | None = None) -> dict:
+             batch_size: int = 32, seq_len: int = 128, speed_setup: SpeedSetup | None = None,
+             split: str = "test") -> dict:
     """Everything the reports show for one model: quality, size, FLOPs; with `timing`, the
     forward latency at batch_size x seq_len and, with a `speed_setup`, the speed figures."""
     out = {"params": lm.n_params, "block_params": lm.block_params, "weight_mb": weight_mb(lm),
-           "flops_per_token": flops_per_token(lm, seq_len), **quality(lm, data, eval_samples)}
+           "flops_per_token": flops_per_token(lm, seq_len), **quality(lm, data, eval_samples, split)}
     if timing:
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

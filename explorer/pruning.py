@@ -155,14 +155,15 @@ class PruningRun:
 
     def dense_settings(self) -> tuple:
         """What a dense evaluation depends on: a cached one is reused only for the same settings."""
-        return (self.prune.eval_samples, self.timing, self.prune.speed_repeats)
+        return (self.prune.eval_samples, self.prune.eval_split, self.timing, self.prune.speed_repeats)
 
     def _dense_eval(self) -> dict:
         return dict(self.dense_given) if self.dense_given else self._eval()
 
     def _eval(self) -> dict:
         setup = SpeedSetup(repeats=self.prune.speed_repeats) if self.prune.speed_repeats else None
-        return evaluate(self.lm, self.data, self.prune.eval_samples, timing=self.timing, speed_setup=setup)
+        return evaluate(self.lm, self.data, self.prune.eval_samples, timing=self.timing, speed_setup=setup,
+                        split=self.prune.eval_split)
 
     def _calibration(self, stage: int):
         return self.data.calibration(self.analysis.samples, stage=stage, seed=self.analysis.seed)
@@ -237,7 +238,7 @@ class PruningRun:
         phases: dict = {}
 
         def phase(name):
-            phases[name] = quality(lm, self.data, cfg.eval_samples)
+            phases[name] = quality(lm, self.data, cfg.eval_samples, cfg.eval_split)
             return {"type": "phase", "stage": k, "phase": name, "quality": phases[name]}
 
         if not self.reconstructs or cfg.eval_phases:
@@ -297,6 +298,7 @@ class PruningRun:
                     **(speed_brief(ev) or {})}
         final = brief({**asdict(self.records[-1]), **self.records[-1].quality}) if self.records else brief(self.dense)
         return {"label": self.label, "model": self.lm.name, "data": self.data.name, "metric": m,
+                "eval_split": self.prune.eval_split,
                 "status": self.status, "error": self.error,
                 "config": {"analysis": asdict(self.analysis), "allocation": asdict(self.allocation),
                            "prune": asdict(self.prune)},

@@ -307,3 +307,17 @@ def test_advanced_settings_reach_the_run_and_its_label(ready):
     out = list(ready.on_run(1, "lora", 2, "adaptive", "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
                             req("a"), "maxabs", *bad))[-1]
     assert out[4].startswith("⚠️") and "lr" in out[4]
+
+
+def test_runs_are_judged_on_val_and_test_is_asked_for(ready):
+    """Tuning never sees test: runs (and the load's dense figure) use val; one button gives test."""
+    assert "on 8 val examples" in A.model_summary(ready.registry.get("a").loaded)  # the tiny split's real size
+    assert "no pruned model yet" in ready.on_test(req("a"))
+    outs = run_all(ready, req("a"), stages=1)
+    table = outs[-1][3]
+    assert "accuracy (val)" in table.columns
+    rep = ready.registry.get("a").history[-1]
+    assert rep["eval_split"] == "val" and "(val)" in outs[-1][0].layout.title.text
+    status = ready.on_test(req("a"))
+    assert status.startswith("**Test** (16 examples, the whole split)"), status
+    assert set(rep["test"]) == {"dense", "final"} and rep["test"]["final"]["eval_split"] == "test"
