@@ -389,7 +389,8 @@ class ExplorerApp:
         except Exception as e:
             return (gr.skip(),) * 3 + (warn(message(e)),) + (gr.skip(),) * 3
         figs = {"layer importance": layer_figure(imp, normalization),
-                "head salience": plots.heads_heatmap(imp.heads[metric], metric),
+                "head salience": plots.heads_heatmap(imp.heads[metric], metric,
+                                                     s.loaded.lm.summary()["heads_per_group"]),
                 "neuron salience": plots.neurons_heatmap(imp.neurons[metric], metric)}
         s.figures.update(figs)
         status = (f"Importance from {imp.samples} calibration samples ({imp.tokens:,} tokens), metric `{metric}`, "

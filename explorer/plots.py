@@ -115,17 +115,40 @@ def _per_row_mean(z: np.ndarray) -> np.ndarray:
     return z / m
 
 
-def heads_heatmap(heads: Sequence[Sequence[float]], metric: str = "") -> go.Figure:
-    """Layers x query heads. Colour: score ÷ the layer's mean head score; hover: the raw score."""
+def _colour_max(rel: np.ndarray) -> float:
+    """Top of the colour scale: the 98th percentile of the data (never below 1.5 × the layer mean),
+    so a few outlier units neither wash out the rest nor saturate half the map."""
+    finite = rel[np.isfinite(rel)]
+    return float(max(1.5, np.percentile(finite, 98))) if finite.size else REL_MAX
+
+
+def _layer_axis(fig: go.Figure, n_layers: int) -> None:
+    """Layers top to bottom, exactly the data's range, a readable tick step at 30+ layers."""
+    fig.update_yaxes(title_text="layer", autorange=False, range=[n_layers - 0.5, -0.5],
+                     dtick=1 if n_layers <= 16 else (2 if n_layers <= 40 else 5))
+
+
+def heads_heatmap(heads: Sequence[Sequence[float]], metric: str = "", heads_per_group: int = 1) -> go.Figure:
+    """Layers x query heads. Colour: score ÷ the layer's mean head score; hover: the raw score
+    and, for grouped-query attention, the KV group (query heads of one group are pruned together;
+    thin white lines separate the groups)."""
     raw = _ragged(heads)
     rel = _per_row_mean(raw)
-    fig = _figure().add_trace(go.Heatmap(z=_lists(rel), customdata=_lists(raw), colorscale="Viridis", zmin=0, zmax=REL_MAX,
-                               x=list(range(raw.shape[1])), y=list(range(raw.shape[0])),
-                               colorbar=dict(title="× mean"), hoverongaps=False,
-                               hovertemplate="layer %{y}, head %{x}<br>score %{customdata:.4g}"
-                                             "<br>%{z:.2f} × layer mean<extra></extra>"))
-    fig.update_xaxes(title_text="query head", dtick=1 if raw.shape[1] <= 32 else None)
-    fig.update_yaxes(title_text="layer", dtick=1 if raw.shape[0] <= 32 else None, autorange="reversed")
+    n_layers, n_heads = raw.shape
+    g = max(1, int(heads_per_group))
+    group = np.broadcast_to(np.arange(n_heads) // g, raw.shape)  # KV group of each query head
+    custom = np.dstack([raw, group]) if raw.size else raw
+    hover = "layer %{y}, head %{x}" + (", KV group %{customdata[1]}" if g > 1 else "")
+    fig = _figure().add_trace(go.Heatmap(z=_lists(rel), customdata=_lists(custom), colorscale="Viridis", zmin=0,
+                                         zmax=_colour_max(rel), x=list(range(n_heads)), y=list(range(n_layers)),
+                                         colorbar=dict(title="× mean"), hoverongaps=False,
+                                         hovertemplate=hover + "<br>score %{customdata[0]:.4g}"
+                                                       "<br>%{z:.2f} × layer mean<extra></extra>"))
+    for b in range(g, n_heads, g):  # KV-group boundaries
+        fig.add_vline(x=b - 0.5, line=dict(color="white", width=2))
+    fig.update_xaxes(title_text="query head" + (f" ({g} per KV group)" if g > 1 else ""),
+                     dtick=1 if n_heads <= 32 else None, range=[-0.5, n_heads - 0.5])
+    _layer_axis(fig, n_layers)
     return _layout(fig, f"Head salience ({metric}), relative to the layer's mean")
 
 
@@ -152,15 +175,16 @@ def neurons_heatmap(neurons: Sequence[Sequence[float]], metric: str = "", bins: 
     for i, (_, lo, hi) in enumerate(binned):
         ranks[i, :len(lo)] = [f"{a}–{b}" for a, b in zip(lo, hi)]
     custom = np.dstack([raw, ranks]) if raw.size else raw
-    fig = _figure().add_trace(go.Heatmap(z=_lists(rel), customdata=_lists(custom), colorscale="Viridis", zmin=0, zmax=REL_MAX,
-                               x=list(range(width)), y=list(range(raw.shape[0])), colorbar=dict(title="× mean"),
+    fig = _figure().add_trace(go.Heatmap(z=_lists(rel), customdata=_lists(custom), colorscale="Viridis", zmin=0,
+                               zmax=_colour_max(rel), x=list(range(width)), y=list(range(raw.shape[0])),
+                               colorbar=dict(title="× mean"),
                                hoverongaps=False,
                                hovertemplate="layer %{y}, neurons ranked %{customdata[1]}<br>mean score "
                                              "%{customdata[0]:.4g}<br>%{z:.2f} × layer mean<extra></extra>"))
     counts = sorted({len(n) for n in neurons})
     fig.update_xaxes(title_text=f"neuron rank bin (sorted by score, {width} bins of "
-                                f"{'/'.join(str(c) for c in counts)} neurons)")
-    fig.update_yaxes(title_text="layer", dtick=1 if raw.shape[0] <= 32 else None, autorange="reversed")
+                                f"{'/'.join(str(c) for c in counts)} neurons)", range=[-0.5, width - 0.5])
+    _layer_axis(fig, raw.shape[0])
     return _layout(fig, f"FFN neuron salience ({metric}), sorted within each layer, relative to its mean")
 
 

@@ -36,8 +36,20 @@ def test_heads_heatmap_is_layers_by_heads_relative_to_layer_mean():
     assert z.shape == (2, 3)
     assert z[0].tolist() == pytest.approx([0.5, 1.0, 1.5])
     assert z[1].tolist() == pytest.approx([0.75, 0.75, 1.5])
-    assert np.asarray(fig.data[0].customdata, dtype=float)[1].tolist() == pytest.approx([3, 3, 6])  # raw on hover
+    assert np.asarray(fig.data[0].customdata, dtype=float)[1, :, 0].tolist() == pytest.approx([3, 3, 6])  # raw on hover
     assert "taylor" in fig.layout.title.text
+
+
+def test_heads_heatmap_marks_kv_groups_and_fits_30_layers():
+    rng = np.random.default_rng(0)
+    heads = [rng.random(9) for _ in range(30)]
+    heads[3][0] = 50.0  # one outlier head does not set the colour scale
+    fig = plots.heads_heatmap(heads, "taylor", heads_per_group=3)
+    groups = np.asarray(fig.data[0].customdata, dtype=float)[0, :, 1]
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and "KV group" in fig.data[0].hovertemplate
+    assert sorted(shape.x0 for shape in fig.layout.shapes) == [2.5, 5.5]  # lines between the groups
+    assert list(fig.layout.yaxis.range) == [29.5, -0.5] and fig.layout.yaxis.dtick == 2
+    assert 1.5 <= fig.data[0].zmax < 4 and "3 per KV group" in fig.layout.xaxis.title.text
 
 
 def test_heads_heatmap_pads_pruned_layers_with_gaps():
