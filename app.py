@@ -552,6 +552,7 @@ class ExplorerApp:
         skip = gr.skip()
         t_last = 0.0
         cost_note = evaluation_note(run)
+        t_start = t_first = None  # after the dense model; the first recovery step of the current stage
         if run.dense_given is None:
             yield (skip,) * 4 + (f"Measuring the dense model ({cost_note}; once per loaded model and settings)…",
                                  skip, skip)
@@ -560,6 +561,7 @@ class ExplorerApp:
             if kind == "dense":
                 cached = run.dense_given is not None
                 loaded.dense_runs[run.dense_settings()] = run.dense
+                t_start = time.perf_counter()
                 quality, cost, table = self._run_views(s, run, m)
                 yield (quality, skip, cost, table, f"Dense model {'measurement reused' if cached else 'measured'}. "
                        f"Stage 1/{K}: estimating importance ({run.analysis.metric}, {run.analysis.samples} "
@@ -579,19 +581,26 @@ class ExplorerApp:
             elif kind == "step":
                 losses.setdefault(ev["stage"], []).append(ev["loss"])
                 now = time.perf_counter()
+                if ev["step"] == 1:
+                    t_first = now
                 if now - t_last > 0.3 or ev["step"] == run.prune.recovery_steps:  # at most ~3 redraws a second
                     t_last = now
+                    left = run.prune.recovery_steps - ev["step"]
+                    rate = (now - t_first) / (ev["step"] - 1) if ev["step"] > 1 else None
                     s.figures["recovery loss"] = fig = plots.loss_chart(losses)
                     yield (skip, fig, skip, skip, f"Stage {ev['stage']}/{K}: recovery step {ev['step']}/"
-                           f"{run.prune.recovery_steps}, loss {ev['loss']:.4f}", skip, skip)
+                           f"{run.prune.recovery_steps}, loss {ev['loss']:.4f}"
+                           + (f"; {eta(rate * left)} of recovery left" if rate and left else ""), skip, skip)
             elif kind == "stage":
                 r = ev["record"]
                 q = ", ".join(f"{k} {v:.4f}" for k, v in r.quality.items())
                 s.figures["recovery loss"] = plots.loss_chart(losses)
                 quality, cost, table = self._run_views(s, run, m)
+                per_stage = (time.perf_counter() - t_start) / r.stage if t_start else 0.0
                 yield (quality, s.figures["recovery loss"], cost, table,
                        f"Stage {r.stage}/{K} done: {r.removed_fraction:.1%} of block parameters removed, {q}"
-                       + ("." if r.stage == K else f". Stage {r.stage + 1}/{K}: estimating importance…"), skip, skip)
+                       + ("." if r.stage == K else f". Stage {r.stage + 1}/{K}: estimating importance… "
+                                                   f"({eta(per_stage * (K - r.stage))} left at this pace)"), skip, skip)
             elif kind == "layer_drop":
                 yield (skip,) * 4 + (f"Dropped blocks {ev['dropped']}.", skip, skip)
             elif kind == "trial":
@@ -792,6 +801,17 @@ def non_default(configs: dict[type, dict]) -> str:
         defaults = {f.name: f.default for f in fields(cls)}
         parts += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items() if v != defaults[k]]
     return "".join(", " + p for p in parts)
+
+
+def loading_status(model) -> str:
+    """What the status says the moment Load is pressed (the load itself follows)."""
+    slow = " (the bundled SmolLM2 takes about a minute on 2 cores: GGUF dequantisation, then the dense model " \
+           "on val)" if model == "smollm2-135m" else ""
+    return f"Loading `{model}`{slow}…"
+
+
+def eta(seconds: float) -> str:
+    return f"about {seconds:.0f} s" if seconds < 120 else f"about {seconds / 60:.0f} min"
 
 
 def evaluation_note(run: PruningRun) -> str:
@@ -1038,8 +1058,9 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                    stage_table, run_status, history_plot, pareto_plot]
         private = {"api_visibility": "private"}  # UI plumbing; the named endpoints below are the API
         demo.load(app.on_page_load, None, [summary, load_status], **private)
-        load_btn.click(app.on_load, [model_in, task_in, data_in, upload, text_col, label_col],
-                       [summary, load_status, metric_in, recovery_in, *derived], api_name="load")
+        load_btn.click(loading_status, model_in, load_status, show_progress="hidden", **private).then(
+            app.on_load, [model_in, task_in, data_in, upload, text_col, label_col],
+            [summary, load_status, metric_in, recovery_in, *derived], api_name="load")
         imp_btn.click(app.on_importance, [metric_in, samples_in, batch_in, *alloc_in],
                       [layer_plot, heads_plot, neurons_plot, imp_status, *alloc_out], api_name="analyze")
         for comp in alloc_in[:-1]:
