@@ -643,7 +643,8 @@ class ExplorerApp:
     def _history_views(s: Session, m: str):
         """Every run of the session overlaid, and the Pareto chart of all their stages."""
         lines, points = [], []
-        for rep in s.history:
+        current = s.loaded.lm.name if s.loaded else None
+        for rep in (r for r in s.history if r["model"] == current):  # one model's runs share one metric
             rows = report_rows(rep)
             lines.append({"label": rep["label"], "removed": [r["removed_fraction"] for r in rows],
                           "quality": [r["quality"] for r in rows]})
@@ -755,12 +756,14 @@ class ExplorerApp:
                 loaded = require_loaded(s)
                 n = number(max_new_tokens, "max new tokens", int)
                 t = number(temperature, "temperature")
-                outs = [try_model(m, prompt, n, t) if m is not None else None for m in (loaded.lm, s.pruned)]
+                mine = s.pruned is not None and s.pruned.name == loaded.lm.name  # pruned from this model
+                outs = [try_model(m, prompt, n, t) for m in ((loaded.lm, s.pruned) if mine else (loaded.lm,))]
         except Exception as e:
             return gr.skip(), gr.skip(), warn(message(e))
-        dense, pruned = outs
-        status = f"Dense: {dense['stats']}." + (f" Pruned: {pruned['stats']}." if pruned else
-                                                " No pruned model yet: run pruning in the Prune & recover tab.")
+        dense, pruned = outs[0], (outs[1] if mine else None)
+        none = (f" The last pruned model comes from `{s.pruned.name}`: run pruning on this model to compare."
+                if s.pruned is not None else " No pruned model yet: run pruning in the Prune & recover tab.")
+        status = f"Dense: {dense['stats']}." + (f" Pruned: {pruned['stats']}." if pruned else none)
         return dense["text"], pruned["text"] if pruned else "", status
 
 

@@ -98,11 +98,11 @@ class Session:
         return self._cancel.is_set()
 
     def set_loaded(self, loaded: Loaded) -> None:
-        """A new model: everything derived from the old one goes."""
+        """A new model: its analysis, plan and charts start afresh. The run history and the last
+        pruned model stay (each report names its model), so a Load never throws work away."""
         self.loaded = loaded
-        self.importance, self.allocation, self.run, self.pruned = None, None, None, None
+        self.importance, self.allocation, self.run = None, None, None
         self.manual, self.last_edit = {}, None
-        self.history = []
         self.figures = {}
 
     @property

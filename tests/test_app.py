@@ -321,3 +321,16 @@ def test_runs_are_judged_on_val_and_test_is_asked_for(ready):
     status = ready.on_test(req("a"))
     assert status.startswith("**Test** (16 examples, the whole split)"), status
     assert set(rep["test"]) == {"dense", "final"} and rep["test"]["final"]["eval_split"] == "test"
+
+
+def test_load_keeps_the_run_history_and_the_pruned_model(ready, tiny_dir, tiny_csv):
+    run_all(ready, req("a"), stages=1)
+    s = ready.registry.get("a")
+    pruned = s.pruned
+    out = ready.on_load(tiny_dir, "auto", tiny_csv, None, "text", "label", req("a"))
+    assert out[1].startswith("Loaded")
+    assert len(s.history) == 1 and s.pruned is pruned and s.importance is None  # work kept; analysis anew
+    files, status = ready.on_export(req("a"))
+    assert any(f.endswith(".zip") for f in files), status  # the earlier run can still be exported
+    run_all(ready, req("a"), stages=1, plan="uniform")
+    assert [r["label"].split()[0] for r in s.history] == ["#1", "#2"]  # labels stay unique across loads
