@@ -154,6 +154,30 @@ class Importance:
                    [{k: l[k] for k in keys if k in l} for l in layers])
 
 
+# --- precision and placement -----------------------------------------------------------
+# Everything per token or per weight is computed on the model's device in the accumulation dtype
+# (float32 for float32 / bfloat16 / float16 models: half-precision activations, gradients and
+# weights are cast up *before* they are multiplied or squared; float64 for a float64 model).
+# Running totals stay on the device; the per-unit vectors move to the CPU once, after the pass,
+# as float64, and the few operations on (n_units,) vectors (query heads summed into groups,
+# sqrt, kurtosis, normalisations) run there.
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics of a `dtype` tensor accumulate in: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached, in its accumulation dtype (no copy when it already is), on its device."""
+    t = t.detach()
+    return t.to(acc_dtype(t.dtype))
+
+
+def _cpu64(t: torch.Tensor) -> torch.Tensor:
+    """The move to the CPU at the end of a pass: detached, float64."""
+    return t.detach().to("cpu", torch.float64)
+
+
 # --- per-unit reductions --------------------------------------------------------------
 
 def unit_sums(t: torch.Tensor, s, n_units: int, unit_size: int | None = None) -> torch.Tensor:
@@ -163,19 +187,32 @@ def unit_sums(t: torch.Tensor, s, n_units: int, unit_size: int | None = None) ->
     return x.movedim(s.dim, 0).reshape(n_units, -1).sum(1)
 
 
-def head_and_group(group: UnitGroup, qpk: int, elementwise: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query-head and per-group sums of `elementwise(slice)` over all coupled slices.
-    Query/output slices split into query heads; key/value slices are shared by the
-    group's query heads and split evenly among them for display."""
+def head_sums(group: UnitGroup, qpk: int, elementwise: Callable) -> torch.Tensor:
+    """Per-query-head sums (n_units * qpk,) of `elementwise(slice)` over all coupled slices, on
+    the parameters' device in `elementwise`'s dtype. Query/output slices split into query heads;
+    key/value slices are shared by the group's query heads and split evenly among them."""
     n = group.n_units
-    per_head = torch.zeros(n * qpk, dtype=torch.float64)
+    per_head = None
     for s in group.slices:
-        t = elementwise(s).double()
+        t = elementwise(s)
         if s.per_head and qpk > 1:
-            per_head += unit_sums(t, s, n * qpk, s.unit_size // qpk)
+            v = unit_sums(t, s, n * qpk, s.unit_size // qpk)
         else:
-            per_head += unit_sums(t, s, n).repeat_interleave(qpk) / qpk
-    return per_head, per_head.view(n, qpk).sum(1)
+            v = unit_sums(t, s, n).repeat_interleave(qpk) / qpk
+        per_head = v if per_head is None else per_head + v
+    return per_head
+
+
+def heads_to_groups(per_head: torch.Tensor, n_units: int, qpk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per query head, per group) on the CPU in float64 from per-head sums on any device."""
+    ph = _cpu64(per_head)
+    return ph, ph.view(n_units, qpk).sum(1)
+
+
+def head_and_group(group: UnitGroup, qpk: int, elementwise: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query-head and per-group sums of `elementwise(slice)` (see `head_sums`), on the CPU
+    in float64."""
+    return heads_to_groups(head_sums(group, qpk, elementwise), group.n_units, qpk)
 
 
 def kurtosis_from_moments(m1, m2, m3, m4) -> torch.Tensor:
@@ -190,14 +227,14 @@ def kurtosis_from_moments(m1, m2, m3, m4) -> torch.Tensor:
 class _Recorder:
     """Forward/backward hooks over all blocks; accumulates everything in one pass. Unit
     activations (the out_modules' inputs) are hooked when gradients are computed or when
-    `fluctuation` asks for their per-channel sums of x and x² (forward only)."""
+    `fluctuation` asks for their per-channel statistics (forward only). Every total lives on
+    the device of the tensors it sums, in their accumulation dtype."""
 
     def __init__(self, lm: LoadedModel, blocks: list[Block], grads: bool, apt: bool, fluctuation: bool = False):
         self.lm, self.blocks, self.grads, self.apt, self.fluct = lm, blocks, grads, apt, fluctuation
-        self.mask: torch.Tensor | None = None  # (B, T) of the current batch
-        L = len(blocks)
-        self.cos_sum = torch.zeros(L, 3, dtype=torch.float64)  # block, attention, mlp
-        self.tokens = 0
+        self.mask: torch.Tensor | None = None  # (B, T) of the current batch, on the input device
+        self.cos_sum: dict[int, torch.Tensor] = {}  # layer -> (3,) block, attention, mlp
+        self.n_tok: torch.Tensor | None = None  # non-padding tokens so far (a device scalar)
         self.h_in: dict[int, torch.Tensor] = {}
         self.h_mid: dict[int, torch.Tensor] = {}
         self.act: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -216,6 +253,20 @@ class _Recorder:
         for h in self.handles:
             h.remove()
 
+    def count(self, mask: torch.Tensor) -> None:
+        """Start a batch: its (B, T) attention mask."""
+        self.mask = mask.float()
+        n = mask.sum()
+        self.n_tok = n if self.n_tok is None else self.n_tok + n
+
+    @property
+    def tokens(self) -> int:
+        return int(self.n_tok) if self.n_tok is not None else 0
+
+    def layer_cos(self) -> np.ndarray:
+        """(L, 3) summed cosines on the CPU (float64), in block order."""
+        return torch.stack([_cpu64(self.cos_sum[b.index]) for b in self.blocks]).numpy()
+
     @staticmethod
     def _first(x):
         return x[0] if isinstance(x, (tuple, list)) else x
@@ -231,17 +282,18 @@ class _Recorder:
             self.h_mid[i] = self.h_in[i] + mid if adds_input else mid
         return hook
 
-    def _masked_mean_cos(self, a, b):
-        c = F.cosine_similarity(a.float(), b.float(), dim=-1)  # (B, T)
-        return (c * self.mask).sum().double()
+    def _masked_cos_sum(self, a, b):
+        dt = acc_dtype(a.dtype)
+        c = F.cosine_similarity(a.to(dt), b.to(dt), dim=-1)  # (B, T)
+        return (c * self.mask.to(c.device, dt)).sum()
 
     def _post(self, i):
         def hook(module, args, out):
             h_out = self._first(out).detach()
             h_in, h_mid = self.h_in.pop(i), self.h_mid.pop(i)
-            self.cos_sum[i, 0] += self._masked_mean_cos(h_in, h_out)
-            self.cos_sum[i, 1] += self._masked_mean_cos(h_in, h_mid)
-            self.cos_sum[i, 2] += self._masked_mean_cos(h_mid, h_out)
+            v = torch.stack([self._masked_cos_sum(h_in, h_out), self._masked_cos_sum(h_in, h_mid),
+                             self._masked_cos_sum(h_mid, h_out)])  # (3,)
+            self.cos_sum[i] = self.cos_sum[i] + v if i in self.cos_sum else v
         return hook
 
     def _act(self, i, group: UnitGroup, qpk: int):
@@ -250,25 +302,31 @@ class _Recorder:
         n_heads, head_size = n * qpk, size // qpk
 
         def hook(module, args):
-            x = args[0]  # (B, T, C) with C = n_units * act_unit_size
+            x = args[0]  # (B, T, C) with C = n_units * act_unit_size, in the model's dtype
             st = self.act.setdefault(key, {})
+            dt = acc_dtype(x.dtype)
+            m = self.mask.to(x.device, dt).unsqueeze(-1)  # (B, T, 1)
+            xd = x.detach()  # kept in the model's dtype for the backward; cast up where used
             if self.fluct:
-                _fluct_sums(st, x.detach(), self.mask)
+                _fluct_sums(st, xd, m)
             if not (self.grads and x.requires_grad):
                 return
-            m = self.mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-            xd = x.detach()
-            _acc(st, "abs_x", (xd.abs() * m).sum((0, 1)))  # (C,)
+            xu = xd.to(dt)
+            _acc(st, "abs_x", (xu.abs() * m).sum((0, 1)))  # (C,)
             if self.apt:
                 _acc(st, "n", m.sum())
-                xm = xd.double() * m
+                xm = xu * m
+                xk = xm
                 for k in range(1, 5):
-                    _acc(st, f"x{k}", (xm ** k).sum((0, 1)))  # raw moment sums (C,)
+                    _acc(st, f"x{k}", xk.sum((0, 1)))  # raw moment sums (C,)
+                    if k < 4:
+                        xk = xk * xm
+            del xu
 
             def grad_hook(g):  # g: (B, T, C)
-                gm = g.detach() * m
+                gm = g.detach().to(dt) * m
                 _acc(st, "abs_g", gm.abs().sum((0, 1)))
-                xg = (xd * gm).sum(1)  # (B, C): per-sample first-order effect per channel
+                xg = (xd.to(dt) * gm).sum(1)  # (B, C): per-sample first-order effect per channel
                 B = xg.shape[0]
                 _acc(st, "ag_head", xg.view(B, n_heads, head_size).sum(-1).abs().sum(0))
                 _acc(st, "ag_group", xg.view(B, n, size).sum(-1).abs().sum(0))
@@ -277,18 +335,30 @@ class _Recorder:
 
 
 def _acc(d: dict, k: str, v: torch.Tensor) -> None:
-    v = v.detach().double().cpu()
+    """d[k] += v, on v's device in v's dtype (the first value starts the total)."""
+    v = v.detach()
     d[k] = d[k] + v if k in d else v
 
 
-def _fluct_sums(st: dict, x: torch.Tensor, mask: torch.Tensor) -> None:
-    """Add one batch's per-channel Σx, Σx² and token count over non-padding tokens to `st`,
-    kept on x's device (float64; float32 where the device has no float64, e.g. MPS)."""
-    dt = torch.float32 if x.device.type == "mps" else torch.float64
-    m = mask.to(x.device, dt).unsqueeze(-1)  # (B, T, 1)
-    xm = x.to(dt) * m  # (B, T, C), padding zeroed
-    for k, v in (("fl_n", m.sum()), ("fl_s1", xm.sum((0, 1))), ("fl_s2", (xm * xm).sum((0, 1)))):  # (), (C,), (C,)
-        st[k] = st[k] + v if k in st else v
+def _fluct_sums(st: dict, x: torch.Tensor, m: torch.Tensor) -> None:
+    """Merge one batch's per-channel token count, mean and sum of squared deviations over the
+    non-padding tokens into `st` (Chan et al.'s parallel update): each batch is centred on its
+    own mean first, so E[x²] - E[x]² never cancels, and float32 is enough. x: (B, T, C), m:
+    (B, T, 1) in the accumulation dtype on x's device. No host synchronisation."""
+    xf = x.to(m.dtype)
+    n_b = m.sum()  # ()
+    mean_b = (xf * m).sum((0, 1)) / n_b.clamp_min(1)  # (C,)
+    m2_b = (((xf - mean_b) * m) ** 2).sum((0, 1))  # (C,)
+    if "fl_n" not in st:
+        st["fl_n"], st["fl_mean"], st["fl_m2"] = n_b, mean_b, m2_b
+        return
+    n_a, mean_a = st["fl_n"], st["fl_mean"]
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    share = n_b / n.clamp_min(1)
+    st["fl_mean"] = mean_a + delta * share
+    st["fl_m2"] = st["fl_m2"] + m2_b + delta * delta * n_a * share
+    st["fl_n"] = n
 
 
 def _batches(texts, labels, bs):
@@ -338,8 +408,9 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
     for p in model.parameters():
         p.requires_grad_(grads and id(p) in tracked)
         p.grad = None
-    gsum = {k: torch.zeros_like(p) for k, p in tracked.items()} if grads else {}
-    fisher = {(b.index, g.kind): None for b in blocks for g in (b.attn, b.mlp)}
+    # Σ_b ∂L_b/∂W in the accumulation dtype (float32 for a bfloat16 model) on each parameter's device
+    gsum = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in tracked.items()} if grads else {}
+    fisher: dict[tuple[int, str], torch.Tensor | None] = {(b.index, g.kind): None for b in blocks for g in (b.attn, b.mlp)}
     rec = _Recorder(lm, blocks, grads, "apt" in metrics, "fluctuation" in metrics)
     n_batches = (len(texts) + cfg.batch_size - 1) // cfg.batch_size
     try:
@@ -347,8 +418,7 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
             if should_stop and should_stop():
                 raise Cancelled()
             batch = lm.encode(bt, bl, max_length=cfg.max_length or None)
-            rec.mask = batch["attention_mask"].float()
-            rec.tokens += int(batch["attention_mask"].sum())
+            rec.count(batch["attention_mask"])
             if grads:
                 out = model(**batch)
                 out.loss.backward()
@@ -358,10 +428,10 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
                     if "fisher" in metrics:
                         for b in blocks:
                             for g in (b.attn, b.mlp):
-                                ph, pg = head_and_group(g, b.heads_per_group if g.kind == "attention" else 1,
-                                                        lambda s: (s.param * s.param.grad) ** 2)
+                                ph = head_sums(g, b.heads_per_group if g.kind == "attention" else 1,
+                                               lambda s: (_up(s.param) * _up(s.param.grad)) ** 2)
                                 prev = fisher[(b.index, g.kind)]
-                                fisher[(b.index, g.kind)] = (ph, pg) if prev is None else (prev[0] + ph, prev[1] + pg)
+                                fisher[(b.index, g.kind)] = ph if prev is None else prev + ph
                     for p in tracked.values():
                         p.grad = None
             else:
@@ -376,8 +446,8 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
             p.grad = None
         model.train(was_training)
 
-    tok = max(rec.tokens, 1)
-    cos = (rec.cos_sum / tok).numpy()
+    tokens = rec.tokens  # the pass's one host synchronisation for the totals: everything moves now
+    cos = rec.layer_cos() / max(tokens, 1)
     heads: dict[str, list] = {m: [] for m in metrics}
     groups: dict[str, list] = {m: [] for m in metrics}
     neurons: dict[str, list] = {m: [] for m in metrics}
@@ -391,34 +461,38 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
                 qpk = b.heads_per_group if g.kind == "attention" else 1
                 scores = _unit_scores(g, qpk, metrics, gsum, fisher[(b.index, g.kind)],
                                       rec.act.get((b.index, g.kind), {}))
-                for m, (ph, pg) in scores.items():
+                for m, (ph, pg) in scores.items():  # CPU float64 tensors
                     if g.kind == "attention":
                         heads[m].append(ph.numpy())
                         groups[m].append(pg.numpy())
                     else:
                         neurons[m].append(pg.numpy())
     return Importance(-cos[:, 0], -cos[:, 1], -cos[:, 2], groups, heads, neurons, cfg.metric,
-                      samples=len(texts), tokens=rec.tokens, seconds=time.perf_counter() - t0, params=params)
+                      samples=len(texts), tokens=tokens, seconds=time.perf_counter() - t0, params=params)
 
 
 def _unit_scores(g: UnitGroup, qpk: int, metrics, gsum, fisher, act) -> dict[str, tuple]:
-    """Each metric -> (per query head, per group) for one unit group."""
+    """Each metric -> (per query head, per group) for one unit group, on the CPU in float64.
+    The sums over weights run on the device in the accumulation dtype; only (n_units,) vectors
+    move."""
     out = {}
+    n = g.n_units
     for m in metrics:
         if m == "magnitude_l1":
-            out[m] = head_and_group(g, qpk, lambda s: s.param.abs())
+            out[m] = head_and_group(g, qpk, lambda s: _up(s.param).abs())
         elif m == "magnitude_l2":
-            ph, pg = head_and_group(g, qpk, lambda s: s.param ** 2)
+            ph, pg = head_and_group(g, qpk, lambda s: _up(s.param) ** 2)
             out[m] = (ph.sqrt(), pg.sqrt())
         elif m == "taylor":
-            out[m] = head_and_group(g, qpk, lambda s: (s.param * gsum[id(s.param)]).abs())
+            out[m] = head_and_group(g, qpk, lambda s: (_up(s.param) * gsum[id(s.param)]).abs())
         elif m == "taylor_vector":
-            ph, pg = head_and_group(g, qpk, lambda s: s.param * gsum[id(s.param)])
+            ph, pg = head_and_group(g, qpk, lambda s: _up(s.param) * gsum[id(s.param)])
             out[m] = (ph.abs(), pg.abs())
         elif m == "fisher":
-            out[m] = (0.5 * fisher[0], 0.5 * fisher[1])
+            ph, pg = heads_to_groups(fisher, n, qpk)
+            out[m] = (0.5 * ph, 0.5 * pg)
         elif m == "act_grad":
-            out[m] = (act["ag_head"], act["ag_group"])
+            out[m] = (_cpu64(act["ag_head"]), _cpu64(act["ag_group"]))
         elif m == "apt":
             out[m] = _apt(g, qpk, act)
         elif m == "fluctuation":
@@ -427,38 +501,43 @@ def _unit_scores(g: UnitGroup, qpk: int, metrics, gsum, fisher, act) -> dict[str
 
 
 def _out_weight_rows(g: UnitGroup) -> torch.Tensor:
-    """The out_module weight as (C, out) on the CPU in float64: row j holds the weights that read
-    input channel j (W[:, j] of an nn.Linear, W[j, :] of a GPT-2 Conv1D)."""
+    """The out_module weight as (C, out) on its device in the accumulation dtype: row j holds the
+    weights that read input channel j (W[:, j] of an nn.Linear, W[j, :] of a GPT-2 Conv1D)."""
     s = next(s for s in g.slices if s.module is g.out_module and s.name == "weight")
-    return s.param.detach().double().cpu().movedim(s.dim, 0)
+    return _up(s.param).movedim(s.dim, 0)
 
 
 def _fluctuation(g: UnitGroup, qpk: int, act: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """FLAP fluctuation per query head and per group: Σ over the unit's input channels j of the
     out_module of Var(X_j)·||W_:j||², Var the population variance over calibration tokens."""
-    n_tok = act["fl_n"].cpu().double().clamp_min(1)
-    mean = act["fl_s1"].cpu().double() / n_tok  # (C,)
-    var = (act["fl_s2"].cpu().double() / n_tok - mean ** 2).clamp_min(0)  # (C,) E[x²] - E[x]²
-    per_channel = var * (_out_weight_rows(g) ** 2).sum(1)  # (C,)
+    w = _out_weight_rows(g)  # (C, out)
+    var = act["fl_m2"].to(w.device) / act["fl_n"].to(w.device).clamp_min(1)  # (C,) Σ (x - mean)² / N
+    per_channel = _cpu64(var * (w * w).sum(1))  # (C,)
     n = g.n_units
     return per_channel.view(n * qpk, -1).sum(1), per_channel.view(n, -1).sum(1)
 
 
 def _apt(g: UnitGroup, qpk: int, act: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """APT outlier-aware salience for per-head and per-group units."""
+    """APT outlier-aware salience for per-head and per-group units. The weight's power means and
+    the activations' moment sums are (C,) vectors from the device; they combine on the CPU in
+    float64 (the kurtosis subtracts moments)."""
     w = _out_weight_rows(g)  # (C, out): one row per input channel
     C = w.shape[0]
-    n_tok = act["n"].clamp_min(1)
+    wk_dev, wp = [], w
+    for k in range(1, 5):
+        wk_dev.append(wp.mean(1))  # (C,) mean_i W_ic^k
+        if k < 4:
+            wp = wp * w
+    wk = [_cpu64(v) for v in wk_dev]
+    n_tok = _cpu64(act["n"]).clamp_min(1)
+    abs_g, abs_x = _cpu64(act["abs_g"]), _cpu64(act["abs_x"])
+    xk = [_cpu64(act[f"x{k}"]) / n_tok for k in range(1, 5)]  # (C,) mean over tokens
     results = []
     for n_units in (g.n_units * qpk, g.n_units):
         size = C // n_units
-        sal = act["abs_g"].view(n_units, size).sum(1) * act["abs_x"].view(n_units, size).sum(1)
+        sal = abs_g.view(n_units, size).sum(1) * abs_x.view(n_units, size).sum(1)
         # raw moments of {W_ic * x_tc}: mean over (i, c, t) = mean_c [mean_i W^k * mean_t x^k]
-        mom = []
-        for k in range(1, 5):
-            wk = (w ** k).mean(1)  # (C,)
-            xk = act[f"x{k}"] / n_tok  # (C,) mean over tokens
-            mom.append((wk * xk).view(n_units, size).mean(1))
+        mom = [(wk[k] * xk[k]).view(n_units, size).mean(1) for k in range(4)]
         kurt = kurtosis_from_moments(*mom)
         outlier = kurt.sqrt()
         sal_n = sal / sal.mean().clamp_min(1e-30)

@@ -236,16 +236,19 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
                      "label2id": {l: i for i, l in enumerate(builtin.labels)}}
         elif num_labels:
             extra = {"num_labels": num_labels}
+    # transformers builds the model in the dtype (keeping what it keeps in float32, e.g. RoPE's
+    # inv_freq); a later model.to(dtype) would round those buffers too
+    as_dtype = {"dtype": dtype} if dtype is not None else {}
     try:
         if plan:
-            model = _load_pruned(cls, Path(src), adapter, plan, kw)
+            model = _load_pruned(cls, Path(src), adapter, plan, kw, dtype)
         elif gguf:
-            model = cls.from_pretrained(src, gguf_file=gguf, **kw, **extra)
+            model = cls.from_pretrained(src, gguf_file=gguf, **kw, **extra, **as_dtype)
         elif builtin and builtin.lora_adapter:  # the head is missing on purpose: the adapter brings it
             with _quiet_transformers():
-                model = cls.from_pretrained(src, **kw, **extra)
+                model = cls.from_pretrained(src, **kw, **extra, **as_dtype)
         else:
-            model = cls.from_pretrained(src, use_safetensors=not allow_pickle or None, **kw, **extra)
+            model = cls.from_pretrained(src, use_safetensors=not allow_pickle or None, **kw, **extra, **as_dtype)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf, **kw) if gguf else AutoTokenizer.from_pretrained(src, **kw)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not load '{name}': {str(e).splitlines()[0][:300]}") from None
@@ -258,13 +261,28 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     if dtype is not None:
-        model = model.to(dtype)
+        cast_model(model, dtype)  # what the loader left in another dtype (a merged adapter's head, GGUF)
     model = model.to(dev).eval()
     if max_length is None:
         max_length = 128 if task != "causal-lm" else 256
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_length
     return LoadedModel(model, tok, task, name, adapter, dev, default_data,
                        min(max_length, max_pos), plan)
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters and persistent buffers to `dtype` in place, as
+    `from_pretrained(dtype=...)` builds a model: non-persistent floating buffers (RoPE's inv_freq,
+    which transformers keeps in float32) stay as they are, unlike with `model.to(dtype)`."""
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and b.dtype != dtype \
+                    and name not in m._non_persistent_buffers_set:
+                m._buffers[name] = b.to(dtype)
+    return model
 
 
 def _forget_gguf(model: nn.Module) -> None:
@@ -301,20 +319,23 @@ def _apply_bundled_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     return merged
 
 
-def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict) -> nn.Module:
+def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict,
+                 dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model saved with non-uniform widths: config -> dense skeleton -> widths
-    from the plan -> saved weights."""
+    from the plan -> saved weights. The skeleton is built in `dtype`, else in the saved
+    weights' dtype (a bfloat16 model reloads as bfloat16)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     from .surgery import reshape_to
 
     config = AutoConfig.from_pretrained(str(path), **kw)
-    model = cls.from_config(config)
-    reshape_to(adapter, model, plan["layers"])
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(f)))
+    saved = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    model = cls.from_config(config, dtype=dtype or saved or torch.float32)
+    reshape_to(adapter, model, plan["layers"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and "lm_head" not in k]

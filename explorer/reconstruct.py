@@ -66,11 +66,12 @@ class GramStats:
 
     def add(self, x: torch.Tensor, w: torch.Tensor | None = None) -> None:
         """x: (N, C) tokens, w: (N,) token weights or None (all 1). One matmul per batch in
-        float32 (float64 input stays float64), summed in float64: G += Σ w x xᵀ, s += Σ w x."""
+        float32 (bfloat16 / float16 input cast up first, float64 input stays float64), summed in
+        float64 where the totals live: G += Σ w x xᵀ, s += Σ w x."""
         xf = x if x.dtype == torch.float64 else x.float()
         xw = xf if w is None else xf * w.to(xf.dtype)[:, None]  # (N, C)
-        self.G += (xw.T @ xf).double()
-        self.s += xw.sum(0).double()
+        self.G += (xw.T @ xf).to(self.G.device, torch.float64)
+        self.s += xw.sum(0).to(self.s.device, torch.float64)
         self.n += float(x.shape[0]) if w is None else float(w.sum())
 
     def __add__(self, other: "GramStats") -> "GramStats":
@@ -83,14 +84,15 @@ def out_weight(m: nn.Module) -> torch.Tensor:
 
 
 def set_out_weight(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    """Write a refit (out, in) weight and bias back in the module's own layout and dtype."""
+    """Write a refit (out, in) weight and bias back in the module's own layout, dtype and device
+    (the refit is float64; a bfloat16 model gets bfloat16 weights back)."""
     p = m.weight
-    new = (w if isinstance(m, nn.Linear) else w.T).to(p.dtype).contiguous()
+    new = (w if isinstance(m, nn.Linear) else w.T).to(p.device, p.dtype).contiguous()
     assert new.shape == p.shape, (tuple(new.shape), tuple(p.shape))
     m.weight = nn.Parameter(new, requires_grad=p.requires_grad)
     if b is not None:
         assert m.bias is not None and m.bias.shape == b.shape, "refit bias does not fit the module"
-        m.bias = nn.Parameter(b.to(m.bias.dtype).contiguous(), requires_grad=m.bias.requires_grad)
+        m.bias = nn.Parameter(b.to(m.bias.device, m.bias.dtype).contiguous(), requires_grad=m.bias.requires_grad)
 
 
 @dataclass
@@ -237,11 +239,12 @@ def token_weights(m: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Te
     at token t and ē its mean over the batch's real tokens: each token's error counts relative
     to its own output, so the few tokens with massive activations (BERT's [CLS]/[SEP], a
     decoder's first token) no longer decide the refit for all the others."""
-    W = out_weight(m)  # (out, C)
-    y = x @ W.T  # (B, T, out)
+    dt = torch.promote_types(x.dtype, torch.float32)  # a bfloat16 model's statistics in float32
+    W = out_weight(m).detach().to(dt)  # (out, C)
+    y = x.to(dt) @ W.T  # (B, T, out)
     if m.bias is not None:
-        y = y + m.bias
-    e = y.float().pow(2).mean(-1)  # (B, T)
+        y = y + m.bias.detach().to(dt)
+    e = y.pow(2).mean(-1)  # (B, T)
     e_bar = e[mask].mean().clamp_min(1e-30)
     return 1.0 / (e + e_bar)
 

@@ -16,8 +16,9 @@ from .adapters.base import sync_linear_attrs
 
 def _keep_index(size: int, slices, n_units: int, keep: list[int]) -> torch.Tensor:
     """Indices to keep along one dimension of one parameter of `size`, given the slices
-    (possibly several sections, as in GPT-2's fused q|k|v) that map units onto it."""
-    mask = torch.ones(size, dtype=torch.bool)
+    (possibly several sections, as in GPT-2's fused q|k|v) that map units onto it. Built on
+    the CPU (many small writes); the caller moves it to the parameter's device once."""
+    mask = torch.ones(size, dtype=torch.bool, device="cpu")
     drop = sorted(set(range(n_units)) - set(keep))
     for s in slices:
         for u in drop:

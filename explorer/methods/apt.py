@@ -114,8 +114,9 @@ class APTRun(MethodRun):
         for b in self.lm.adapter.blocks(self.lm.model):
             for g in (b.attn, b.mlp):
                 key = (b.index, g.kind)
-                self.masks[key] = torch.ones(g.n_units, device=self.lm.device)
-                self.targets[key] = torch.ones(g.n_units, dtype=torch.bool, device=self.lm.device)
+                dev = g.out_module.weight.device  # the masks live where the activations they scale do
+                self.masks[key] = torch.ones(g.n_units, device=dev)  # float32: 0.01 steps are exact enough
+                self.targets[key] = torch.ones(g.n_units, dtype=torch.bool, device=dev)
                 self._hooks[key] = g.out_module.register_forward_pre_hook(self._hook(key, g.act_unit_size))
 
     def _hook(self, key, size):
@@ -123,8 +124,8 @@ class APTRun(MethodRun):
             m = self.masks[key]
             if bool((m == 1).all()):
                 return None
-            x = args[0]
-            return (x * m.repeat_interleave(size).to(x.dtype),) + tuple(args[1:])
+            x = args[0]  # scaled in float32, rounded once to the activations' dtype
+            return ((x * m.repeat_interleave(size)).to(x.dtype),) + tuple(args[1:])
         return hook
 
     def _cleanup(self) -> None:
@@ -144,7 +145,7 @@ class APTRun(MethodRun):
                 if bool((m == 1).all()):
                     continue
                 s = next(s for s in g.slices if s.module is g.out_module and s.name == "weight")
-                scale = m.repeat_interleave(g.act_unit_size).to(s.param.dtype)
+                scale = m.repeat_interleave(g.act_unit_size).to(s.param.device)  # float32: one rounding
                 shape = [1] * s.param.dim()
                 shape[s.dim] = -1
                 s.param.data.mul_(scale.view(shape))
