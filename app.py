@@ -287,10 +287,10 @@ class ExplorerApp:
 
     def __init__(self, registry: SessionRegistry | None = None, allow_local: bool = True, device: str = "auto",
                  max_upload_mb: float = MAX_UPLOAD_MB, upload_dir: str | None = None,
-                 trust_remote_code: bool = False, allow_pickle: bool = False):
+                 trust_remote_code: bool = False, allow_pickle: bool = False, dtype: str = "auto"):
         self.registry = registry if registry is not None else SessionRegistry()
         self.allow_local = allow_local
-        self.device = device
+        self.device, self.dtype = device, dtype  # dtype auto: bfloat16 on CUDA, float32 on the CPU
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.upload_dir = Path(upload_dir or gr.utils.get_upload_folder()).resolve()  # where Gradio puts uploads
         self.trust_remote_code, self.allow_pickle = trust_remote_code, allow_pickle  # off unless the operator says
@@ -314,7 +314,7 @@ class ExplorerApp:
         say = progress or (lambda *a, **k: None)
         say(0.05, desc=f"loading model {model}")
         lm = load_model(model, task=None if task in ("auto", "", None) else task, device=self.device,
-                        allow_local=self.allow_local, trust_remote_code=self.trust_remote_code,
+                        dtype=self.dtype, allow_local=self.allow_local, trust_remote_code=self.trust_remote_code,
                         allow_pickle=self.allow_pickle)
         path = self.checked_upload(upload)
         name = path or (lm.default_data if data in (MODEL_DEFAULT_DATA, "", None) else data)
@@ -1102,6 +1102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", default="auto", choices=["auto", *TASKS],
                    help="task of the start-up model (default: auto, from its config)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' precision (default auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
     p.add_argument("--allow-local-paths", action=argparse.BooleanOptionalAction, default=None,
                    help="let users load models and data from paths on this machine (default: on when the host is "
@@ -1130,7 +1132,7 @@ def main(argv=None) -> None:
     if args.max_upload_mb <= 0 or args.concurrency < 1:
         raise SystemExit("app.py: error: --max-upload-mb must be > 0 and --concurrency at least 1")
     app = ExplorerApp(allow_local=True, device=args.device, max_upload_mb=args.max_upload_mb,  # operator's model
-                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, dtype=args.dtype)
     t0 = time.perf_counter()
     print(f"Loading {args.model} …", flush=True)
     app.preload(args.model, args.data, args.task)
