@@ -46,7 +46,7 @@ from explorer.importance import analyze  # noqa: E402
 from explorer.models import BUILTIN_MODELS, DEFAULT_MODEL, TASKS, load_model, save_model  # noqa: E402
 from explorer.methods import METHODS, make_run  # noqa: E402
 from explorer.pruning import PruningRun, check_pairing  # noqa: E402
-from explorer.sessions import Loaded, Session, SessionRegistry  # noqa: E402
+from explorer.sessions import KEEP_RUNS, Loaded, Session, SessionRegistry  # noqa: E402
 
 log = logging.getLogger("explorer.app")
 EVAL_EXAMPLES = 500  # test examples for accuracy (a subset, so loading stays quick)
@@ -611,14 +611,14 @@ class ExplorerApp:
             elif kind not in ("stopped", "error", "done"):
                 continue
             else:  # stopped / error / done: the run is over
-                if run.records:
-                    s.pruned = run.lm
                 done = len(run.records)
                 rep = run.report()
                 if kind != "done":  # a label that says how the run ended
                     rep["label"] += " (stopped)" if kind == "stopped" else f" (failed at stage {done + 1})"
                     run.label = rep["label"]
                 s.history.append(rep)
+                if run.records:
+                    s.keep_run(rep["label"], run.lm)
                 status = {"done": f"Done: {done} stage(s) in {ev.get('seconds', 0):.0f} s. Export it in the Export tab.",
                           "stopped": f"Stopped: kept the model after stage {done}." if done else
                                      "Stopped before the first stage finished: nothing was pruned.",
@@ -665,9 +665,15 @@ class ExplorerApp:
         return f"{job[0].upper()}{job[1:]} cannot be stopped; it finishes on its own."
 
     # tab 5
-    def on_export(self, request: gr.Request, formats=(EXPORT_ZIP,), progress=gr.Progress()):
-        """-> files, status. Charts always; report and pruned model (zip, ONNX, GGUF) once a run
-        finished. A failure clears the list (no stale download) and keeps the pruned model."""
+    def on_export_tab(self, request: gr.Request):
+        """-> the run choice: the runs whose final model is kept, the last one selected."""
+        labels = list(self.session(request).kept)
+        return gr.update(choices=labels, value=labels[-1] if labels else None)
+
+    def on_export(self, request: gr.Request, formats=(EXPORT_ZIP,), run_label=None, progress=gr.Progress()):
+        """-> files, status. Charts always; reports once a run finished; the chosen run's pruned model
+        (zip, ONNX, GGUF; the last run's by default). A failure clears the list (no stale download)
+        and keeps the models."""
         s = self.session(request)
         formats = list(formats or [])
         try:
@@ -688,24 +694,30 @@ class ExplorerApp:
                     files += [out / "report.json", out / "report.csv"]
                 else:
                     missing.append("report (run pruning first)")
-                if s.pruned is None:
+                if not s.kept:
                     missing.append("pruned model (run pruning first)")
                 else:
-                    stem = export_stem(s)
+                    label = run_label or list(s.kept)[-1]
+                    if label not in s.kept:
+                        raise ExplorerError(f"the model of run '{label}' is no longer kept (the last {KEEP_RUNS} "
+                                            "runs' models are): choose another run")
+                    model = s.kept[label]
+                    rep = next(r for r in s.history if r["label"] == label)
+                    stem = export_stem(rep, s.history.index(rep) + 1)
                     if EXPORT_ZIP in formats:
                         progress(0.2, desc="saving the pruned model")
-                        d = save_model(s.pruned, out / stem, extra={"report": s.history[-1]})
+                        d = save_model(model, out / stem, extra={"report": rep})
                         progress(0.4, desc="zipping")
                         files.append(Path(shutil.make_archive(str(d), "zip", root_dir=d.parent, base_dir=d.name)))
                         shutil.rmtree(d, ignore_errors=True)
-                    for fmt, label in ((f, l) for l, f in EXPORT_FORMATS.items() if l in formats and f):
-                        if fmt.startswith("gguf") and s.pruned.adapter.family != "LLaMA":
-                            missing.append(f"GGUF (LLaMA-family models only; {s.pruned.adapter.family} exports to ONNX)")
+                    for fmt, name in ((f, n) for n, f in EXPORT_FORMATS.items() if n in formats and f):
+                        if fmt.startswith("gguf") and model.adapter.family != "LLaMA":
+                            missing.append(f"GGUF (LLaMA-family models only; {model.adapter.family} exports to ONNX)")
                             continue
-                        progress(0.6, desc=f"exporting {label}")
-                        res = export(s.pruned, fmt, out / f"{stem}.{fmt.split('-')[0]}")
+                        progress(0.6, desc=f"exporting {name}")
+                        res = export(model, fmt, out / f"{stem}.{fmt.split('-')[0]}")
                         files.append(Path(res["path"]))
-                        checks.append(f"{label}: {res.get('check_summary', 'written')}")
+                        checks.append(f"{name}: {res.get('check_summary', 'written')}")
         except Exception as e:
             return [], warn(f"Export failed, nothing to download ({message(e)}); the pruned model is kept: try again.")
         names = ", ".join(f"`{p.name}`" for p in files) or "nothing yet"
@@ -713,19 +725,20 @@ class ExplorerApp:
                                          + "".join(f"\n\n{c}" for c in checks))
 
     def on_test(self, request: gr.Request, progress=gr.Progress()):
-        """-> status: the last run's final model and the dense model on the whole test split, once the
+        """-> status: the last finished run's final model and the dense model on the whole test split, once the
         plan is chosen (runs are evaluated on val, so that tuning A and the table never sees test)."""
         s = self.session(request)
         try:
             with s.busy("the test evaluation"):
                 loaded = require_loaded(s)
-                if s.pruned is None or not s.history:
-                    raise ExplorerError("no pruned model yet: run pruning first")
+                label = next((lb for lb in reversed(s.kept) if s.kept[lb].name == loaded.lm.name), None)
+                if label is None:
+                    raise ExplorerError("no pruned model of this model yet: run pruning first")
                 progress(0.1, desc="evaluating the dense model on test")
                 dense = quality(loaded.lm, loaded.data, 0, "test")
                 progress(0.5, desc="evaluating the pruned model on test")
-                final = quality(s.pruned, loaded.data, 0, "test")
-                rep = s.history[-1]
+                final = quality(s.kept[label], loaded.data, 0, "test")
+                rep = next(r for r in s.history if r["label"] == label)
                 rep["test"] = {"dense": dense, "final": final}
         except Exception as e:
             return warn(message(e))
@@ -767,12 +780,11 @@ class ExplorerApp:
         return dense["text"], pruned["text"] if pruned else "", status
 
 
-def export_stem(s: Session) -> str:
+def export_stem(rep: dict, number: int) -> str:
     """A file name that says which run it is: model, run number, method and budget."""
-    rep = s.history[-1]
     cfg = rep.get("config", {}).get("allocation", {})
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(rep["model"])).name)
-    return f"{safe}-run{len(s.history)}-{rep.get('method', 'adaptive')}-S{cfg.get('target', 0):g}"
+    return f"{safe}-run{number}-{rep.get('method', 'adaptive')}-S{cfg.get('target', 0):g}"
 
 
 def try_model(lm, prompt: str, max_new_tokens: int, temperature: float) -> dict:
@@ -1026,13 +1038,15 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                 stage_table = gr.Dataframe(ph[10], label="Stages of this run", interactive=False, elem_id="stage-table")
                 pareto_plot = gr.Plot(ph[13], label="Pareto (every stage of every run)", elem_id="pareto-plot")
 
-            with gr.Tab("Export", id="export"):
+            with gr.Tab("Export", id="export") as export_tab:
                 gr.Markdown("Download the pruned model of the last run: a zip of the directory written by "
                             "`save_model` (safetensors, config, tokenizer, `explorer_plan.json` and a model card; "
                             "reload it with `load_model(path)`), an ONNX graph (every architecture, checked by "
                             "onnxruntime) or a GGUF file for llama.cpp (LLaMA family, per-layer widths); the run "
                             "reports (JSON and CSV, every run of this session) and all charts in one HTML page.")
                 with gr.Row():
+                    run_in = gr.Dropdown([], label="Run to export", elem_id="export-run",
+                                         info=f"the final models of the last {KEEP_RUNS} runs are kept")
                     formats_in = gr.CheckboxGroup(list(EXPORT_FORMATS), value=[EXPORT_ZIP], label="Formats",
                                                   elem_id="export-formats")
                     export_btn = gr.Button("Prepare downloads", variant="primary", elem_id="export-btn", scale=0)
@@ -1083,7 +1097,8 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
         stop_btn.click(app.on_stop, None, run_status, concurrency_limit=None, show_progress="hidden", api_name="stop")
         test_btn.click(app.on_test, None, run_status, api_name="test")
         imp_stop_btn.click(app.on_stop, None, imp_status, concurrency_limit=None, show_progress="hidden", **private)
-        export_btn.click(app.on_export, formats_in, [export_files, export_status], api_name="export")
+        export_tab.select(app.on_export_tab, None, run_in, **private)
+        export_btn.click(app.on_export, [formats_in, run_in], [export_files, export_status], api_name="export")
         generate_btn.click(app.on_generate, [prompt_in, new_tokens_in, temperature_in],
                            [dense_out, pruned_out, generate_status], api_name="generate")
         demo.unload(app.on_unload)

@@ -37,6 +37,9 @@ from .pruning import PruningRun
 log = logging.getLogger("explorer.sessions")
 
 
+KEEP_RUNS = 3  # runs whose final model a session keeps for export
+
+
 class SessionBusy(ExplorerError):
     """A long job was asked for while another one of the same session is running."""
 
@@ -60,6 +63,7 @@ class Session:
     allocation: Allocation | None = None  # the plan currently shown (formula + manual overrides)
     run: PruningRun | None = None  # the run in progress or the last one
     pruned: LoadedModel | None = None  # the model after the last run's last completed stage
+    kept: dict[str, LoadedModel] = field(default_factory=dict)  # run label -> its final model (last KEEP_RUNS)
     history: list[dict] = field(default_factory=list)  # reports of finished runs, oldest first
     figures: dict = field(default_factory=dict)  # chart name -> last figure (for the HTML export)
     job: str = ""  # what the lock is held for
@@ -96,6 +100,18 @@ class Session:
     def stop_requested(self) -> bool:
         """Polled by long computations (`analyze(should_stop=...)`)."""
         return self._cancel.is_set()
+
+    def keep_run(self, label: str, lm: LoadedModel) -> None:
+        """The final model of a run, exportable by its label. Earlier runs' models move to the CPU
+        (never a second model on the accelerator) and only the last KEEP_RUNS are kept."""
+        for old in self.kept.values():
+            if old.device.type != "cpu":
+                old.model.to("cpu")
+                old.device = torch.device("cpu")
+        self.kept[label] = lm
+        while len(self.kept) > KEEP_RUNS:
+            self.kept.pop(next(iter(self.kept)))
+        self.pruned = lm
 
     def set_loaded(self, loaded: Loaded) -> None:
         """A new model: its analysis, plan and charts start afresh. The run history and the last

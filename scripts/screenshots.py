@@ -227,6 +227,9 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=64, help="calibration samples for the importance panel")
     p.add_argument("--recovery", default="lora")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--prompt", default="A warm, funny and beautifully acted film.",
+                   help="typed into the Export tab's side-by-side panel")
+    p.add_argument("--prefix", default="", help="prefix of the file names (e.g. lm- for a language model)")
     p.add_argument("app_args", nargs="*", help="passed to app.py (after --)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -234,19 +237,21 @@ def main(argv=None) -> None:
     with AppServer(*args.app_args) as server, browser() as page:
         d = Driver(page, server.url, timeout_s=900)
         d.open()
-        d.shot(out / "model.png")
+        d.shot(out / f"{args.prefix}model.png")
         d.compute_importance(args.samples)
-        d.shot(out / "importance.png")
+        d.shot(out / f"{args.prefix}importance.png")
         d.set_amplitude(0.15)
-        d.shot(out / "allocation.png")
+        d.shot(out / f"{args.prefix}allocation.png")
         d.tab("prune")
         d.choose("plan-input", "uniform")  # two runs, to compare uniform with adaptive in the history
         d.run(2, "none")
         d.choose("plan-input", "adaptive")
         print(d.run(2, args.recovery, args.steps))
-        d.shot(out / "prune.png")
+        d.shot(out / f"{args.prefix}prune.png")
         d.export()
-        d.shot(out / "export.png")
+        d.page.locator("#prompt-input textarea").fill(args.prompt)
+        d.click_and_wait("generate-btn", "generate-status", "Dense:")
+        d.shot(out / f"{args.prefix}export.png")
     print(f"screenshots in {out}")
 
 

@@ -312,7 +312,7 @@ def test_advanced_settings_reach_the_run_and_its_label(ready):
 def test_runs_are_judged_on_val_and_test_is_asked_for(ready):
     """Tuning never sees test: runs (and the load's dense figure) use val; one button gives test."""
     assert "on 8 val examples" in A.model_summary(ready.registry.get("a").loaded)  # the tiny split's real size
-    assert "no pruned model yet" in ready.on_test(req("a"))
+    assert "no pruned model of this model yet" in ready.on_test(req("a"))
     outs = run_all(ready, req("a"), stages=1)
     table = outs[-1][3]
     assert "accuracy (val)" in table.columns
@@ -334,3 +334,19 @@ def test_load_keeps_the_run_history_and_the_pruned_model(ready, tiny_dir, tiny_c
     assert any(f.endswith(".zip") for f in files), status  # the earlier run can still be exported
     run_all(ready, req("a"), stages=1, plan="uniform")
     assert [r["label"].split()[0] for r in s.history] == ["#1", "#2"]  # labels stay unique across loads
+
+
+def test_export_picks_a_run_and_keeps_only_the_last_runs_models(ready):
+    from explorer.sessions import KEEP_RUNS
+    s = ready.registry.get("a")
+    for target in (0.2, 0.3, 0.4, 0.5):
+        run_all(ready, req("a"), stages=1, target=target)
+    labels = [r["label"] for r in s.history]
+    assert list(s.kept) == labels[-KEEP_RUNS:] and s.pruned is s.kept[labels[-1]]
+    assert all(m.device.type == "cpu" for m in s.kept.values())
+    tab = ready.on_export_tab(req("a"))
+    assert tab["choices"] == labels[-KEEP_RUNS:] and tab["value"] == labels[-1]
+    files, status = ready.on_export(req("a"), [A.EXPORT_ZIP], labels[-2])  # the second-to-last run
+    assert any(f.endswith("-run3-adaptive-S0.4.zip") for f in files), (files, status)
+    files, status = ready.on_export(req("a"), [A.EXPORT_ZIP], labels[0])
+    assert files == [] and "no longer kept" in status
