@@ -67,6 +67,14 @@ def machine() -> dict:
     return info
 
 
+def generated_line(command: str, meta: dict) -> str:
+    """The first line of a bench report: when, by what, how long, on which machine under which load."""
+    m = meta["machine"]
+    return (f"Generated {meta['date']} by `{command}` in {meta['seconds'] / 60:.1f} min on {m.get('cpu', '?')}, "
+            f"{m.get('torch_threads', '?')} torch threads, load average before/after {meta['load_before']} / "
+            f"{meta['load_after']}.")
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import common  # noqa: F401  (offline environment first)
-from .common import load, log, machine, with_widths
+from .common import generated_line, load, log, machine, with_widths
 
 
 @dataclass
@@ -85,9 +85,7 @@ FIGS = {"causal-lm": [("decode_tokens_per_s", "decode tok/s b1"), ("decode_token
 
 def render(results: list[dict], meta: dict) -> str:
     lines = ["# Speed as users feel it (`python -m bench.decode`)", "",
-             f"Generated {meta['date']} by `python -m bench.decode --mode {meta['mode']}` in {meta['seconds'] / 60:.1f} "
-             f"min on {meta['machine'].get('cpu', '?')}, {meta['machine'].get('torch_threads', '?')} torch threads, "
-             f"load average before/after {meta['load_before']} / {meta['load_after']}.", "",
+             generated_line(f"python -m bench.decode --mode {meta['mode']}", meta), "",
              "Dense and the uniform plans (proportional split) timed interleaved in one process: each repeat "
              "measures every model once in turn; median [min–max] over the repeats, speed-up of the medians over "
              "dense. LMs: greedy decode with the KV cache after a 32-token random prompt, 16 new tokens; prefill = "

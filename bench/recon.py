@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import common  # noqa: F401  (offline environment first)
-from .common import fresh, load, log, machine
+from .common import fresh, generated_line, load, log, machine
 
 
 @dataclass
@@ -254,9 +254,7 @@ def summarise(res: dict) -> list[dict]:
 
 def render(results: list[dict], meta: dict) -> str:
     lines = ["# Reconstruction benchmark (`python -m bench.recon`)", "",
-             f"Generated {meta['date']} by `python -m bench.recon --{meta['mode']}` in {meta['seconds'] / 60:.1f} min on "
-             f"{meta['machine'].get('cpu', '?')}, {meta['machine'].get('torch_threads', '?')} torch threads, load average "
-             f"before/after {meta['load_before']} / {meta['load_after']}.", "",
+             generated_line(f"python -m bench.recon --mode {meta['mode']}", meta), "",
              "One-shot cuts at equal block parameters. *cut*: the plan's units (taylor salience) removed, nothing "
              "else; *recon*: the same per-layer counts, cut layer by layer with the units re-chosen by structured OBS "
              "and refit (explorer/reconstruct.py defaults: relative token weights, λ per projection on held-out "
