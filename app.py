@@ -665,6 +665,22 @@ class ExplorerApp:
         return f"{job[0].upper()}{job[1:]} cannot be stopped; it finishes on its own."
 
     # tab 5
+    def on_prune_plan(self, plan, method, target, amplitude, mode, max_sparsity, round_to, split,
+                      request: gr.Request, normalization="maxabs") -> str:
+        """-> the line above the Run button: the plan the run will use, from the Allocation tab."""
+        s = self.session(request)
+        if plan == "manual table":
+            what = (f"the Allocation tab's table ({len(s.manual)} layer(s) set by hand)" if s.allocation
+                    else "the Allocation tab's table, **which needs importance first**")
+        elif plan == "uniform" or method == "uniform":
+            what = f"uniform, S_L = S_base = {float(target):g} in every layer"
+        else:
+            what = (f"adaptive, S_L = S_base − A·Î_L with S_base = {float(target):g}, A = {float(amplitude):g}, "
+                    f"{mode} mode, Î_L normalised by {normalization}")
+        return (f"**Plan** (from the Allocation tab): {what}; {split} split, S_max {float(max_sparsity):g}"
+                + (f", neurons rounded to multiples of {int(round_to)}" if int(round_to) > 1 else "")
+                + ("" if method in ("adaptive", "uniform") else f"; method **{method}**") + ".")
+
     def on_export_tab(self, request: gr.Request):
         """-> the run choice: the runs whose final model is kept, the last one selected."""
         labels = list(self.session(request).kept)
@@ -999,7 +1015,8 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
                 reset_btn = gr.Button("Reset hand edits", size="sm")
                 gr.Markdown(ALLOCATION_HELP, latex_delimiters=LATEX)
 
-            with gr.Tab("Prune & recover", id="prune"):
+            with gr.Tab("Prune & recover", id="prune") as prune_tab:
+                plan_md = gr.Markdown(elem_id="prune-plan")
                 with gr.Row():
                     stages_in = gr.Number(2, precision=0, minimum=1, maximum=20, label="Stages K", elem_id="stages-input",
                                           info=help_of(PruneConfig, "stages"))
@@ -1098,6 +1115,9 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
         test_btn.click(app.on_test, None, run_status, api_name="test")
         imp_stop_btn.click(app.on_stop, None, imp_status, concurrency_limit=None, show_progress="hidden", **private)
         export_tab.select(app.on_export_tab, None, run_in, **private)
+        for trigger in (prune_tab.select, plan_in.change, method_in.change):
+            trigger(app.on_prune_plan, [plan_in, method_in, *alloc_in], plan_md, show_progress="hidden",
+                    **private)
         export_btn.click(app.on_export, [formats_in, run_in], [export_files, export_status], api_name="export")
         generate_btn.click(app.on_generate, [prompt_in, new_tokens_in, temperature_in],
                            [dense_out, pruned_out, generate_status], api_name="generate")

@@ -350,3 +350,11 @@ def test_export_picks_a_run_and_keeps_only_the_last_runs_models(ready):
     assert any(f.endswith("-run3-adaptive-S0.4.zip") for f in files), (files, status)
     files, status = ready.on_export(req("a"), [A.EXPORT_ZIP], labels[0])
     assert files == [] and "no longer kept" in status
+
+
+def test_prune_tab_states_the_plan_it_will_run(ready):
+    line = ready.on_prune_plan("adaptive", "adaptive", *alloc_args()[:6], req("a"), "rank")
+    assert "S_base = 0.3, A = 0.05, exact mode, Î_L normalised by rank" in line and "salience split" in line
+    assert "uniform, S_L = S_base = 0.3" in ready.on_prune_plan("uniform", "adaptive", *alloc_args()[:6], req("a"))
+    assert "method **apt**" in ready.on_prune_plan("adaptive", "apt", *alloc_args()[:6], req("a"))
+    assert "needs importance first" in ready.on_prune_plan("manual table", "adaptive", *alloc_args()[:6], req("b"))
