@@ -86,7 +86,9 @@ def flap_keeps(imp, target: float) -> list[tuple[list[int], list[int]]]:
              [u for u in range(p["n_neurons"]) if (i, "mlp", u) not in drop]) for i, p in enumerate(imp.params)]
 
 
-def run_case(case: Case, methods: tuple[str, ...] = METHODS) -> dict:
+def run_case(case: Case, methods: tuple[str, ...] = METHODS, dense: dict | None = None) -> dict:
+    """Every (seed, budget, method) row of one model; `dense`: its test figures from an earlier
+    run of the same case (a merge), not measured again."""
     from explorer.allocation import allocate
     from explorer.config import AllocationConfig, AnalysisConfig
     from explorer.evaluate import perplexity
@@ -110,8 +112,9 @@ def run_case(case: Case, methods: tuple[str, ...] = METHODS) -> dict:
         return out
 
     t0 = time.perf_counter()
-    dense = score(base, "test")
+    dense = dense or score(base, "test")
     log(f"{case.model} dense {dense} ({time.perf_counter() - t0:.0f} s)")
+    needs_analysis = bool(set(methods) - {"torch-pruning"})  # Torch-Pruning scores units itself
     rows = []
     for seed in case.seeds:
         texts, labels = data.calibration(case.samples, stage=1, seed=seed)
@@ -119,9 +122,10 @@ def run_case(case: Case, methods: tuple[str, ...] = METHODS) -> dict:
         t0 = time.perf_counter()
         imp = analyze(base, texts, labels, AnalysisConfig(samples=len(texts), batch_size=case.batch_size,
                                                            metric="taylor", seed=seed),
-                      metrics=("taylor", "fluctuation"))
+                      metrics=("taylor", "fluctuation")) if needs_analysis else None
         t_analysis = time.perf_counter() - t0
-        log(f"  seed {seed}: analysis {t_analysis:.0f} s on {imp.tokens:,} tokens")
+        if imp is not None:
+            log(f"  seed {seed}: analysis {t_analysis:.0f} s on {imp.tokens:,} tokens")
 
         def evaluate_plan(keeps, lam, label, budget, split="test", extra=None, cut=True, also_val=False,
                           select="obs"):
@@ -200,8 +204,10 @@ def torch_pruning_row(base, texts, labels, budget, batch_size, score, evaluate_p
     heads_ok = lm.adapter.family == "BERT"
     plan = allocate(np.zeros(len(st)), st, AllocationConfig(target=budget, mode="uniform", prune_attention=heads_ok,
                                                             prune_mlp=True, split="proportional"))
+    t0 = time.perf_counter()
     accumulate_grads(lm, texts, labels, batch_size)
     tp_seconds = tp_prune_step(lm, plan, "taylor")
+    scoring_seconds = time.perf_counter() - t0  # its gradients and its dependency graph
     cut = score(lm, "test")
     keeps = kept_units(base, lm)
     del lm
@@ -209,6 +215,7 @@ def torch_pruning_row(base, texts, labels, budget, batch_size, score, evaluate_p
                         extra={"tp_seconds": tp_seconds, "importance": "GroupTaylorImportance",
                                "units": "heads + FFN channels" if heads_ok else "FFN channels only (GQA)"})
     row["cut"] = cut
+    row["analysis_seconds"] = scoring_seconds
     return row
 
 
@@ -357,9 +364,10 @@ def main(argv=None) -> int:
         meta["earlier"] = prev.get("meta")
     results = []
     for c in cases:  # written after each model, so a long run that is stopped keeps what it finished
-        res = run_case(c, methods)
+        earlier = next((r for r in prev["results"] if r["model"] == c.model), None) if args.merge and prev else None
+        res = run_case(c, methods, dense=earlier["dense"] if earlier else None)
         if args.merge:
-            res = merge_rows(next((r for r in prev["results"] if r["model"] == c.model), None) if prev else None, res)
+            res = merge_rows(earlier, res)
         results.append(res)
         meta.update(seconds=time.perf_counter() - t0, load_after=common.load_average())
         (out / "recon.json").write_text(json.dumps({"meta": meta, "results": keep + results}, indent=1, default=str))
