@@ -214,19 +214,30 @@ def report_rows(rep: dict) -> list[dict]:
     base = {"run": rep["label"], "status": rep["status"], "metric": m}
     rows = [{**base, "model": "dense", "params": d["params"], "block_params": d["block_params"],
              "removed_fraction": 0.0, "quality": d.get(m), "latency_ms": d.get("latency_ms"),
-             "flops_per_token": d.get("flops_per_token"), "last_loss": None, "seconds": None, **speed_columns(d)}]
+             "flops_per_token": d.get("flops_per_token"), "last_loss": None, "seconds": None,
+             "latency_spread": d.get("latency_spread"), **speed_columns(d)}]
     for st in rep["stages"]:
         rows.append({**base, "model": f"stage {st['stage']}", "params": st["params"], "block_params": st["block_params"],
                      "removed_fraction": st["removed_fraction"], "quality": st["quality"].get(m),
                      "latency_ms": st["latency_ms"], "flops_per_token": st["flops_per_token"],
                      "last_loss": st["losses"][-1] if st["losses"] else None, "seconds": st["seconds"],
-                     **speed_columns(st.get("speed") or {}),
+                     "latency_spread": st.get("latency_spread"), **speed_columns(st.get("speed") or {}),
                      **{f"after_{k}": v.get(m) for k, v in (st.get("phases") or {}).items()}})
     return rows
 
 
 SPEED_COLUMNS = {"decode_tokens_per_s": "decode tok/s (b1)", "decode_tokens_per_s_b8": "decode tok/s (b8)",
                  "prefill_ms": "prefill ms (b1)", "latency_b1x128_ms": "latency ms (1×128)"}
+
+
+BUSY_SPREAD = 0.25  # latency repeats further apart than this (of the median): the machine is busy
+
+
+def spread_text(spread: float | None) -> str | None:
+    """'±8 %', or flagged when the repeats disagree so much that a speed-up could be noise."""
+    if spread is None:
+        return None
+    return f"±{spread / 2:.0%}" + (" ⚠ busy machine" if spread > BUSY_SPREAD else "")
 
 
 def speed_columns(ev: dict) -> dict:
@@ -241,12 +252,14 @@ def stage_table(rows: list[dict], metric: str, split: str = "") -> pd.DataFrame:
     return pd.DataFrame(
         [[r["model"], num(r["params"] / 1e6, 3), f"{r['removed_fraction']:.1%}", num(r.get("after_cut"), 4),
           num(r.get("after_reconstructed"), 4), num(r["quality"], 4),
-          num(r["latency_ms"], 1), *[num(r.get(k), 1) for k in speed], num(r["flops_per_token"] / 1e6, 2),
+          num(r["latency_ms"], 1), spread_text(r.get("latency_spread")), *[num(r.get(k), 1) for k in speed],
+          num(r["flops_per_token"] / 1e6, 2),
           num(r["last_loss"], 4), num(r["seconds"], 1)]
          for r in rows],
         columns=["model", "params (M)", "removed", "after cut", "after reconstruction",
                  f"{metric or 'quality'} ({split})" if split else (metric or "quality"),
-                 "latency (ms, 32×128)", *[SPEED_COLUMNS[k] for k in speed], "FLOPs/token (M)", "last loss",
+                 "latency (ms, 32×128)", "latency spread", *[SPEED_COLUMNS[k] for k in speed], "FLOPs/token (M)",
+                 "last loss",
                  "time (s)"])
 
 

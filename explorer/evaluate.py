@@ -86,7 +86,9 @@ def latency(lm: LoadedModel, batch_size: int = 32, seq_len: int = 128, repeats: 
         sync()
         if i >= warmup:
             times.append((time.perf_counter() - t) * 1000)
-    return {"latency_ms": statistics.median(times), "latency_min_ms": min(times),
+    med = statistics.median(times)
+    return {"latency_ms": med, "latency_min_ms": min(times), "latency_max_ms": max(times),
+            "latency_spread": (max(times) - min(times)) / med,  # large on a busy machine: read with care
             "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats}
 
 

@@ -103,6 +103,7 @@ class StageRecord:
     phases: dict = field(default_factory=dict)  # quality right after the cut / after reconstruction
     reconstruction: dict | None = None  # seconds, tokens, calibration error ratio, λ per projection
     speed: dict | None = None  # decode tokens/s, prefill ms (LMs) or latencies (encoders), weight MB
+    latency_spread: float | None = None  # (max - min) / median of the latency repeats
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -281,7 +282,7 @@ class PruningRun:
         return StageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / original, q,
                            ev.get("latency_ms"), ev["flops_per_token"], losses, seconds,
                            widths(self.lm.adapter, self.lm.model), [l.sparsity for l in alloc.layers],
-                           speed=speed_brief(ev))
+                           speed=speed_brief(ev), latency_spread=ev.get("latency_spread"))
 
     def run(self) -> dict:
         """Run to the end (no streaming) and return the report."""
@@ -294,8 +295,8 @@ class PruningRun:
 
         def brief(ev):
             return {"params": ev.get("params"), "block_params": ev.get("block_params"), m: ev.get(m),
-                    "latency_ms": ev.get("latency_ms"), "flops_per_token": ev.get("flops_per_token"),
-                    **(speed_brief(ev) or {})}
+                    "latency_ms": ev.get("latency_ms"), "latency_spread": ev.get("latency_spread"),
+                    "flops_per_token": ev.get("flops_per_token"), **(speed_brief(ev) or {})}
         final = brief({**asdict(self.records[-1]), **self.records[-1].quality}) if self.records else brief(self.dense)
         return {"label": self.label, "model": self.lm.name, "data": self.data.name, "metric": m,
                 "eval_split": self.prune.eval_split,

@@ -358,3 +358,12 @@ def test_prune_tab_states_the_plan_it_will_run(ready):
     assert "uniform, S_L = S_base = 0.3" in ready.on_prune_plan("uniform", "adaptive", *alloc_args()[:6], req("a"))
     assert "method **apt**" in ready.on_prune_plan("adaptive", "apt", *alloc_args()[:6], req("a"))
     assert "needs importance first" in ready.on_prune_plan("manual table", "adaptive", *alloc_args()[:6], req("b"))
+
+
+def test_latency_spread_is_shown_and_flagged():
+    assert A.spread_text(0.1) == "±5%" and A.spread_text(None) is None
+    assert A.spread_text(0.6) == "±30% ⚠ busy machine"
+    rows = [{"model": "dense", "params": 1e6, "removed_fraction": 0.0, "quality": 0.8, "latency_ms": 10.0,
+             "latency_spread": 0.6, "flops_per_token": 1e6, "last_loss": None, "seconds": None}]
+    table = A.stage_table(rows, "accuracy", "val")
+    assert table["latency spread"].tolist() == ["±30% ⚠ busy machine"]

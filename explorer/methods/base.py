@@ -129,7 +129,7 @@ class MethodRun(PruningRun):
         return MethodStageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / self.original, q,
                                  ev.get("latency_ms"), ev["flops_per_token"], list(losses), seconds,
                                  widths(self.lm.adapter, self.lm.model), [float(s) for s in sparsity],
-                                 speed=speed_brief(ev), extra=extra or None)
+                                 speed=speed_brief(ev), latency_spread=ev.get("latency_spread"), extra=extra or None)
 
     def _stage_event(self, rec: StageRecord) -> dict:
         self.records.append(rec)
