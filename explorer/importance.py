@@ -85,6 +85,19 @@ def _rank_normalize(v: np.ndarray) -> np.ndarray:
     return 2 * ranks / (n - 1) - 1
 
 
+MAX_LM_BATCH_TOKENS = 1024  # per backward pass of a causal LM (see analysis_batch_size)
+
+
+def analysis_batch_size(lm: LoadedModel, cfg: AnalysisConfig, grads: bool) -> int:
+    """The calibration batch size, capped for a causal LM's backward pass at MAX_LM_BATCH_TOKENS
+    tokens: the logits over the vocabulary and every block's saved activations cost about 1 GB per
+    256-token sample on SmolLM2 (measured: 16 samples a batch peaked at 16 GB, 4 at 5 GB)."""
+    if not grads or lm.task != "causal-lm":
+        return cfg.batch_size
+    length = min(cfg.max_length or lm.max_length, lm.max_positions)
+    return max(1, min(cfg.batch_size, MAX_LM_BATCH_TOKENS // max(length, 1)))
+
+
 @dataclass
 class Importance:
     """Result of one analysis; per-layer lists because widths may differ between layers."""
@@ -100,6 +113,7 @@ class Importance:
     tokens: int = 0
     seconds: float = 0.0
     params: list[dict] = field(default_factory=list)  # per layer: params per group/neuron, totals
+    batch_size: int = 0  # calibration samples per batch actually used (see analysis_batch_size)
 
     @property
     def normalized(self) -> np.ndarray:
@@ -412,9 +426,10 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
     gsum = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in tracked.items()} if grads else {}
     fisher: dict[tuple[int, str], torch.Tensor | None] = {(b.index, g.kind): None for b in blocks for g in (b.attn, b.mlp)}
     rec = _Recorder(lm, blocks, grads, "apt" in metrics, "fluctuation" in metrics)
-    n_batches = (len(texts) + cfg.batch_size - 1) // cfg.batch_size
+    batch_size = analysis_batch_size(lm, cfg, grads)
+    n_batches = (len(texts) + batch_size - 1) // batch_size
     try:
-        for bi, (bt, bl) in enumerate(_batches(texts, labels, cfg.batch_size)):
+        for bi, (bt, bl) in enumerate(_batches(texts, labels, batch_size)):
             if should_stop and should_stop():
                 raise Cancelled()
             batch = lm.encode(bt, bl, max_length=cfg.max_length or None)
@@ -468,7 +483,8 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
                     else:
                         neurons[m].append(pg.numpy())
     return Importance(-cos[:, 0], -cos[:, 1], -cos[:, 2], groups, heads, neurons, cfg.metric,
-                      samples=len(texts), tokens=tokens, seconds=time.perf_counter() - t0, params=params)
+                      samples=len(texts), tokens=tokens, seconds=time.perf_counter() - t0, params=params,
+                      batch_size=batch_size)
 
 
 def _unit_scores(g: UnitGroup, qpk: int, metrics, gsum, fisher, act) -> dict[str, tuple]:

@@ -59,6 +59,20 @@ def _train_batches(lm: LoadedModel, data: TextData, steps: int, batch_size: int,
         yield lm.encode([texts[i] for i in idx], [labels[i] for i in idx] if labels else None)
 
 
+MAX_LM_BATCH_TOKENS = 1024  # per forward/backward of a causal LM: ~1 GB per 256-token sample on SmolLM2
+
+
+def micro_batches(lm: LoadedModel, batch: dict) -> list[tuple[dict, float]]:
+    """A training batch as (part, weight) pieces of at most MAX_LM_BATCH_TOKENS tokens for causal LMs
+    (the vocabulary-sized logits and their gradients dominate memory); weights are the parts' shares
+    of the samples, so the accumulated gradient is the batch's. Other tasks: the batch whole."""
+    n, length = batch["input_ids"].shape
+    per = max(1, MAX_LM_BATCH_TOKENS // max(length, 1)) if lm.task == "causal-lm" else n
+    if per >= n:
+        return [(batch, 1.0)]
+    return [({k: v[i:i + per] for k, v in batch.items()}, min(per, n - i) / n) for i in range(0, n, per)]
+
+
 def kd_loss(student_logits, teacher_logits, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """KL(teacher || student) on softened logits, scaled by T² (Hinton et al.).
     logits: (B, C) for classifiers or (B, T, V) for LMs with mask (B, T)."""
@@ -189,18 +203,22 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
                                                     seed=cfg.seed * 1000 + stage)):
             if should_stop and should_stop():
                 raise Cancelled()
-            with autocast:
-                loss = distil_loss(model, teacher, batch, cfg, lm.task) if method == "kd" else model(**batch).loss
-            if not torch.isfinite(loss):
-                raise ExplorerError(f"recovery diverged at step {step + 1} (loss {loss.item()}); lower the learning rate")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            total = 0.0
+            for part, weight in micro_batches(lm, batch):  # gradient accumulation within the step
+                with autocast:
+                    loss = distil_loss(model, teacher, part, cfg, lm.task) if method == "kd" else model(**part).loss
+                if not torch.isfinite(loss):
+                    raise ExplorerError(f"recovery diverged at step {step + 1} (loss {loss.item()}); "
+                                        "lower the learning rate")
+                scaler.scale(loss * weight).backward()
+                total += loss.item() * weight
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(opt)
             scaler.update()
             sched.step()
-            yield step + 1, loss.item()
+            yield step + 1, total
     finally:
         model.eval()
         if method == "lora":

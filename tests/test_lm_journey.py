@@ -182,3 +182,28 @@ def test_cli_export_refuses_with_one_line(dirs, tmp_path, capsys, argv, needle):
     assert line.startswith("error:") and needle in line
     assert main(["export", "--model", dirs["bert"], "--format", "onnx", "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_lm_batches_are_capped_in_tokens_with_the_same_gradient():
+    """Analysis batches and training micro-batches of a causal LM stay under 1,024 tokens (memory),
+    and gradient accumulation over the pieces gives the whole batch's gradient."""
+    from explorer.config import AnalysisConfig
+    from explorer.importance import analysis_batch_size
+    from explorer.recovery import micro_batches
+    lm = tiny_lm("llama")
+    lm.max_length = 256
+    lm.model.config.max_position_embeddings = 1024
+    assert analysis_batch_size(lm, AnalysisConfig(batch_size=16), grads=True) == 4
+    assert analysis_batch_size(lm, AnalysisConfig(batch_size=16), grads=False) == 16
+    ids = torch.randint(3, 120, (12, 200), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    parts = micro_batches(lm, batch)
+    assert [p["input_ids"].shape[0] for p, _ in parts] == [5, 5, 2] and sum(w for _, w in parts) == pytest.approx(1)
+    lm.model.zero_grad()
+    lm.model(**batch).loss.backward()
+    whole = lm.model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    lm.model.zero_grad()
+    for part, w in parts:
+        (lm.model(**part).loss * w).backward()
+    assert torch.allclose(lm.model.model.layers[0].mlp.up_proj.weight.grad, whole, rtol=1e-4, atol=1e-7)
+    assert micro_batches(tiny_lm("bert"), batch)[0][1] == 1.0  # classifiers: the batch whole
