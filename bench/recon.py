@@ -259,9 +259,19 @@ def summarise(res: dict) -> list[dict]:
     return out
 
 
+def _first(meta: dict) -> dict:
+    """The oldest run of a chain of merges."""
+    while meta.get("earlier"):
+        meta = meta["earlier"]
+    return meta
+
+
 def render(results: list[dict], meta: dict) -> str:
     lines = ["# Reconstruction benchmark (`python -m bench.recon`)", "",
-             generated_line(f"python -m bench.recon --mode {meta['mode']}", meta), "",
+             generated_line(f"python -m bench.recon --mode {meta['mode']}", meta)
+             + (f" Incremental (`--merge`): this run added rows to those of earlier runs (the first generated "
+                f"{_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier")
+                else ""), "",
              "One-shot cuts at equal block parameters. *cut*: the plan's units (taylor salience) removed, nothing "
              "else; *recon*: the same per-layer counts, cut layer by layer with the units re-chosen by structured OBS "
              "and refit (explorer/reconstruct.py defaults: relative token weights, λ per projection on held-out "
