@@ -194,7 +194,8 @@ def allocation_chart(adaptive: Sequence[float], uniform: Sequence[float], target
                      clipped: Sequence[bool] = (), manual: Sequence[bool] = (),
                      normalized: Sequence[float] | None = None, title: str = "") -> go.Figure:
     """Per-layer sparsity S_L: the adaptive plan (with manual overrides) beside uniform S_base.
-    Clipped layers get a red ▲, hand-set layers a purple ◆; Î_L on a second axis.
+    Clipped layers get a red ▲, hand-set layers a purple ◆; Î_L on a second axis; below, the
+    difference adaptive − uniform on its own scale, so that a small A is visible too.
 
     Redrawn on every slider move, so it is written as one plain figure dict (a few ms)
     rather than through plotly's validated object API (~50 ms on a busy 2-core machine)."""
@@ -225,6 +226,16 @@ def allocation_chart(adaptive: Sequence[float], uniform: Sequence[float], target
         "shapes": [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": target, "y1": target,
                     "line": {"color": GREY, "dash": "dash", "width": 1}}],
     }
+    diff = [a - float(u) for a, u in zip(ad, uniform)]
+    if any(abs(d) > 1e-9 for d in diff):
+        span = max(abs(d) for d in diff)
+        data.append({"type": "bar", "x": layers, "y": diff, "name": "adaptive − uniform", "yaxis": "y3",
+                     "marker": {"color": [RED if d > 0 else GREEN for d in diff]},
+                     "hovertemplate": "layer %{x}<br>S_L − S_base = %{y:+.3f}<extra></extra>"})
+        layout["yaxis"]["domain"] = [0.34, 1.0]
+        layout["yaxis3"] = {"domain": [0.0, 0.24], "anchor": "x", "title": {"text": "Δ S_L"},
+                            "range": [-1.15 * span, 1.15 * span], "zeroline": True, "zerolinecolor": GREY}
+        layout["height"] = HEIGHT + 80
     if normalized is not None:
         data.append({"type": "scatter", "x": layers, "y": [float(v) for v in normalized], "mode": "lines+markers",
                      "name": "Î_L", "yaxis": "y2", "line": {"color": GREY, "dash": "dot"},

@@ -80,17 +80,18 @@ def test_neurons_heatmap_bins_thousands_of_neurons():
 def test_allocation_chart_adaptive_beside_uniform_with_flags():
     fig = plots.allocation_chart([0.2, 0.3, 0.5], [0.33] * 3, 0.33, clipped=[False, False, True],
                                  manual=[True, False, False], normalized=[1.0, 0.0, -1.0], title="t")
-    assert names(fig) == ["adaptive S_L", "uniform S_base", "clipped", "set by hand", "Î_L"]
+    assert names(fig) == ["adaptive S_L", "uniform S_base", "clipped", "set by hand", "adaptive − uniform", "Î_L"]
     assert list(fig.data[0].y) == pytest.approx([0.2, 0.3, 0.5])
     assert list(fig.data[2].x) == [2] and list(fig.data[3].x) == [0]
-    assert fig.data[4].yaxis == "y2"
+    assert list(fig.data[4].y) == pytest.approx([-0.13, -0.03, 0.17]) and fig.data[4].yaxis == "y3"  # the difference
+    assert fig.data[5].yaxis == "y2"
     assert fig.layout.shapes[0].y0 == pytest.approx(0.33)  # the S_base line
     json.loads(fig.to_json())  # serialisable for the browser
 
 
 def test_allocation_chart_without_flags_has_two_bar_traces():
     fig = plots.allocation_chart([0.3] * 4, [0.3] * 4, 0.3)
-    assert names(fig) == ["adaptive S_L", "uniform S_base"]
+    assert names(fig) == ["adaptive S_L", "uniform S_base"]  # no difference: no difference panel
 
 
 def test_quality_chart_dense_point_and_one_point_per_stage():
