@@ -243,7 +243,8 @@ def cmd_export(args) -> None:
         raise ExplorerError(f"unknown format '{args.format}': use one of {', '.join(FORMATS)}")
     lm, _ = _load(args, need_data=False)
     res = export(lm, args.format, args.out, check=not args.no_check)
-    _write_json(res, args.json) if args.json else None
+    if args.json:
+        _write_json(res, args.json)
     print(f"exported {args.format} -> {res['path']} ({res['bytes'] / 1e6:.1f} MB)" + (
         f"; check: {res['check_summary']}" if res.get("check_summary") else ""), file=sys.stderr)
     if res.get("check") and not res["check"].get("ok", True):
