@@ -861,11 +861,12 @@ def eta(seconds: float) -> str:
 def evaluation_note(run: PruningRun) -> str:
     """What one evaluation of a run costs, in words: the status line shows it while it runs."""
     n = run.prune.eval_samples
+    split = run.prune.eval_split
     if run.lm.task == "causal-lm":
-        what = f"{n or EVAL_TOKENS:,} test tokens"
+        what = f"{n or EVAL_TOKENS:,} {split} tokens"
     else:  # never more than the split has
-        n_test = len(run.data.texts["test"])
-        what = f"{min(n, n_test) if n else n_test:,} test examples"
+        n_split = len(run.data.texts[split])
+        what = f"{min(n, n_split) if n else n_split:,} {split} examples"
     if not run.timing:
         return what + ", no timing"
     speed = ("decode at batch 1 and 8 + prefill" if run.lm.task == "causal-lm" else "latency at 1 and 32 × 128")

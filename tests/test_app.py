@@ -162,9 +162,9 @@ def test_table_edit_sets_a_layer_by_hand_and_the_chart_follows(ready):
 def test_run_streams_stages_then_history(ready):
     outs = run_all(ready, req("a"), stages=2)
     statuses = [o[4] for o in outs if isinstance(o[4], str)]
-    assert statuses[0].startswith("Measuring the dense model (16 test examples, no timing")  # the tiny test split
+    assert statuses[0].startswith("Measuring the dense model (8 val examples, no timing")  # the tiny val split
     assert statuses[1].startswith("Dense model measured") and statuses[-1].startswith("Done: 2 stage(s)")
-    assert "Stage 2/2: evaluating (16 test examples" in " ".join(statuses)
+    assert "Stage 2/2: evaluating (8 val examples" in " ".join(statuses)
     quality, _, cost, table, _, history, pareto = outs[-1]
     assert list(quality.data[1].text) == ["", "stage 1", "stage 2"]
     assert list(table["model"]) == ["dense", "stage 1", "stage 2"]
