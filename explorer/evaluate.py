@@ -73,19 +73,8 @@ def flops_per_token(lm: LoadedModel, seq_len: int = 128) -> int:
 def latency(lm: LoadedModel, batch_size: int = 32, seq_len: int = 128, repeats: int = 5, warmup: int = 2) -> dict:
     """Median wall time of one forward pass on random tokens (after warm-up)."""
     lm.model.eval()
-    vocab = lm.model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=g).to(lm.device)
-    mask = torch.ones_like(ids)
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + repeats):
-        sync()
-        t = time.perf_counter()
-        lm.model(input_ids=ids, attention_mask=mask)
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - t) * 1000)
+    ids = _random_ids(lm, batch_size, seq_len)
+    times = [_forward_once(lm, ids) * 1000 for _ in range(warmup + repeats)][warmup:]
     med = statistics.median(times)
     return {"latency_ms": med, "latency_min_ms": min(times), "latency_max_ms": max(times),
             "latency_spread": (max(times) - min(times)) / med,  # large on a busy machine: read with care
@@ -102,21 +91,26 @@ def weight_mb(lm: LoadedModel) -> float:
     return total / 1e6
 
 
+def _sync(lm: LoadedModel) -> None:
+    """Wait for the device, so that wall time measures the work (a no-op on the CPU)."""
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def _decode_once(lm: LoadedModel, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """Greedy generation with the KV cache, timed by hand: (prefill s, decode s of new_tokens - 1 steps)."""
     model = lm.model
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    sync()
+    _sync(lm)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # logits [B, 1, V]
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-    sync()
+    _sync(lm)
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
         out = model(input_ids=nxt, cache=out.cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    sync()
+    _sync(lm)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -126,12 +120,12 @@ def _random_ids(lm: LoadedModel, batch_size: int, seq_len: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _encoder_once(lm: LoadedModel, ids: torch.Tensor) -> float:
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    sync()
+def _forward_once(lm: LoadedModel, ids: torch.Tensor) -> float:
+    """Seconds of one forward pass over `ids` (no padding)."""
+    _sync(lm)
     t = time.perf_counter()
     lm.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    sync()
+    _sync(lm)
     return time.perf_counter() - t
 
 
@@ -156,7 +150,7 @@ def _speed_samples(lm: LoadedModel, setup: SpeedSetup) -> dict[str, float]:
             if b == 1:
                 out["prefill_ms"] = prefill * 1000
         return out
-    return {f"latency_b{b}x{t}_ms": _encoder_once(lm, _random_ids(lm, b, min(t, lm.max_positions))) * 1000
+    return {f"latency_b{b}x{t}_ms": _forward_once(lm, _random_ids(lm, b, min(t, lm.max_positions))) * 1000
             for b, t in setup.encoder_shapes}
 
 

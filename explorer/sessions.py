@@ -62,7 +62,6 @@ class Session:
     last_edit: list[str] | None = None  # the sparsity column of the last table edit (to drop repeats)
     allocation: Allocation | None = None  # the plan currently shown (formula + manual overrides)
     run: PruningRun | None = None  # the run in progress or the last one
-    pruned: LoadedModel | None = None  # the model after the last run's last completed stage
     kept: dict[str, LoadedModel] = field(default_factory=dict)  # run label -> its final model (last KEEP_RUNS)
     history: list[dict] = field(default_factory=list)  # reports of finished runs, oldest first
     figures: dict = field(default_factory=dict)  # chart name -> last figure (for the HTML export)
@@ -111,7 +110,11 @@ class Session:
         self.kept[label] = lm
         while len(self.kept) > KEEP_RUNS:
             self.kept.pop(next(iter(self.kept)))
-        self.pruned = lm
+
+    @property
+    def pruned(self) -> LoadedModel | None:
+        """The model after the last finished run's last completed stage."""
+        return next(reversed(self.kept.values()), None)
 
     def set_loaded(self, loaded: Loaded) -> None:
         """A new model: its analysis, plan and charts start afresh. The run history and the last
@@ -133,8 +136,8 @@ class Session:
         self._cancel.set()
         if self.run is not None:
             self.run.stop()
-        self.loaded, self.pruned, self.run, self.importance, self.allocation = None, None, None, None, None
-        self.history, self.figures = [], {}
+        self.loaded, self.run, self.importance, self.allocation = None, None, None, None
+        self.kept, self.history, self.figures = {}, [], {}
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
