@@ -30,10 +30,10 @@ def timed_run(app, recovery: str) -> list[tuple[float, str]]:
     a = {**ALLOC, "target": 0.2, "amplitude": 0.05}
     t0 = time.perf_counter()
     out = []
-    for o in app.on_run(1, recovery, 10, "adaptive", "adaptive", a["target"], a["amplitude"], a["mode"],
+    for o in app.on_run(1, recovery, 10, "adaptive", a["target"], a["amplitude"], a["mode"],
                         a["max_sparsity"], a["round_to"], a["split"], "taylor", 64, 0, True, _Request()):
-        if isinstance(o[4], str):
-            out.append((time.perf_counter() - t0, o[4]))
+        if isinstance(o.run_status, str):
+            out.append((time.perf_counter() - t0, o.run_status))
     return out
 
 

@@ -25,7 +25,7 @@ def opt(default, help: str, choices=None, **kw):
 
 @dataclass
 class AnalysisConfig:
-    samples: int = opt(128, "calibration samples for importance estimation", min=1)
+    samples: int = opt(64, "calibration samples for importance estimation", min=1)
     batch_size: int = opt(16, "calibration batch size", min=1)
     metric: str = opt("taylor", "salience metric used to choose heads / neurons", METRICS)
     max_length: int = opt(0, "tokens per sample (0: the model's default: 128 for classifiers, 256 for LMs)", min=0)
@@ -35,7 +35,7 @@ class AnalysisConfig:
 @dataclass
 class AllocationConfig:
     target: float = opt(0.3, "S_base: fraction of the prunable-block parameters to remove, in [0, 1)")
-    amplitude: float = opt(0.03, "A: shifts sparsity from important to unimportant layers, S_L = S_base - A*Î_L")
+    amplitude: float = opt(0.05, "A: shifts sparsity from important to unimportant layers, S_L = S_base - A*Î_L")
     mode: str = opt("exact", "exact: redistribute what clipping removed so the budget is met exactly "
                     "(our default, a departure from the reference); reference: clip only; uniform: S_L = S_base",
                     ("exact", "reference", "uniform"))
@@ -58,11 +58,11 @@ class AllocationConfig:
 
 @dataclass
 class PruneConfig:
-    stages: int = opt(4, "K: prune from dense to the target in this many stages (1 = one-shot)", min=1, max=100)
-    recovery: str = opt("lora", "recovery after each stage's cut: reconstruct (closed-form refit of each block's "
+    stages: int = opt(2, "K: prune from dense to the target in this many stages (1 = one-shot)", min=1, max=100)
+    recovery: str = opt("reconstruct", "recovery after each stage's cut: reconstruct (closed-form refit of each block's "
                         "output projections to the dense block, layer by layer, no training), training (full, lora, "
                         "kd: distillation from the dense model), or reconstruct followed by training", RECOVERY)
-    recovery_steps: int = opt(30, "optimiser steps of recovery per stage", min=0, max=100_000)
+    recovery_steps: int = opt(10, "optimiser steps of recovery per stage", min=0, max=100_000)
     lr: float = opt(0.0, "recovery learning rate (0: 5e-5 full, 5e-4 LoRA, 1e-4 KD)", min=0, max=1)
     train_batch_size: int = opt(16, "recovery batch size", min=1)
     lora_rank: int = opt(8, "LoRA rank for LoRA recovery", min=1, max=1024)
@@ -125,6 +125,11 @@ def validate(cfg) -> None:
 
 def help_of(cls, name: str) -> str:
     return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
+def default_of(cls, name: str):
+    """A field's default: the one source of defaults for the library, the CLI, the app and the bench."""
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def choices_of(cls, name: str):

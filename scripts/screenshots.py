@@ -242,10 +242,10 @@ def main(argv=None) -> None:
         d.shot(out / f"{args.prefix}importance.png")
         d.set_amplitude(0.15)
         d.shot(out / f"{args.prefix}allocation.png")
-        d.tab("prune")
-        d.choose("plan-input", "uniform")  # two runs, to compare uniform with adaptive in the history
+        d.choose("mode-input", "uniform")  # two runs, to compare uniform with adaptive in the history
         d.run(2, "none")
-        d.choose("plan-input", "adaptive")
+        d.tab("allocation")
+        d.choose("mode-input", "exact")
         print(d.run(2, args.recovery, args.steps))
         d.shot(out / f"{args.prefix}prune.png")
         d.export()

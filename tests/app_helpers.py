@@ -2,6 +2,8 @@
 a whole run); shared by test_app and test_app_hardening. Fixtures are in conftest."""
 from types import SimpleNamespace
 
+from ui.outputs import RunOut
+
 ALLOC = dict(target=0.3, amplitude=0.05, mode="exact", max_sparsity=0.95, round_to=1, split="salience")
 
 
@@ -15,11 +17,11 @@ def alloc_args(**kw):
 
 
 def run_all(app, request, **kw):
-    args = dict(stages=2, recovery="none", steps=0, plan="adaptive", method="adaptive", metric="taylor", samples=16,
+    args = dict(stages=2, recovery="none", steps=0, method="adaptive", metric="taylor", samples=16,
                 eval_n=0, timing=False, **ALLOC)
     args.update(kw)
-    outs = list(app.on_run(args["stages"], args["recovery"], args["steps"], args["plan"], args["method"], args["target"],
+    outs = list(app.on_run(args["stages"], args["recovery"], args["steps"], args["method"], args["target"],
                            args["amplitude"], args["mode"], args["max_sparsity"], args["round_to"], args["split"],
                            args["metric"], args["samples"], args["eval_n"], args["timing"], request))
-    assert all(len(o) == 7 for o in outs)  # quality, loss, cost, table, status, history, pareto
+    assert all(isinstance(o, RunOut) for o in outs)  # quality, loss, cost, table, status, history, pareto by name
     return outs

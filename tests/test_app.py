@@ -12,6 +12,9 @@ import pandas as pd
 import pytest
 
 import app as A
+from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig  # noqa: F401
+from ui import handlers as H, views as V  # noqa: F401
+from ui.outputs import LoadOut  # noqa: F401
 from app_helpers import alloc_args, req, run_all
 from explorer.models import load_model
 from explorer.sessions import SessionRegistry
@@ -26,12 +29,12 @@ def test_new_session_starts_on_the_preloaded_model(app, template):
 
 
 def test_load_bundled_minilm_encoder(app):
-    out = app.on_load("minilm", "encoder", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
+    out = app.on_load("minilm", "encoder", V.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
     summary, status, metric, recovery = out[:4]
     assert "Loaded `minilm`" in status, status
     assert "| layers | 6 |" in summary and "1536" in summary and "12, head size 32" in summary
     assert metric["value"] == "magnitude_l1" and recovery["value"] == "reconstruct"  # no head: no gradients, no training
-    assert len(out) == 4 + A.N_DERIVED
+    assert len(out) == len(LoadOut._fields)
     assert app.registry.get("a").loaded.lm.task == "encoder"
 
 
@@ -40,7 +43,7 @@ def test_load_bundled_minilm_encoder(app):
 def test_failed_load_keeps_the_previous_model(ready, name, message):
     s = ready.registry.get("a")
     before, imp = s.loaded, s.importance
-    out = ready.on_load(name, "auto", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
+    out = ready.on_load(name, "auto", V.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
     assert "Load failed, the previous model stays" in out[1] and message in out[1]
     assert out[0] == A.gr.skip()  # the summary and every chart stay as they were
     assert s.loaded is before and s.importance is imp
@@ -48,7 +51,7 @@ def test_failed_load_keeps_the_previous_model(ready, name, message):
 
 def test_local_paths_can_be_refused(template, tiny_dir, tmp_path):
     app = A.ExplorerApp(SessionRegistry(template), allow_local=False)
-    out = app.on_load(tiny_dir, "auto", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
+    out = app.on_load(tiny_dir, "auto", V.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
     assert "disabled" in out[1]
     csv = tmp_path / "d.csv"
     csv.write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(30)))
@@ -59,10 +62,10 @@ def test_local_paths_can_be_refused(template, tiny_dir, tmp_path):
 def test_uploaded_csv_with_custom_columns(app, tiny_dir, tmp_path):
     csv = tmp_path / "reviews.csv"
     csv.write_text("review,stars\n" + "".join(f"this film is {'good' if i % 2 else 'bad'} {i},{i % 2}\n" for i in range(40)))
-    out = app.on_load(tiny_dir, "auto", A.MODEL_DEFAULT_DATA, str(csv), "review", "stars", req("a"))
+    out = app.on_load(tiny_dir, "auto", V.MODEL_DEFAULT_DATA, str(csv), "review", "stars", req("a"))
     assert out[1].startswith("Loaded"), out[1]
     assert "reviews.csv" in out[0] and "2 classes" in out[0]
-    bad = app.on_load(tiny_dir, "auto", A.MODEL_DEFAULT_DATA, str(csv), "text", "stars", req("a"))
+    bad = app.on_load(tiny_dir, "auto", V.MODEL_DEFAULT_DATA, str(csv), "text", "stars", req("a"))
     assert "Load failed" in bad[1] and "text" in bad[1]
 
 
@@ -79,10 +82,10 @@ def test_importance_fills_plots_and_allocation(app):
 def test_unexpected_errors_are_one_line_messages(app, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("something broke\nTraceback (most recent call last): ...")
-    monkeypatch.setattr(A, "analyze", boom)
+    monkeypatch.setattr(H, "analyze", boom)
     status = app.on_importance("taylor", 16, 8, *alloc_args(), req("a"))[3]
     assert status.startswith("⚠️") and "internal error: RuntimeError: something broke" in status
-    monkeypatch.setattr(A, "analyze", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    monkeypatch.setattr(H, "analyze", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
     assert "out of GPU memory" in app.on_importance("taylor", 16, 8, *alloc_args(), req("a"))[3]
     assert app.registry.get("a").importance is None
 
@@ -165,38 +168,40 @@ def test_run_streams_stages_then_history(ready):
     assert statuses[0].startswith("Measuring the dense model (8 val examples, no timing")  # the tiny val split
     assert statuses[1].startswith("Dense model measured") and statuses[-1].startswith("Done: 2 stage(s)")
     assert "Stage 2/2: evaluating (8 val examples" in " ".join(statuses)
-    quality, _, cost, table, _, history, pareto = outs[-1]
+    last = outs[-1]
+    quality, cost, table, history = last.quality_plot, last.cost_plot, last.stages_table, last.history_plot
     assert list(quality.data[1].text) == ["", "stage 1", "stage 2"]
     assert list(table["model"]) == ["dense", "stage 1", "stage 2"]
     assert list(cost.data[0].x) == ["dense", "stage 1", "stage 2"]
-    assert [t.name for t in history.data] == ["#1 exact A=0.05, S=0.3, K=2, none"]
+    assert [t.name for t in history.data] == ["#1 exact A=0.05, S=0.3, K=2, none, seed 0"]
     s = ready.registry.get("a")
     assert s.pruned is not None and s.pruned.block_params < s.loaded.lm.block_params  # the dense model stays
-    outs = run_all(ready, req("a"), stages=1, plan="uniform")  # a second run overlays the first
-    assert outs[0][4].startswith("Dense model measurement reused")  # measured once per model and settings
-    assert [t.name for t in outs[-1][5].data] == ["#1 exact A=0.05, S=0.3, K=2, none", "#2 uniform, S=0.3, K=1, none"]
+    outs = run_all(ready, req("a"), stages=1, mode="uniform")  # a second run overlays the first
+    assert outs[0].run_status.startswith("Dense model measurement reused")  # measured once per model and settings
+    assert [t.name for t in outs[-1].history_plot.data] == ["#1 exact A=0.05, S=0.3, K=2, none, seed 0",
+                                                            "#2 uniform, S=0.3, K=1, none, seed 0"]
 
 
 def test_run_with_recovery_streams_the_loss(ready):
     outs = run_all(ready, req("a"), stages=1, recovery="full", steps=3)
-    loss_figs = [o[1] for o in outs if hasattr(o[1], "data")]
+    loss_figs = [o.loss_plot for o in outs if hasattr(o.loss_plot, "data")]
     assert loss_figs and len(loss_figs[-1].data[0].y) == 3
 
 
-def test_manual_plan_needs_and_uses_the_table(app, ready):
-    out = run_all(app, req("nobody"), plan="manual table")
-    assert "compute importance first" in out[-1][4]
-    _, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+def test_hand_edits_of_the_table_are_the_plan_the_run_prunes_to(ready):
+    table = ready.on_allocation(*alloc_args(), req("a")).alloc_table
     t = table.copy()
     t.loc[2, "sparsity"] = 0.0
     ready.on_table_edit(t, *alloc_args(), req("a"))
-    run_all(ready, req("a"), plan="manual table", stages=1)
+    assert "table (1 layer(s) set by hand: 2" in ready.on_prune_plan("adaptive", *alloc_args()[:6], req("a"))
+    outs = run_all(ready, req("a"), stages=1)
+    assert "table (1 layer(s) by hand)" in ready.registry.get("a").history[-1]["label"], outs[-1].run_status
     widths = ready.registry.get("a").pruned.summary()
     assert widths["ffn"][2] == 64 and widths["heads"][2] == 4  # layer 2 kept whole, as set by hand
 
 
 def test_stop_keeps_the_last_completed_stage(ready):
-    gen = ready.on_run(3, "none", 0, "adaptive", "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
+    gen = ready.on_run(3, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
     outs = []
     for o in gen:
         outs.append(o)
@@ -210,7 +215,7 @@ def test_stop_keeps_the_last_completed_stage(ready):
 
 
 def test_a_busy_session_refuses_a_second_job(ready):
-    gen = ready.on_run(1, "none", 0, "adaptive", "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
+    gen = ready.on_run(1, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
     next(gen)  # the run holds the session now
     out = ready.on_importance("taylor", 16, 8, *alloc_args(), req("a"))
     assert "wait until the pruning run has finished" in out[3]
@@ -270,7 +275,7 @@ def test_cli_defaults_and_local_path_policy():
     args = A.parse_args([])
     assert (args.host, args.port, args.model, args.data, args.share) == ("127.0.0.1", 7860, "minilm-rt", None, False)
     assert A.allow_local_paths(args) is True
-    assert (args.trust_remote_code, args.allow_pickle, args.max_upload_mb) == (False, False, A.MAX_UPLOAD_MB)
+    assert (args.trust_remote_code, args.allow_pickle, args.max_upload_mb) == (False, False, V.MAX_UPLOAD_MB)
     assert A.allow_local_paths(A.parse_args(["--host", "0.0.0.0"])) is False
     assert A.allow_local_paths(A.parse_args(["--share"])) is False
     assert A.allow_local_paths(A.parse_args(["--host", "0.0.0.0", "--allow-local-paths"])) is True
@@ -288,30 +293,30 @@ def test_other_methods_run_from_the_ui(ready, method):
 def test_advanced_settings_reach_the_run_and_its_label(ready):
     """The Advanced accordion (generated from the config dataclasses) sets any field of the run."""
     from dataclasses import fields
-    defaults = {(cls, f.name): f.default for cls in (A.PruneConfig, A.AnalysisConfig, A.AllocationConfig)
+    defaults = {(cls, f.name): f.default for cls in (PruneConfig, AnalysisConfig, AllocationConfig)
                 for f in fields(cls)}
-    values = [defaults[key] for key in A.ADVANCED]
-    values[A.ADVANCED.index((A.PruneConfig, "lora_rank"))] = 4
-    values[A.ADVANCED.index((A.PruneConfig, "seed"))] = 3
-    values[A.ADVANCED.index((A.AllocationConfig, "prune_attention"))] = False
-    outs = list(ready.on_run(1, "lora", 2, "adaptive", "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
+    values = [defaults[key] for key in V.ADVANCED]
+    values[V.ADVANCED.index((PruneConfig, "lora_rank"))] = 4
+    values[V.ADVANCED.index((PruneConfig, "seed"))] = 3
+    values[V.ADVANCED.index((AllocationConfig, "prune_attention"))] = False
+    outs = list(ready.on_run(1, "lora", 2, "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
                              req("a"), "maxabs", *values))
     assert outs[-1][4].startswith("Done"), outs[-1][4]
     rep = ready.registry.get("a").history[-1]
     assert rep["config"]["prune"]["lora_rank"] == 4 and rep["config"]["prune"]["seed"] == 3
     assert rep["config"]["allocation"]["prune_attention"] is False
-    assert rep["label"].endswith("lora 2 steps, lora_rank=4, seed=3, prune_attention=False"), rep["label"]
+    assert rep["label"].endswith("lora 2 steps, seed 3, lora_rank=4, prune_attention=False"), rep["label"]
     assert ready.registry.get("a").pruned.summary()["kv_groups"] == [4, 4, 4]  # attention left whole
     bad = list(values)
-    bad[A.ADVANCED.index((A.PruneConfig, "lr"))] = "fast"
-    out = list(ready.on_run(1, "lora", 2, "adaptive", "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
+    bad[V.ADVANCED.index((PruneConfig, "lr"))] = "fast"
+    out = list(ready.on_run(1, "lora", 2, "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
                             req("a"), "maxabs", *bad))[-1]
     assert out[4].startswith("⚠️") and "lr" in out[4]
 
 
 def test_runs_are_judged_on_val_and_test_is_asked_for(ready):
     """Tuning never sees test: runs (and the load's dense figure) use val; one button gives test."""
-    assert "on 8 val examples" in A.model_summary(ready.registry.get("a").loaded)  # the tiny split's real size
+    assert "on 8 val examples" in V.model_summary(ready.registry.get("a").loaded)  # the tiny split's real size
     assert "no pruned model of this model yet" in ready.on_test(req("a"))
     outs = run_all(ready, req("a"), stages=1)
     table = outs[-1][3]
@@ -332,7 +337,7 @@ def test_load_keeps_the_run_history_and_the_pruned_model(ready, tiny_dir, tiny_c
     assert len(s.history) == 1 and s.pruned is pruned and s.importance is None  # work kept; analysis anew
     files, status = ready.on_export(req("a"))
     assert any(f.endswith(".zip") for f in files), status  # the earlier run can still be exported
-    run_all(ready, req("a"), stages=1, plan="uniform")
+    run_all(ready, req("a"), stages=1, mode="uniform")
     assert [r["label"].split()[0] for r in s.history] == ["#1", "#2"]  # labels stay unique across loads
 
 
@@ -346,24 +351,26 @@ def test_export_picks_a_run_and_keeps_only_the_last_runs_models(ready):
     assert all(m.device.type == "cpu" for m in s.kept.values())
     tab = ready.on_export_tab(req("a"))
     assert tab["choices"] == labels[-KEEP_RUNS:] and tab["value"] == labels[-1]
-    files, status = ready.on_export(req("a"), [A.EXPORT_ZIP], labels[-2])  # the second-to-last run
+    files, status = ready.on_export(req("a"), [V.EXPORT_ZIP], labels[-2])  # the second-to-last run
     assert any(f.endswith("-run3-adaptive-S0.4.zip") for f in files), (files, status)
-    files, status = ready.on_export(req("a"), [A.EXPORT_ZIP], labels[0])
+    files, status = ready.on_export(req("a"), [V.EXPORT_ZIP], labels[0])
     assert files == [] and "no longer kept" in status
 
 
 def test_prune_tab_states_the_plan_it_will_run(ready):
-    line = ready.on_prune_plan("adaptive", "adaptive", *alloc_args()[:6], req("a"), "rank")
+    line = ready.on_prune_plan("adaptive", *alloc_args()[:6], req("a"), "rank")
     assert "S_base = 0.3, A = 0.05, exact mode, Î_L normalised by rank" in line and "salience split" in line
-    assert "uniform, S_L = S_base = 0.3" in ready.on_prune_plan("uniform", "adaptive", *alloc_args()[:6], req("a"))
-    assert "method **apt**" in ready.on_prune_plan("adaptive", "apt", *alloc_args()[:6], req("a"))
-    assert "needs importance first" in ready.on_prune_plan("manual table", "adaptive", *alloc_args()[:6], req("b"))
+    uniform = ready.on_prune_plan("adaptive", *alloc_args(mode="uniform"), req("a"))
+    assert "uniform, S_L = S_base = 0.3" in uniform  # uniform is chosen in one place: the Allocation mode
+    assert "method **apt**" in ready.on_prune_plan("apt", *alloc_args()[:6], req("a"))
+    assert "must be a number" in ready.on_prune_plan("adaptive", *alloc_args(target="x"), req("a"))
+    assert "uniform" not in A.PRUNE_METHODS
 
 
 def test_latency_spread_is_shown_and_flagged():
-    assert A.spread_text(0.1) == "±5%" and A.spread_text(None) is None
-    assert A.spread_text(0.6) == "±30% ⚠ busy machine"
+    assert V.spread_text(0.1) == "±5%" and V.spread_text(None) is None
+    assert V.spread_text(0.6) == "±30% ⚠ busy machine"
     rows = [{"model": "dense", "params": 1e6, "removed_fraction": 0.0, "quality": 0.8, "latency_ms": 10.0,
              "latency_spread": 0.6, "flops_per_token": 1e6, "last_loss": None, "seconds": None}]
-    table = A.stage_table(rows, "accuracy", "val")
+    table = V.stage_table(rows, "accuracy", "val")
     assert table["latency spread"].tolist() == ["±30% ⚠ busy machine"]

@@ -13,6 +13,9 @@ import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
 import app as A
+from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig  # noqa: F401
+from ui import handlers as H, views as V  # noqa: F401
+from ui.outputs import LoadOut  # noqa: F401
 from app_helpers import alloc_args, req, run_all
 from bad_inputs import BAD_FILES, reviews, write
 from conftest import fail_recovery_at_stage
@@ -21,7 +24,7 @@ from explorer.sessions import SessionRegistry
 
 def load_upload(app, model, path, text_col="text", label_col="label"):
     """Load `model` with `path` as the uploaded data file, for session 'a'."""
-    return app.on_load(model, "auto", A.MODEL_DEFAULT_DATA, str(path), text_col, label_col, req("a"))
+    return app.on_load(model, "auto", V.MODEL_DEFAULT_DATA, str(path), text_col, label_col, req("a"))
 
 
 def assert_usable(app, session="a"):
@@ -71,7 +74,7 @@ def test_uploads_must_come_from_the_upload_folder_when_local_paths_are_off(templ
         status = load_upload(app, "minilm", path)[1]
         assert "must come through the upload box" in status, status
     inside = write(uploads, "ok.csv", Path(tiny_csv).read_text())
-    status = app.on_load("minilm", "classification", A.MODEL_DEFAULT_DATA, str(inside), "text", "label", req("a"))[1]
+    status = app.on_load("minilm", "classification", V.MODEL_DEFAULT_DATA, str(inside), "text", "label", req("a"))[1]
     assert status.startswith("Loaded"), status
 
 
@@ -83,7 +86,7 @@ def test_uploads_must_come_from_the_upload_folder_when_local_paths_are_off(templ
 def test_bad_model_names_are_visible_messages(ready, model, needle):
     s = ready.registry.get("a")
     before = s.loaded
-    status = ready.on_load(model, "auto", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))[1]
+    status = ready.on_load(model, "auto", V.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))[1]
     assert status.startswith("⚠️ **Load failed") and needle in status, status
     assert s.loaded is before
     assert_usable(ready)
@@ -92,11 +95,11 @@ def test_bad_model_names_are_visible_messages(ready, model, needle):
 def test_a_directory_that_is_not_a_model_and_an_unsupported_architecture(ready, tmp_path):
     (tmp_path / "notes").mkdir()
     write(tmp_path / "notes", "readme.txt", "hello")
-    status = ready.on_load(str(tmp_path / "notes"), "auto", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))[1]
+    status = ready.on_load(str(tmp_path / "notes"), "auto", V.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))[1]
     assert "Load failed" in status and "not a model directory" in status, status
     OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                              word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
-    status = ready.on_load(str(tmp_path / "opt"), "auto", A.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))[1]
+    status = ready.on_load(str(tmp_path / "opt"), "auto", V.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))[1]
     assert "Load failed" in status and "unsupported architecture 'opt'" in status and "LLaMA" in status, status
     assert_usable(ready)
 
@@ -187,7 +190,7 @@ def test_stop_from_another_thread_ends_a_run_and_frees_the_session(ready):
     outs = []
 
     def run():
-        for o in ready.on_run(4, "full", 200, "adaptive", "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a")):
+        for o in ready.on_run(4, "full", 200, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a")):
             outs.append(o)
             started.set()
     t = threading.Thread(target=run)

@@ -77,8 +77,9 @@ def test_load_importance_allocation_run_and_stop(driver):
     d.page.get_by_role("button", name="Reset hand edits").click()
     d.wait_plot("allocation-plot", "Math.abs(data[0].y[1] - 0.6) > 1e-3")
 
-    # Prune: two stages give a dense point plus two stage points on the quality chart.
+    # Prune: two stages give a dense point plus two stage points on the quality chart, judged on val.
     d.tab("prune")
+    assert "A = 0.3, exact mode" in d.wait_text("prune-plan", "Plan")  # the plan it will run: the Allocation tab's
     d.page.get_by_text("Evaluation", exact=True).click()  # open the accordion
     d.set_number("eval-input", 200)
     d.page.locator("#timing-input input[type=checkbox]").uncheck()
@@ -86,16 +87,43 @@ def test_load_importance_allocation_run_and_stop(driver):
     assert status.startswith("Done: 2 stage(s)"), status
     stages = next(t for t in d.plot("quality-plot") if t["name"] == "stages")
     assert stages["text"] == ["", "stage 1", "stage 2"] and len(stages["x"]) == 3
-    assert "stage 2" in d.text("stage-table")
+    assert "stage 2" in d.text("stage-table") and "accuracy (val)" in d.text("stage-table")
 
-    # Stop: a second run is stopped; the history keeps both runs.
+    # A second adaptive run with another A, LoRA recovery and the LoRA rank set in the Advanced accordion.
+    d.set_amplitude(0.1)
+    d.tab("prune")
+    d.page.get_by_text("Advanced: every other setting of the run", exact=True).click()
+    d.set_number("adv-lora-rank", 4)
+    assert d.run(1, "lora", 2).startswith("Done: 1 stage(s)")
+    # A uniform run: uniform is chosen in one place, the Allocation tab's mode.
+    d.tab("allocation")
+    d.choose("mode-input", "uniform")
+    d.wait_plot("allocation-plot", "layout.title.text.includes('(uniform')")
+    d.tab("prune")
+    assert "uniform, S_L = S_base = 0.3 in every layer" in d.wait_text("prune-plan", "uniform")
+    assert d.run(1, "none").startswith("Done: 1 stage(s)")
+    runs = [t["name"] for t in d.wait_plot("history-plot", "data.length == 3")]
+    assert runs[0].startswith("#1 exact A=0.3, S=0.3, K=2, none")
+    assert runs[1].startswith("#2 exact A=0.1, S=0.3, K=1, lora 2 steps") and runs[1].endswith("lora_rank=4")
+    assert runs[2].startswith("#3 uniform, S=0.3, K=1, none") and len(set(runs)) == 3
+
+    # Stop: a fourth run is stopped, and its label says so; the history keeps every run.
+    d.tab("allocation")
+    d.choose("mode-input", "exact")
     d.run(4, "none", wait=False)
     d.wait_text("run-status", "Stage 1/4")
     d.page.locator("#stop-btn").click()
     assert "Stopped" in d.wait_text("run-status", "Stopped")
-    runs = [t["name"] for t in d.wait_plot("history-plot", "data.length == 2")]
-    assert runs[0].startswith("#1 ") and runs[1].startswith("#2 ")
+    runs = [t["name"] for t in d.wait_plot("history-plot", "data.length == 4")]
+    assert runs[3].startswith("#4 ") and runs[3].endswith("(stopped)"), runs
     assert "⚠️" not in d.text("run-status")
+
+    # Export: the run picker offers the kept runs; the second run's model is exported under its own name.
+    d.tab("export")
+    d.page.locator("#export-run input").click()
+    d.page.get_by_role("option", name=runs[1], exact=True).click()
+    status = d.click_and_wait("export-btn", "export-status", "Exported")
+    assert "-run2-adaptive-S0.3.zip" in status, status
 
 
 def test_two_sessions_on_different_models_bad_input_and_a_closed_tab(driver, server, tmp_path):
@@ -137,7 +165,7 @@ def test_two_sessions_on_different_models_bad_input_and_a_closed_tab(driver, ser
     # A is untouched: same model, its importance still drives the allocation chart, its runs remain.
     assert a.text("model-summary") == a_summary
     a.set_amplitude(0.1)
-    assert len([t for t in a.plot("history-plot") if t.get("name")]) == 2
+    assert len([t for t in a.plot("history-plot") if t.get("name")]) == 4
 
     page_b.context.close()  # the tab goes: the server drops B's session and its model
     assert server.wait_log("closed (1 open)", 60), server.log[-2000:]
@@ -217,7 +245,8 @@ def test_gradio_client_named_endpoints(server):
     from gradio_client import Client
     c = Client(server.url, verbose=False)
     names = set(c.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/load", "/analyze", "/plan_json", "/analysis_json", "/run", "/stop", "/export", "/generate"} <= names
+    assert {"/load", "/analyze", "/allocate", "/plan_json", "/analysis_json", "/run", "/stop", "/export",
+            "/generate"} <= names
     assert not any(n.startswith("/on_") or n.startswith("/lambda") for n in names)  # handlers stay private
     assert c.predict(api_name="/plan_json")["error"].startswith("no plan yet")
     out = c.predict(MODEL, "auto", "(the model's default)", None, "text", "label", api_name="/load")
@@ -227,8 +256,10 @@ def test_gradio_client_named_endpoints(server):
     plan = c.predict(api_name="/plan_json")
     assert len(plan["layers"]) == 6 and abs(plan["removed_fraction"] - 0.3) < 0.02
     assert all({"sparsity", "keep_groups", "keep_neurons"} <= set(layer) for layer in plan["layers"])
+    steep = c.predict(0.4, 0.2, "exact", 0.95, 1, "salience", "rank", api_name="/allocate")
+    assert abs(steep["removed_fraction"] - 0.4) < 0.02 and steep == c.predict(api_name="/plan_json")
     analysis = c.predict(api_name="/analysis_json")
     assert len(analysis["layers"]) == 6 and analysis["model"] == MODEL
-    outs = c.predict(1, "reconstruct", 0, "adaptive", "adaptive", 0.3, 0.05, "exact", 0.95, 1, "salience",
+    outs = c.predict(1, "reconstruct", 0, "adaptive", 0.3, 0.05, "exact", 0.95, 1, "salience",
                      "taylor", 16, 100, False, "maxabs", api_name="/run")
     assert outs[4].startswith("Done: 1 stage(s)"), outs[4]

@@ -1,0 +1,573 @@
+"""The page's handlers: each takes its session from `request.session_hash`, calls the library
+and returns a named tuple of the outputs it changes (`ui.outputs`); no model ever goes through
+gr.State. Every user-facing error (`ExplorerError`) becomes a toast *and* a status line, and
+the previous model, charts and reports stay.
+
+The default model is loaded once at start-up (before the server listens) and every new
+browser session gets its own copy of it, so each page opens ready and sessions never share
+weights (a pruning run in one tab cannot touch another tab's model).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from explorer import plots
+from explorer.allocation import allocate
+from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig, default_of, validate
+from explorer.data import BUILTIN_DATA, load_data
+from explorer.errors import Cancelled, DataError, ExplorerError
+from explorer.evaluate import evaluate, metric_name, quality
+from explorer.export import export
+from explorer.importance import analyze
+from explorer.methods import make_run
+from explorer.models import load_model, save_model
+from explorer.pruning import PruningRun, check_pairing
+from explorer.sessions import KEEP_RUNS, Loaded, Session, SessionRegistry
+
+from .outputs import SKIP, AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut, NormalizationOut, RunOut
+from .views import (EDITABLE, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs,
+                    allocation_config, allocation_table, empty_table, eta, eval_size, evaluation_note, export_stem,
+                    fresh_views, layer_figure, message, model_summary, normalization_choice, number,
+                    parse_manual, plan_flops, report_csv, report_rows, require_loaded, run_label, stage_table, task_defaults,
+                    try_model)
+
+ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a busy session says it does
+
+
+def warn(text: str) -> str:
+    """Show an error as a toast and return it as a status line (both stay visible)."""
+    gr.Warning(text)
+    return f"⚠️ **{text}**"
+
+
+class ExplorerApp:
+    """The handlers. Each takes the session from `request.session_hash`, calls the library
+    and returns figures / tables / status text; no model ever goes through gr.State."""
+
+    def __init__(self, registry: SessionRegistry | None = None, allow_local: bool = True, device: str = "auto",
+                 max_upload_mb: float = MAX_UPLOAD_MB, upload_dir: str | None = None,
+                 trust_remote_code: bool = False, allow_pickle: bool = False, dtype: str = "auto"):
+        self.registry = registry if registry is not None else SessionRegistry()
+        self.allow_local = allow_local
+        self.device, self.dtype = device, dtype  # dtype auto: bfloat16 on CUDA, float32 on the CPU
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.upload_dir = Path(upload_dir or gr.utils.get_upload_folder()).resolve()  # where Gradio puts uploads
+        self.trust_remote_code, self.allow_pickle = trust_remote_code, allow_pickle  # off unless the operator says
+        self.startup_error = ""
+
+    # session plumbing
+    def session(self, request) -> Session:
+        return self.registry.get(getattr(request, "session_hash", None) or "")
+
+    def on_unload(self, request: gr.Request):
+        self.registry.drop(getattr(request, "session_hash", None) or "")
+
+    def preload(self, model: str, data: str | None = None, task: str = "auto") -> None:
+        """Load the default model once, before the server starts; sessions copy it."""
+        try:
+            self.registry.template = self.load(model, task, data or MODEL_DEFAULT_DATA, None, "text", "label")
+        except Exception as e:
+            self.startup_error = f"could not preload '{model}': {message(e)}"
+
+    def load(self, model: str, task: str, data: str, upload, text_col: str, label_col: str, progress=None) -> Loaded:
+        say = progress or (lambda *a, **k: None)
+        say(0.05, desc=f"loading model {model}")
+        lm = load_model(model, task=None if task in ("auto", "", None) else task, device=self.device,
+                        dtype=self.dtype, allow_local=self.allow_local, trust_remote_code=self.trust_remote_code,
+                        allow_pickle=self.allow_pickle)
+        path = self.checked_upload(upload)
+        name = path or (lm.default_data if data in (MODEL_DEFAULT_DATA, "", None) else data)
+        if not name:
+            raise DataError(f"'{model}' has no default data set: choose one ({', '.join(BUILTIN_DATA)}) or upload a file")
+        if not path and name not in BUILTIN_DATA and not self.allow_local:
+            raise DataError("local data paths are disabled on this server: choose a built-in data set or upload a file")
+        say(0.6, desc=f"loading data {Path(str(name)).name}")
+        limit = {"max_bytes": self.max_upload_bytes} if path else {}  # uploads: the server's limit
+        data_ = load_data(name, text_column=(text_col or "text").strip(), label_column=(label_col or "").strip(),
+                          **limit)
+        check_pairing(lm, data_)
+        say(0.75, desc="evaluating the dense model")
+        return Loaded(lm, data_, evaluate(lm, data_, eval_size(lm), timing=False, split="val"))  # test: on request
+
+    def checked_upload(self, upload) -> str | None:
+        """The path of an uploaded file, refused unless it lies in Gradio's upload folder (a request
+        could name any path) or local paths are allowed on this server."""
+        path = getattr(upload, "name", upload)  # gr.File gives a path (str) or a tempfile wrapper
+        if not path:
+            return None
+        resolved = Path(str(path)).resolve()
+        if not self.allow_local and not resolved.is_relative_to(self.upload_dir):
+            raise DataError("an uploaded file must come through the upload box; local paths are disabled on this server")
+        return str(resolved)
+
+    # tab 1
+    def on_page_load(self, request: gr.Request):
+        s = self.session(request)
+        status = f"⚠️ **{self.startup_error}**" if self.startup_error and s.loaded is None else (
+            "Ready." if s.loaded else "Load a model to start.")
+        return model_summary(s.loaded), status
+
+    def on_load(self, model, task, data, upload, text_col, label_col, request: gr.Request,
+                progress=gr.Progress()):
+        """-> the model summary and status, the task's metric and recovery, and fresh views of everything
+        that depended on the previous model (the run history and kept models stay, marked by model)."""
+        s = self.session(request)
+        t0 = time.perf_counter()
+        try:
+            with s.busy(f"loading {model}"):
+                loaded = self.load(model, task, data, upload, text_col, label_col, progress)
+                s.set_loaded(loaded)
+        except Exception as e:
+            return LoadOut(load_status=warn(f"Load failed, the previous model stays: {message(e)}"))
+        metric, recovery = task_defaults(loaded.lm.task)
+        return LoadOut(summary=model_summary(loaded),
+                       load_status=f"Loaded `{loaded.lm.name}` in {time.perf_counter() - t0:.1f} s.",
+                       metric_in=gr.update(value=metric), recovery_in=gr.update(value=recovery), **fresh_views())
+
+    # tab 2
+    def on_importance(self, metric, samples, batch_size, target, amplitude, mode, max_sparsity, round_to, split,
+                      request: gr.Request, normalization="maxabs", progress=gr.Progress()):
+        """-> ImportanceOut: the three plots, the status, then the allocation they feed.
+        (The normalisation comes after the request, so that callers passing the six allocation
+        inputs positionally keep working; Gradio fills it from the seventh.)"""
+        s = self.session(request)
+        try:
+            with s.busy(ANALYSIS_JOB):
+                loaded = require_loaded(s)
+                normalization = normalization_choice(normalization)
+                cfg = AnalysisConfig(samples=number(samples, "calibration samples", int),
+                                     batch_size=number(batch_size, "batch size", int), metric=metric)
+                validate(cfg)
+                texts, labels = loaded.data.calibration(cfg.samples, stage=0, seed=cfg.seed)
+                progress(0, desc="calibration batches")
+                imp = analyze(loaded.lm, texts, labels, cfg, should_stop=s.stop_requested,
+                              progress=lambda done, total: progress((done, total), desc="calibration batches"))
+                s.importance, s.manual, s.last_edit = imp, {}, None
+        except Cancelled:
+            kept = "the previous importance and allocation stay" if s.importance else "nothing was changed"
+            return ImportanceOut(imp_status=f"Stopped: the analysis was cancelled; {kept}.")
+        except Exception as e:
+            return ImportanceOut(imp_status=warn(message(e)))
+        figs = {"layer importance": layer_figure(imp, normalization),
+                "head salience": plots.heads_heatmap(imp.heads[metric], metric,
+                                                     s.loaded.lm.summary()["heads_per_group"]),
+                "neuron salience": plots.neurons_heatmap(imp.neurons[metric], metric)}
+        s.figures.update(figs)
+        alloc = self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
+                                        normalization=normalization)
+        return ImportanceOut(*figs.values(), imp_status=(
+            f"Importance from {imp.samples} calibration samples ({imp.tokens:,} tokens), metric `{metric}`, "
+            f"in {imp.seconds:.1f} s. The Allocation tab now uses it."), **alloc._asdict())
+
+    # tab 3
+    def allocation_outputs(self, s: Session, target, amplitude, mode, max_sparsity, round_to, split, note: str = "",
+                           normalization="maxabs"):
+        """-> AllocationOut: chart, table, summary. Pure numpy + plotly: well under 100 ms."""
+        t0 = time.perf_counter()
+        imp, loaded = s.importance, s.loaded
+        if imp is None or loaded is None:
+            return AllocationOut(plots.empty("Compute importance first (Importance tab)"), empty_table(),
+                                 note or "Compute importance first (Importance tab).")
+        cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization)
+        norm = imp.normalized_by(cfg.normalization)
+        scores = imp.unit_scores()
+        alloc = allocate(norm, imp.params, cfg, manual=s.manual, scores=scores)
+        uniform = allocate(norm, imp.params, replace(cfg, mode="uniform"), scores=scores)
+        s.allocation = alloc
+        hpg = [p["heads_per_group"] for p in imp.params]
+        head_dim = loaded.lm.summary()["head_dim"]
+        f0, f1 = plan_flops(alloc, imp.params, head_dim)
+        _, fu = plan_flops(uniform, imp.params, head_dim)
+        title = (f"S_base={cfg.target:.2f}, A={cfg.amplitude:.2f} ({cfg.mode}"
+                 + ("" if cfg.normalization == "maxabs" else f", {cfg.normalization} Î") + "): keeps "
+                 f"{alloc.params_after / 1e6:.2f} of {alloc.params_before / 1e6:.2f} M block parameters")
+        fig = plots.allocation_chart([l.sparsity for l in alloc.layers], [l.sparsity for l in uniform.layers],
+                                     cfg.target, [l.clipped for l in alloc.layers], [l.manual for l in alloc.layers],
+                                     norm, title=title)
+        s.figures["allocation"] = fig
+        lines = [f"**Adaptive**: keeps {alloc.params_after / 1e6:.2f} M of {alloc.params_before / 1e6:.2f} M block "
+                 f"parameters (removes {alloc.removed_fraction:.1%}), ≈ {f1 / 1e6:.1f} M FLOPs/token "
+                 f"({f1 / f0:.0%} of dense). **Uniform**: keeps {uniform.params_after / 1e6:.2f} M "
+                 f"(removes {uniform.removed_fraction:.1%}), ≈ {fu / 1e6:.1f} M FLOPs/token ({fu / f0:.0%})."]
+        if alloc.clipped_layers:
+            lines.append(f"⚠️ **Clipped** at 0 or S_max = {cfg.max_sparsity:g}: layer(s) "
+                         f"{', '.join(map(str, alloc.clipped_layers))}"
+                         + (" (exact mode gave their share to the other layers)." if cfg.mode == "exact" else
+                            " (reference mode: the budget may be missed)."))
+        if cfg.split == "salience" and alloc.split != "salience":
+            lines.append(f"Split: proportional, because `{imp.metric}` scores are not losses on one scale for "
+                         "attention and FFN (the salience split needs taylor, taylor_vector, fisher, act_grad or "
+                         "fluctuation).")
+        if s.manual:
+            lines.append(f"Set by hand: layer(s) {', '.join(map(str, sorted(s.manual)))} (Reset to drop them).")
+        if note:
+            lines.insert(0, note)
+        lines.append(f"<small>computed in {(time.perf_counter() - t0) * 1000:.0f} ms</small>")
+        return AllocationOut(fig, allocation_table(alloc, hpg), "\n\n".join(lines))
+
+    def on_allocation(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                      normalization="maxabs"):
+        s = self.session(request)
+        s.last_edit = None
+        try:
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
+                                           normalization=normalization)
+        except Exception as e:
+            return AllocationOut(alloc_md=warn(message(e)))
+
+    def on_normalization(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                         normalization="maxabs"):
+        """-> NormalizationOut: the layer-importance plot (Î by the chosen normalisation) and the allocation."""
+        s = self.session(request)
+        out = self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization)
+        try:
+            fig = layer_figure(s.importance, normalization_choice(normalization)) if s.importance else SKIP
+        except Exception:  # the allocation outputs already say what is wrong
+            return NormalizationOut(**out._asdict())
+        if s.importance:
+            s.figures["layer importance"] = fig
+        return NormalizationOut(fig, **out._asdict())
+
+    def on_table_edit(self, table, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                      normalization="maxabs"):
+        s = self.session(request)
+        norm = {"normalization": normalization}
+        if s.allocation is None:
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, **norm)
+        edited = [str(v) for v in (table.iloc[:, EDITABLE] if isinstance(table, pd.DataFrame) else
+                                   [row[EDITABLE] for row in table])]
+        if edited == s.last_edit:  # the browser sends one edit twice (commit, then blur): the copy is stale
+            return AllocationOut()
+        s.last_edit = edited
+        before = s.manual
+        try:
+            s.manual = parse_manual(table, s.allocation, s.manual)
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, **norm)
+        except Exception as e:
+            s.manual = before
+            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
+                                           note=warn(message(e)), **norm)
+
+    def on_reset_manual(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                        normalization="maxabs"):
+        s = self.session(request)
+        s.manual = {}
+        return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization)
+
+    # tab 4
+    def on_run(self, stages, recovery, steps, method, target, amplitude, mode, max_sparsity, round_to, split,
+               metric, samples, eval_n, timing, request: gr.Request, normalization="maxabs", *advanced):
+        """Generator -> RunOut per event. The plan is the Allocation tab's (S_base, A, mode, split,
+        normalisation; its table when layers were set by hand); `advanced`: the Advanced accordion's
+        values, in the order of ADVANCED (defaults when absent)."""
+        s = self.session(request)
+        try:
+            with s.busy(RUN_JOB):
+                loaded = require_loaded(s)
+                adv = advanced_configs(advanced)
+                prune = PruneConfig(stages=number(stages, "stages", int), recovery=recovery,
+                                    recovery_steps=number(steps, "recovery steps", int),
+                                    eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)),
+                                    eval_split="val", **adv[PruneConfig])  # choices on val; test on request
+                analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric,
+                                          **adv[AnalysisConfig])
+                alloc_cfg = replace(allocation_config(target, amplitude, mode, max_sparsity, round_to, split,
+                                                      normalization), **adv[AllocationConfig])
+                final_plan = s.allocation if s.manual else None  # layers set by hand: prune to the table
+                method = method or "adaptive"
+                label = run_label(len(s.history) + 1, method, alloc_cfg, prune, adv, by_hand=sorted(s.manual))
+                lm = copy.deepcopy(loaded.lm)  # the session's dense model stays intact for the next run
+                if method == "adaptive":  # the Allocation tab's mode decides (exact, reference or uniform)
+                    run = PruningRun(lm, loaded.data, analysis, alloc_cfg, prune, final_plan=final_plan,
+                                     timing=bool(timing), label=label)
+                else:
+                    run = make_run(method, lm, loaded.data, analysis, alloc_cfg, prune, timing=bool(timing),
+                                   label=label)
+                run.dense_given = loaded.dense_runs.get(run.dense_settings())  # measured once per model and data
+                s.run = run
+                yield from self._stream(s, run, metric_name(lm), loaded)
+        except Exception as e:
+            yield RunOut(run_status=warn(message(e)))
+
+    def _stream(self, s: Session, run: PruningRun, m: str, loaded: Loaded):
+        """Turn the run's events into RunOut updates; unchanged outputs are skipped. Every phase
+        (measuring, importance, pruning, reconstruction, recovery, evaluation) says so."""
+        losses: dict[int, list[float]] = {}
+        K = run.prune.stages
+        t_last = 0.0
+        cost_note = evaluation_note(run)
+        t_start = t_first = None  # after the dense model; the first recovery step of the current stage
+        if run.dense_given is None:
+            yield RunOut(run_status=f"Measuring the dense model ({cost_note}; once per loaded model and settings)…")
+        for ev in run.events():
+            kind = ev["type"]
+            stage = f"Stage {ev.get('stage')}/{K}"
+            if kind == "dense":
+                cached = run.dense_given is not None
+                loaded.dense_runs[run.dense_settings()] = run.dense
+                t_start = time.perf_counter()
+                yield self._run_views(s, run, m)._replace(run_status=(
+                    f"Dense model {'measurement reused' if cached else 'measured'}. Stage 1/{K}: estimating "
+                    f"importance ({run.analysis.metric}, {run.analysis.samples} calibration samples)…"))
+            elif kind == "evaluating":
+                yield RunOut(run_status=f"{stage}: evaluating ({cost_note})…")
+            elif kind == "analysis":
+                yield RunOut(run_status=f"{stage}: pruning, then recovery ({run.prune.recovery})…")
+            elif kind == "phase":
+                q = ", ".join(f"{k} {v:.4f}" for k, v in ev["quality"].items() if k in ("accuracy", "perplexity"))
+                nxt = {"cut": "reconstructing" if run.reconstructs else "training",
+                       "reconstructed": "training"}[ev["phase"]]
+                yield RunOut(run_status=f"{stage}: {ev['phase']} ({q}); {nxt}…")
+            elif kind == "reconstruct":
+                yield RunOut(run_status=f"{stage}: reconstructing layer by layer (closed-form refit of each "
+                                        "block's output projections)…")
+            elif kind == "step":
+                losses.setdefault(ev["stage"], []).append(ev["loss"])
+                now = time.perf_counter()
+                if ev["step"] == 1:
+                    t_first = now
+                if now - t_last > 0.3 or ev["step"] == run.prune.recovery_steps:  # at most ~3 redraws a second
+                    t_last = now
+                    left = run.prune.recovery_steps - ev["step"]
+                    rate = (now - t_first) / (ev["step"] - 1) if ev["step"] > 1 else None
+                    s.figures["recovery loss"] = fig = plots.loss_chart(losses)
+                    yield RunOut(loss_plot=fig, run_status=(
+                        f"{stage}: recovery step {ev['step']}/{run.prune.recovery_steps}, loss {ev['loss']:.4f}"
+                        + (f"; {eta(rate * left)} of recovery left" if rate and left else "")))
+            elif kind == "stage":
+                r = ev["record"]
+                q = ", ".join(f"{k} {v:.4f}" for k, v in r.quality.items())
+                s.figures["recovery loss"] = plots.loss_chart(losses)
+                per_stage = (time.perf_counter() - t_start) / r.stage if t_start else 0.0
+                yield self._run_views(s, run, m)._replace(loss_plot=s.figures["recovery loss"], run_status=(
+                    f"Stage {r.stage}/{K} done: {r.removed_fraction:.1%} of block parameters removed, {q}"
+                    + ("." if r.stage == K else f". Stage {r.stage + 1}/{K}: estimating importance… "
+                                                f"({eta(per_stage * (K - r.stage))} left at this pace)")))
+            elif kind == "layer_drop":
+                yield RunOut(run_status=f"Dropped blocks {ev['dropped']}.")
+            elif kind == "trial":
+                yield RunOut(run_status=f"Search trial {ev['trial']}: {ev['value']:.4f} (best "
+                                        f"{ev['best_value']:.4f}, {ev.get('best_params')})")
+            elif kind == "round":
+                yield RunOut(run_status="Round " + ", ".join(f"{k} {v}" for k, v in ev.items() if k != "type"))
+            elif kind in ("stopped", "error", "done"):  # the run is over
+                yield self._finish(s, run, m, kind, ev)
+
+    def _finish(self, s: Session, run: PruningRun, m: str, kind: str, ev: dict) -> RunOut:
+        """The run's report joins the history (its label says how it ended) and its model is kept."""
+        done = len(run.records)
+        rep = run.report()
+        if kind != "done":
+            rep["label"] += " (stopped)" if kind == "stopped" else f" (failed at stage {done + 1})"
+            run.label = rep["label"]
+        s.history.append(rep)
+        if run.records:
+            s.keep_run(rep["label"], run.lm)
+        status = {"done": f"Done: {done} stage(s) in {ev.get('seconds', 0):.0f} s. Export it in the Export tab.",
+                  "stopped": f"Stopped: kept the model after stage {done}." if done else
+                             "Stopped before the first stage finished: nothing was pruned.",
+                  }.get(kind) or warn(f"Run failed ({ev.get('message')}); kept the model after stage {done}.")
+        return self._run_views(s, run, m)._replace(run_status=status, **self._history_views(s, m))
+
+    @staticmethod
+    def _run_views(s: Session, run: PruningRun, m: str) -> RunOut:
+        """Quality chart, size/latency chart and stage table of the run so far."""
+        rows = report_rows(run.report())
+        stages = rows[1:]
+        s.figures["quality"] = quality = plots.quality_chart(
+            rows[0]["quality"], [r["removed_fraction"] for r in stages], [r["quality"] for r in stages], m,
+            title=f"{m or 'quality'} ({run.prune.eval_split}) vs parameters removed: {run.label}",
+            phases=[{k: r.get(f"after_{k}") for k in ("cut", "reconstructed")} for r in stages])
+        s.figures["size and latency"] = cost = plots.stage_cost_chart(
+            [r["model"] for r in rows], [r["params"] for r in rows], [r["latency_ms"] for r in rows])
+        return RunOut(quality_plot=quality, cost_plot=cost, stages_table=stage_table(rows, m, run.prune.eval_split))
+
+    @staticmethod
+    def _history_views(s: Session, m: str) -> dict:
+        """Every run of the session overlaid, and the Pareto chart of all their stages."""
+        lines, points = [], []
+        current = s.loaded.lm.name if s.loaded else None
+        for rep in (r for r in s.history if r["model"] == current):  # one model's runs share one metric
+            rows = report_rows(rep)
+            lines.append({"label": rep["label"], "removed": [r["removed_fraction"] for r in rows],
+                          "quality": [r["quality"] for r in rows]})
+            points += rows
+        s.figures["run history"] = hist = plots.history_chart(lines, m)
+        s.figures["pareto"] = pareto = plots.pareto_chart(points, m)
+        return {"history_plot": hist, "pareto_plot": pareto}
+
+    def on_stop(self, request: gr.Request):
+        """The Stop buttons (Importance and Prune tabs): stop the analysis or the run in progress."""
+        job = self.session(request).stop()
+        if not job:
+            return "Nothing is running."
+        if job == RUN_JOB:
+            return "Stopping after the current step; the last completed stage is kept…"
+        if job == ANALYSIS_JOB:
+            return f"Stopping {job} after the current batch…"
+        return f"{job[0].upper()}{job[1:]} cannot be stopped; it finishes on its own."
+
+    # tab 5
+    def on_prune_plan(self, method, target, amplitude, mode, max_sparsity, round_to, split,
+                      request: gr.Request, normalization="maxabs") -> str:
+        """-> the line above the Run button: the plan the run will use, which is the Allocation tab's."""
+        s = self.session(request)
+        try:
+            cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization)
+        except ExplorerError as e:
+            return warn(message(e))
+        if s.manual:
+            what = (f"the Allocation tab's table ({len(s.manual)} layer(s) set by hand: "
+                    f"{', '.join(map(str, sorted(s.manual)))}; Reset hand edits there to drop them)")
+        elif cfg.mode == "uniform":
+            what = f"uniform, S_L = S_base = {cfg.target:g} in every layer"
+        else:
+            what = (f"adaptive, S_L = S_base − A·Î_L with S_base = {cfg.target:g}, A = {cfg.amplitude:g}, "
+                    f"{cfg.mode} mode, Î_L normalised by {cfg.normalization}")
+        return (f"**Plan** (from the Allocation tab): {what}; {cfg.split} split, S_max {cfg.max_sparsity:g}"
+                + (f", neurons rounded to multiples of {cfg.round_to}" if cfg.round_to > 1 else "")
+                + ("" if method == "adaptive" else f"; method **{method}**") + ".")
+
+    def on_export_tab(self, request: gr.Request):
+        """-> the run choice: the runs whose final model is kept, the last one selected."""
+        labels = list(self.session(request).kept)
+        return gr.update(choices=labels, value=labels[-1] if labels else None)
+
+    def on_export(self, request: gr.Request, formats=(EXPORT_ZIP,), run_label=None, progress=gr.Progress()):
+        """-> ExportOut: files, status. Charts always; reports once a run finished; the chosen run's pruned model
+        (zip, ONNX, GGUF; the last run's by default). A failure clears the list (no stale download)
+        and keeps the models."""
+        s = self.session(request)
+        formats = list(formats or [])
+        try:
+            with s.busy("the export"):
+                out = s.workdir / time.strftime("export-%Y%m%d-%H%M%S")
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                files, missing, checks = [], [], []
+                if s.figures:
+                    (out / "charts.html").write_text(plots.charts_html(s.figures), encoding="utf-8")
+                    files.append(out / "charts.html")
+                else:
+                    missing.append("charts (compute importance first)")
+                if s.history:
+                    (out / "report.json").write_text(json.dumps({"last_run": s.history[-1], "runs": s.history},
+                                                                indent=1, default=str))
+                    (out / "report.csv").write_text(report_csv(s.history))
+                    files += [out / "report.json", out / "report.csv"]
+                else:
+                    missing.append("report (run pruning first)")
+                if not s.kept:
+                    missing.append("pruned model (run pruning first)")
+                else:
+                    label = run_label or list(s.kept)[-1]
+                    if label not in s.kept:
+                        raise ExplorerError(f"the model of run '{label}' is no longer kept (the last {KEEP_RUNS} "
+                                            "runs' models are): choose another run")
+                    model = s.kept[label]
+                    rep = next(r for r in s.history if r["label"] == label)
+                    stem = export_stem(rep, s.history.index(rep) + 1)
+                    if EXPORT_ZIP in formats:
+                        progress(0.2, desc="saving the pruned model")
+                        d = save_model(model, out / stem, extra={"report": rep})
+                        progress(0.4, desc="zipping")
+                        files.append(Path(shutil.make_archive(str(d), "zip", root_dir=d.parent, base_dir=d.name)))
+                        shutil.rmtree(d, ignore_errors=True)
+                    for fmt, name in ((f, n) for n, f in EXPORT_FORMATS.items() if n in formats and f):
+                        if fmt.startswith("gguf") and model.adapter.family != "LLaMA":
+                            missing.append(f"GGUF (LLaMA-family models only; {model.adapter.family} exports to ONNX)")
+                            continue
+                        progress(0.6, desc=f"exporting {name}")
+                        res = export(model, fmt, out / f"{stem}.{fmt.split('-')[0]}")
+                        files.append(Path(res["path"]))
+                        checks.append(f"{name}: {res.get('check_summary', 'written')}")
+        except Exception as e:
+            return ExportOut([], warn(f"Export failed, nothing to download ({message(e)}); the pruned model is "
+                                      "kept: try again."))
+        names = ", ".join(f"`{p.name}`" for p in files) or "nothing yet"
+        return ExportOut([str(p) for p in files], f"Exported {names}." + (f" Missing: {'; '.join(missing)}."
+                                                                         if missing else "")
+                         + "".join(f"\n\n{c}" for c in checks))
+
+    def on_test(self, request: gr.Request, progress=gr.Progress()):
+        """-> status: the last finished run's final model and the dense model on the whole test split, once the
+        plan is chosen (runs are evaluated on val, so that tuning A and the table never sees test)."""
+        s = self.session(request)
+        try:
+            with s.busy("the test evaluation"):
+                loaded = require_loaded(s)
+                label = next((lb for lb in reversed(s.kept) if s.kept[lb].name == loaded.lm.name), None)
+                if label is None:
+                    raise ExplorerError("no pruned model of this model yet: run pruning first")
+                progress(0.1, desc="evaluating the dense model on test")
+                dense = quality(loaded.lm, loaded.data, 0, "test")
+                progress(0.5, desc="evaluating the pruned model on test")
+                final = quality(s.kept[label], loaded.data, 0, "test")
+                rep = next(r for r in s.history if r["label"] == label)
+                rep["test"] = {"dense": dense, "final": final}
+        except Exception as e:
+            return warn(message(e))
+        m = metric_name(loaded.lm)
+        size = f"{final['eval_examples']:,} examples" if "eval_examples" in final else f"{final['eval_tokens']:,} tokens"
+        return (f"**Test** ({size}, the whole split) for `{rep['label']}`: {m} **{final[m]:.4f}**, dense "
+                f"{dense[m]:.4f}. Report this figure; the runs' charts and table show val.")
+
+    def plan_json(self, request: gr.Request) -> dict:
+        """The plan the Allocation tab shows now (per layer: S_L, kept heads/groups/neurons), as JSON."""
+        s = self.session(request)
+        if s.allocation is None:
+            return {"error": "no plan yet: compute importance first"}
+        return s.allocation.to_json()
+
+    def allocate_json(self, target: float = default_of(AllocationConfig, "target"),
+                      amplitude: float = default_of(AllocationConfig, "amplitude"),
+                      mode: str = default_of(AllocationConfig, "mode"),
+                      max_sparsity: float = default_of(AllocationConfig, "max_sparsity"),
+                      round_to: int = default_of(AllocationConfig, "round_to"),
+                      split: str = default_of(AllocationConfig, "split"),
+                      normalization: str = default_of(AllocationConfig, "normalization"),
+                      request: gr.Request = None) -> dict:
+        """The plan for these Allocation settings (it becomes the session's plan, as moving the sliders
+        does), as JSON; hand edits of the table stay."""
+        s = self.session(request)
+        try:
+            out = self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
+                                          normalization=normalization)
+        except ExplorerError as e:
+            return {"error": str(e)}
+        if s.importance is None:
+            return {"error": out.alloc_md}
+        return s.allocation.to_json()
+
+    def analysis_json(self, request: gr.Request) -> dict:
+        """The last importance analysis (per-layer importance, unit salience), as JSON."""
+        s = self.session(request)
+        if s.importance is None:
+            return {"error": "no analysis yet: compute importance first"}
+        return {"model": s.loaded.lm.name if s.loaded else None, **s.importance.to_json()}
+
+    def on_generate(self, prompt, max_new_tokens, temperature, request: gr.Request):
+        """-> GenerateOut: the same prompt through the dense model and the pruned one."""
+        s = self.session(request)
+        try:
+            with s.busy("generation"):
+                loaded = require_loaded(s)
+                n = number(max_new_tokens, "max new tokens", int)
+                t = number(temperature, "temperature")
+                mine = s.pruned is not None and s.pruned.name == loaded.lm.name  # pruned from this model
+                outs = [try_model(m, prompt, n, t) for m in ((loaded.lm, s.pruned) if mine else (loaded.lm,))]
+        except Exception as e:
+            return GenerateOut(generate_status=warn(message(e)))
+        dense, pruned = outs[0], (outs[1] if mine else None)
+        none = (f" The last pruned model comes from `{s.pruned.name}`: run pruning on this model to compare."
+                if s.pruned is not None else " No pruned model yet: run pruning in the Prune & recover tab.")
+        status = f"Dense: {dense['stats']}." + (f" Pruned: {pruned['stats']}." if pruned else none)
+        return GenerateOut(dense["text"], pruned["text"] if pruned else "", status)

@@ -1,0 +1,351 @@
+"""What the page shows, computed from the library's objects: status lines, tables, run labels
+and the settings read from the controls. Plain data, no gradio (the handlers in
+`ui.handlers` turn these into component updates)."""
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+import pandas as pd
+
+from explorer import plots
+from explorer.allocation import Allocation
+from explorer.config import LABEL_FREE_METRICS, AllocationConfig, AnalysisConfig, PruneConfig, choices_of, split_recovery
+from explorer.errors import OOM_HINT, ExplorerError, is_oom
+from explorer.generate import classify, generate
+from explorer.pruning import PruningRun
+from explorer.sessions import Loaded, Session
+
+log = logging.getLogger("explorer.app")
+
+EVAL_EXAMPLES = 500  # test examples for accuracy (a subset, so loading stays quick)
+EVAL_TOKENS = 4096  # test tokens for perplexity
+MAX_UPLOAD_MB = 100  # largest data file a browser may upload (--max-upload-mb)
+MODEL_DEFAULT_DATA = "(the model's default)"
+# Config fields the tabs do not show: the Prune tab's "Advanced" accordion is generated from their metadata,
+# so a new field appears there without UI code. (class, field name) in the order of on_run's *advanced.
+SHOWN = {"stages", "recovery", "recovery_steps", "eval_samples", "eval_split", "samples", "metric", "target", "amplitude", "mode",
+         "max_sparsity", "round_to", "split", "normalization", "batch_size"}
+ADVANCED = [(cls, f.name) for cls in (PruneConfig, AnalysisConfig, AllocationConfig) for f in fields(cls)
+            if f.name not in SHOWN]
+EXPORT_ZIP = "pruned model (safetensors, zip)"
+EXPORT_FORMATS = {EXPORT_ZIP: None, "ONNX": "onnx", "GGUF f16 (llama.cpp)": "gguf-f16"}  # label -> export format
+TABLE_COLUMNS = ["layer", "Î_L", "sparsity", "actual", "heads kept", "neurons kept", "note"]
+EDITABLE = TABLE_COLUMNS.index("sparsity")
+
+def eval_size(lm, n: int | float | None = 0) -> int:
+    """Test examples (classifiers) or tokens (LMs) to evaluate on; 0 = the quick default."""
+    n = int(n or 0)
+    return n if n > 0 else (EVAL_TOKENS if lm.task == "causal-lm" else EVAL_EXAMPLES)
+
+
+def number(value, name: str, kind: type = float):
+    """A number from a UI control; anything else (a crafted request, an emptied box) is a message.
+    Empty counts as 0, which the config checks then reject or accept."""
+    if value is None or value == "":
+        return kind(0)
+    try:
+        v = float(value)
+        if kind is int and v != int(v):
+            raise ValueError
+        return kind(v)
+    except (TypeError, ValueError, OverflowError):
+        raise ExplorerError(f"{name} must be {'a whole number' if kind is int else 'a number'}, "
+                            f"got '{str(value)[:20]}'") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _widths(values: list[int]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else ", ".join(map(str, values))
+
+
+def _quality_text(ev: dict) -> str:
+    if "accuracy" in ev:
+        return f"accuracy **{ev['accuracy']:.2%}** on {ev.get('eval_examples', '?'):,} {ev.get('eval_split', 'test')} examples"
+    if "perplexity" in ev:
+        return f"perplexity **{ev['perplexity']:.2f}** on {ev.get('eval_tokens', '?'):,} {ev.get('eval_split', 'test')} tokens"
+    return "not measured (no task head: encoder models are analysed with label-free metrics only)"
+
+
+def model_summary(loaded: Loaded | None) -> str:
+    if loaded is None:
+        return "*No model loaded.*"
+    lm, data = loaded.lm, loaded.data
+    s = lm.summary()
+    heads = s["heads"]
+    kv = "" if s["heads_per_group"] == 1 else f" in {_widths(s['kv_groups'])} KV groups"
+    pruned = " (a pruned model: per-layer widths from its plan)" if lm.plan else ""
+    rows = [("architecture", f"{s['architecture']} (`{s['model_type']}`), task `{s['task']}`"),
+            ("layers", s["layers"]), ("attention heads per layer", f"{_widths(heads)}{kv}, head size {s['head_dim']}"),
+            ("FFN width", _widths(s["ffn"])),
+            ("parameters", f"{s['params'] / 1e6:.2f} M ({s['block_params'] / 1e6:.2f} M in prunable blocks)"),
+            ("dense quality", _quality_text(loaded.dense_eval)), ("data", data.summary()), ("device", s["device"])]
+    return f"| model | `{lm.name}`{pruned} |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def plan_flops(alloc: Allocation, structure: list[dict], head_dim: int, seq_len: int = 128) -> tuple[int, int]:
+    """Approximate forward FLOPs per token of the blocks before and after a plan: 2 per
+    weight plus attention scores and mixing (4·seq·heads·head_dim); biases and norms are
+    counted as weights, a small overestimate applied to both sides."""
+    before = after = 0
+    for lp, st in zip(alloc.layers, structure):
+        hpg = st["heads_per_group"]
+        before += 2 * lp.params_before + 4 * seq_len * lp.groups * hpg * head_dim
+        after += 2 * lp.params_after + 4 * seq_len * lp.keep_groups * hpg * head_dim
+    return before, after
+
+
+def allocation_table(alloc: Allocation, heads_per_group: list[int]) -> pd.DataFrame:
+    rows = []
+    for lp, hpg in zip(alloc.layers, heads_per_group):
+        note = "set by hand" if lp.manual else ("clipped" if lp.clipped else "")
+        rows.append([lp.index, round(lp.importance, 3), round(lp.sparsity, 3), round(lp.actual_sparsity, 3),
+                     f"{lp.keep_groups * hpg} / {lp.groups * hpg}", f"{lp.keep_neurons} / {lp.neurons}", note])
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def parse_manual(table, shown: Allocation, manual: dict[int, float]) -> dict[int, float]:
+    """Manual overrides from an edited table: every row whose sparsity differs from the value
+    shown becomes (or stays) set by hand. Raises ExplorerError for anything not a number."""
+    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table, columns=TABLE_COLUMNS)
+    if len(df) != len(shown.layers):
+        raise ExplorerError(f"the table must keep one row per layer ({len(shown.layers)}); rows were added or removed")
+    out = dict(manual)
+    for i, (raw, lp) in enumerate(zip(df.iloc[:, EDITABLE].tolist(), shown.layers)):
+        text = str(raw).strip()
+        try:
+            v = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+        except ValueError:
+            raise ExplorerError(f"layer {i}: sparsity '{text[:20]}' is not a number; type a fraction such as 0.35") from None
+        if not (0 <= v < 1):  # NaN fails too
+            raise ExplorerError(f"layer {i}: sparsity {text[:20]} is outside [0, 1)")
+        if abs(v - round(lp.sparsity, 3)) > 5e-4:
+            out[i] = v
+    return out
+
+
+def report_rows(rep: dict) -> list[dict]:
+    """The dense model and each completed stage of a run report (`PruningRun.report()`), one
+    flat row each: what the stage table, the history, the Pareto chart and the CSV show."""
+    m, d = rep["metric"], rep["dense"]
+    base = {"run": rep["label"], "status": rep["status"], "metric": m}
+    rows = [{**base, "model": "dense", "params": d["params"], "block_params": d["block_params"],
+             "removed_fraction": 0.0, "quality": d.get(m), "latency_ms": d.get("latency_ms"),
+             "flops_per_token": d.get("flops_per_token"), "last_loss": None, "seconds": None,
+             "latency_spread": d.get("latency_spread"), **speed_columns(d)}]
+    for st in rep["stages"]:
+        rows.append({**base, "model": f"stage {st['stage']}", "params": st["params"], "block_params": st["block_params"],
+                     "removed_fraction": st["removed_fraction"], "quality": st["quality"].get(m),
+                     "latency_ms": st["latency_ms"], "flops_per_token": st["flops_per_token"],
+                     "last_loss": st["losses"][-1] if st["losses"] else None, "seconds": st["seconds"],
+                     "latency_spread": st.get("latency_spread"), **speed_columns(st.get("speed") or {}),
+                     **{f"after_{k}": v.get(m) for k, v in (st.get("phases") or {}).items()}})
+    return rows
+
+
+SPEED_COLUMNS = {"decode_tokens_per_s": "decode tok/s (b1)", "decode_tokens_per_s_b8": "decode tok/s (b8)",
+                 "prefill_ms": "prefill ms (b1)", "latency_b1x128_ms": "latency ms (1×128)"}
+
+
+BUSY_SPREAD = 0.25  # latency repeats further apart than this (of the median): the machine is busy
+
+
+def spread_text(spread: float | None) -> str | None:
+    """'±8 %', or flagged when the repeats disagree so much that a speed-up could be noise."""
+    if spread is None:
+        return None
+    return f"±{spread / 2:.0%}" + (" ⚠ busy machine" if spread > BUSY_SPREAD else "")
+
+
+def speed_columns(ev: dict) -> dict:
+    """The speed figures of a dense evaluation or a stage record (None where not measured)."""
+    return {k: ev.get(k) for k in SPEED_COLUMNS}
+
+
+def stage_table(rows: list[dict], metric: str, split: str = "") -> pd.DataFrame:
+    def num(v, digits):
+        return None if v is None else round(v, digits)
+    speed = [k for k in SPEED_COLUMNS if any(r.get(k) is not None for r in rows)]  # only what was measured
+    return pd.DataFrame(
+        [[r["model"], num(r["params"] / 1e6, 3), f"{r['removed_fraction']:.1%}", num(r.get("after_cut"), 4),
+          num(r.get("after_reconstructed"), 4), num(r["quality"], 4),
+          num(r["latency_ms"], 1), spread_text(r.get("latency_spread")), *[num(r.get(k), 1) for k in speed],
+          num(r["flops_per_token"] / 1e6, 2),
+          num(r["last_loss"], 4), num(r["seconds"], 1)]
+         for r in rows],
+        columns=["model", "params (M)", "removed", "after cut", "after reconstruction",
+                 f"{metric or 'quality'} ({split})" if split else (metric or "quality"),
+                 "latency (ms, 32×128)", "latency spread", *[SPEED_COLUMNS[k] for k in speed], "FLOPs/token (M)",
+                 "last loss",
+                 "time (s)"])
+
+
+def report_csv(history: list[dict]) -> str:
+    """One row per model (dense and each stage) of every run in the history."""
+    buf = io.StringIO()
+    rows = [r for rep in history for r in report_rows(rep)]
+    names = list(dict.fromkeys(k for r in rows for k in r)) or ["run"]  # stages add phase columns
+    w = csv.DictWriter(buf, fieldnames=names)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def message(e: BaseException) -> str:
+    """What the user reads about an exception: ours as is, out-of-memory with a hint, anything
+    else as one line (the traceback goes to the server log, never to the page)."""
+    if isinstance(e, ExplorerError):
+        return str(e)
+    if is_oom(e):
+        return OOM_HINT
+    log.error("internal error", exc_info=e)
+    first = (str(e).splitlines() or [""])[0][:300]
+    return f"internal error: {type(e).__name__}: {first} (details in the server log)"
+
+
+def export_stem(rep: dict, number: int) -> str:
+    """A file name that says which run it is: model, run number, method and budget."""
+    cfg = rep.get("config", {}).get("allocation", {})
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(str(rep["model"])).name)
+    return f"{safe}-run{number}-{rep.get('method', 'adaptive')}-S{cfg.get('target', 0):g}"
+
+
+def try_model(lm, prompt: str, max_new_tokens: int, temperature: float) -> dict:
+    """One model's answer to the prompt: a continuation (LMs) or class probabilities (classifiers)."""
+    if lm.task == "causal-lm":
+        g = generate(lm, prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+        return {"text": g["text"], "stats": f"{g['new_tokens']} tokens in {g['seconds']:.1f} s "
+                                            f"({g['tokens_per_s']:.1f} tokens/s, {'greedy' if g['greedy'] else 'sampled'})"}
+    if lm.task == "classification":
+        c = classify(lm, prompt)
+        return {"text": "\n".join(f"{k}: {v:.3f}" for k, v in sorted(c["probabilities"].items(), key=lambda kv: -kv[1])),
+                "stats": f"{c['label']} in {c['seconds'] * 1000:.0f} ms"}
+    raise ExplorerError("this model is an encoder without a task head: there is nothing to generate or classify")
+
+
+def advanced_configs(values) -> dict[type, dict]:
+    """The Advanced accordion's values, per config class: {PruneConfig: {"lr": ...}, ...}."""
+    out: dict[type, dict] = {PruneConfig: {}, AnalysisConfig: {}, AllocationConfig: {}}
+    for (cls, name), v in zip(ADVANCED, values or ()):
+        default = next(f.default for f in fields(cls) if f.name == name)
+        out[cls][name] = v if isinstance(default, (bool, str)) else number(v, name.replace("_", " "), type(default))
+    return out
+
+
+def non_default(configs: dict[type, dict]) -> str:
+    """', lr=0.0001, seed=3' for the advanced values that differ from the defaults (for run labels)."""
+    parts = []
+    for cls, vals in configs.items():
+        defaults = {f.name: f.default for f in fields(cls)}
+        parts += [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items() if v != defaults[k]]
+    return "".join(", " + p for p in parts)
+
+
+def run_label(number: int, method: str, alloc: AllocationConfig, prune: PruneConfig, adv: dict[type, dict],
+              by_hand: list[int] = ()) -> str:
+    """'#3 exact A=0.05, S=0.3, K=2, reconstruct+lora 10 steps, seed 0, lora_rank=16': every setting
+    that tells two runs apart (the number keeps equal settings apart too)."""
+    if by_hand:
+        plan = f"table ({len(by_hand)} layer(s) by hand)"
+    elif alloc.mode == "uniform":
+        plan = "uniform"
+    else:
+        plan = f"{alloc.mode} A={alloc.amplitude:g}" + ("" if alloc.normalization == "maxabs" else f" {alloc.normalization}")
+    desc = plan if method == "adaptive" else f"{method}, {plan}"
+    if alloc.split != "salience":
+        desc += f", {alloc.split} split"
+    steps = f" {prune.recovery_steps} steps" if split_recovery(prune.recovery)[1] != "none" else ""
+    rest = {cls: {k: v for k, v in vals.items() if k != "seed" or cls is not PruneConfig} for cls, vals in adv.items()}
+    return (f"#{number} {desc}, S={alloc.target:g}, K={prune.stages}, {prune.recovery}{steps}, seed {prune.seed}"
+            + non_default(rest))
+
+
+def loading_status(model) -> str:
+    """What the status says the moment Load is pressed (the load itself follows)."""
+    slow = " (the bundled SmolLM2 takes about a minute on 2 cores: GGUF dequantisation, then the dense model " \
+           "on val)" if model == "smollm2-135m" else ""
+    return f"Loading `{model}`{slow}…"
+
+
+def eta(seconds: float) -> str:
+    return f"about {seconds:.0f} s" if seconds < 120 else f"about {seconds / 60:.0f} min"
+
+
+def evaluation_note(run: PruningRun) -> str:
+    """What one evaluation of a run costs, in words: the status line shows it while it runs."""
+    n = run.prune.eval_samples
+    split = run.prune.eval_split
+    if run.lm.task == "causal-lm":
+        what = f"{n or EVAL_TOKENS:,} {split} tokens"
+    else:  # never more than the split has
+        n_split = len(run.data.texts[split])
+        what = f"{min(n, n_split) if n else n_split:,} {split} examples"
+    if not run.timing:
+        return what + ", no timing"
+    speed = ("decode at batch 1 and 8 + prefill" if run.lm.task == "causal-lm" else "latency at 1 and 32 × 128")
+    return f"{what}, latency 32 × 128, {speed} × {run.prune.speed_repeats}"
+
+
+def allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization="maxabs") -> AllocationConfig:
+    """The Allocation tab's controls (the same six inputs on every event that uses them, then the
+    layer normalisation, which handlers take after the request)."""
+    return AllocationConfig(target=number(target, "target sparsity S_base"), amplitude=number(amplitude, "A"),
+                            mode=mode, max_sparsity=number(max_sparsity, "S_max"),
+                            round_to=number(round_to or 1, "round to", int), split=split or "salience",
+                            normalization=normalization_choice(normalization))
+
+
+def normalization_choice(value) -> str:
+    """The layer-normalisation radio's value (maxabs, the reference, when empty); anything else is a message."""
+    v = value or "maxabs"
+    choices = choices_of(AllocationConfig, "normalization")
+    if v not in choices:
+        raise ExplorerError(f"layer normalisation must be one of {', '.join(choices)}, got '{v}'")
+    return v
+
+
+def layer_figure(imp, normalization: str = "maxabs"):
+    """The layer-importance plot: raw I_L and Î_L by the chosen normalisation."""
+    return plots.layer_importance(imp.layer_cos, imp.normalized_by(normalization), imp.attn_cos, imp.mlp_cos)
+
+
+def task_defaults(task: str | None) -> tuple[str, str]:
+    """(metric, recovery) that work for a task: encoders have no head, so no gradients."""
+    return (LABEL_FREE_METRICS[0], "reconstruct") if task == "encoder" else ("taylor", "reconstruct")
+
+
+def require_loaded(s: Session) -> Loaded:
+    if s.loaded is None:
+        raise ExplorerError("no model loaded: load one in the Model & data tab")
+    return s.loaded
+
+
+def empty_table() -> pd.DataFrame:
+    return pd.DataFrame([], columns=TABLE_COLUMNS)
+
+
+def fresh_views() -> dict:
+    """The contents of every output that depends on the loaded model, by component name: the
+    page's initial values, and what a new Load puts back."""
+    return {"layer_plot": plots.empty("Compute importance to see layer importance"),
+            "heads_plot": plots.empty("Compute importance"), "neurons_plot": plots.empty("Compute importance"),
+            "imp_status": "Compute importance for this model.",
+            "alloc_plot": plots.empty("Compute importance first (Importance tab)"), "alloc_table": empty_table(),
+            "alloc_md": "Compute importance first (Importance tab).",
+            "quality_plot": plots.empty("Run pruning to see quality against parameters removed"),
+            "loss_plot": plots.empty("Recovery loss"), "cost_plot": plots.empty("Size and latency per stage"),
+            "stages_table": stage_table([], ""), "run_status": "Ready to run.",
+            "history_plot": plots.empty("Finished runs appear here"),
+            "pareto_plot": plots.empty("Pareto chart of finished runs")}
