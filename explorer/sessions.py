@@ -14,9 +14,10 @@ This module does not import gradio: the UI passes `request.session_hash` in.
 """
 from __future__ import annotations
 
-import copy
+import ctypes
 import gc
 import logging
+import sys
 import shutil
 import tempfile
 import threading
@@ -46,12 +47,19 @@ class SessionBusy(ExplorerError):
 
 @dataclass
 class Loaded:
-    """A dense model, its data and the dense evaluation: what a Load produces."""
+    """A dense model, its data and the dense evaluation: what a Load produces.
+
+    The dense model is never changed in place (a run prunes a copy), so the model preloaded at
+    start-up is shared by every session that has not loaded another one: one copy in memory,
+    however many tabs are open. What touches the model's modules (an analysis registers hooks
+    and accumulates gradients; copying a model copies its hooks) holds `lock`, which the sharing
+    sessions share; a session's own Load gets its own lock."""
 
     lm: LoadedModel
     data: TextData
     dense_eval: dict
     dense_runs: dict = field(default_factory=dict)  # PruningRun.dense_settings() -> the dense model's evaluation
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 @dataclass
@@ -143,10 +151,23 @@ class Session:
             self._workdir = None
 
 
+def release_memory() -> None:
+    """Free unreachable models now (modules and hooks hold reference cycles) and hand freed heap
+    pages back to the OS (glibc keeps them otherwise, and RSS would only grow)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 class SessionRegistry:
-    """session id -> Session. A new session starts from a deep copy of `template` (the model
-    preloaded at start-up), so every page opens on a ready model without reloading it and
-    without sharing weights or tokenizer with other sessions."""
+    """session id -> Session. A new session starts on `template` (the model preloaded at start-up),
+    shared read-only with the other sessions (see `Loaded`), so every page opens on a ready model
+    without a reload and without a copy."""
 
     def __init__(self, template: Loaded | None = None):
         self._sessions: dict[str, Session] = {}
@@ -166,10 +187,7 @@ class SessionRegistry:
             return s
         log.info("session %s opened (%d open)", session_id[:8], len(self))
         try:
-            t = self.template
-            if t is not None:  # copied outside the registry lock: other sessions need not wait
-                s.loaded = Loaded(copy.deepcopy(t.lm), t.data, dict(t.dense_eval),  # data are read-only: shared
-                                  dense_runs=t.dense_runs)  # the same dense model: its measurements too
+            s.loaded = self.template  # shared, never changed in place: no copy
         finally:
             s._ready.set()
         return s
@@ -182,9 +200,7 @@ class SessionRegistry:
             return
         s.close()
         del s
-        gc.collect()  # models hold reference cycles (modules <-> hooks); free them now, not at some later GC
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
         log.info("session %s closed (%d open)", session_id[:8], len(self))
 
     def __contains__(self, session_id: str) -> bool:

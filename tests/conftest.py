@@ -154,6 +154,7 @@ def template(tiny_dir, tiny_csv):
 def app(template):
     import app as A
     from explorer.sessions import SessionRegistry
+    template.dense_runs.clear()  # sessions share the template, and so its dense measurements: none from other tests
     return A.ExplorerApp(SessionRegistry(template))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import app as A
 from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig  # noqa: F401
@@ -24,8 +25,20 @@ def test_new_session_starts_on_the_preloaded_model(app, template):
     summary, status = app.on_page_load(req("a"))
     assert status == "Ready." and "| layers | 3 |" in summary and "accuracy" in summary
     s = app.registry.get("a")
-    assert s.loaded.lm.model is not template.lm.model  # a private copy
-    assert s.loaded.lm.tokenizer is not template.lm.tokenizer
+    assert s.loaded is template  # shared by every session that has not loaded another model: no copy
+
+
+def test_sessions_share_the_preloaded_model_and_never_change_it(app, template):
+    """Copy on write: analysis and runs of two sessions leave the shared dense weights bit-identical."""
+    before = {k: v.clone() for k, v in template.lm.model.state_dict().items()}
+    for name in ("a", "b"):
+        assert "Importance from" in app.on_importance("taylor", 16, 8, *alloc_args(), req(name)).imp_status
+        assert run_all(app, req(name), stages=1, recovery="full", steps=2)[-1].run_status.startswith("Done")
+        app.on_generate("a fine film", 4, 0, req(name))
+    after = template.lm.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in template.lm.model.parameters())
+    assert app.registry.get("a").pruned is not app.registry.get("b").pruned
 
 
 def test_load_bundled_minilm_encoder(app):
@@ -230,7 +243,7 @@ def test_run_errors_are_messages(ready):
 
 def test_two_sessions_do_not_share_state(ready):
     a, b = ready.registry.get("a"), ready.registry.get("b")
-    assert a.loaded.lm.model is not b.loaded.lm.model
+    assert a.loaded.lm.model is b.loaded.lm.model  # the dense model is shared read-only; nothing else is
     assert a.importance is not None and b.importance is None
     params_b = b.loaded.lm.n_params
     run_all(ready, req("a"), stages=1)

@@ -148,8 +148,9 @@ class ExplorerApp:
                 validate(cfg)
                 texts, labels = loaded.data.calibration(cfg.samples, stage=0, seed=cfg.seed)
                 progress(0, desc="calibration batches")
-                imp = analyze(loaded.lm, texts, labels, cfg, should_stop=s.stop_requested,
-                              progress=lambda done, total: progress((done, total), desc="calibration batches"))
+                with loaded.lock:  # hooks on a model other sessions may share
+                    imp = analyze(loaded.lm, texts, labels, cfg, should_stop=s.stop_requested,
+                                  progress=lambda done, total: progress((done, total), desc="calibration batches"))
                 s.importance, s.manual, s.last_edit = imp, {}, None
         except Cancelled:
             kept = "the previous importance and allocation stay" if s.importance else "nothing was changed"
@@ -284,7 +285,8 @@ class ExplorerApp:
                 final_plan = s.allocation if s.manual else None  # layers set by hand: prune to the table
                 method = method or "adaptive"
                 label = run_label(len(s.history) + 1, method, alloc_cfg, prune, adv, by_hand=sorted(s.manual))
-                lm = copy.deepcopy(loaded.lm)  # the session's dense model stays intact for the next run
+                with loaded.lock:  # the dense model (perhaps shared) stays intact for the next run
+                    lm = copy.deepcopy(loaded.lm)
                 if method == "adaptive":  # the Allocation tab's mode decides (exact, reference or uniform)
                     run = PruningRun(lm, loaded.data, analysis, alloc_cfg, prune, final_plan=final_plan,
                                      timing=bool(timing), label=label)
@@ -508,7 +510,8 @@ class ExplorerApp:
                 if label is None:
                     raise ExplorerError("no pruned model of this model yet: run pruning first")
                 progress(0.1, desc="evaluating the dense model on test")
-                dense = quality(loaded.lm, loaded.data, 0, "test")
+                with loaded.lock:
+                    dense = quality(loaded.lm, loaded.data, 0, "test")
                 progress(0.5, desc="evaluating the pruned model on test")
                 final = quality(s.kept[label], loaded.data, 0, "test")
                 rep = next(r for r in s.history if r["label"] == label)
@@ -563,7 +566,10 @@ class ExplorerApp:
                 n = number(max_new_tokens, "max new tokens", int)
                 t = number(temperature, "temperature")
                 mine = s.pruned is not None and s.pruned.name == loaded.lm.name  # pruned from this model
-                outs = [try_model(m, prompt, n, t) for m in ((loaded.lm, s.pruned) if mine else (loaded.lm,))]
+                with loaded.lock:
+                    outs = [try_model(loaded.lm, prompt, n, t)]
+                if mine:
+                    outs.append(try_model(s.pruned, prompt, n, t))
         except Exception as e:
             return GenerateOut(generate_status=warn(message(e)))
         dense, pruned = outs[0], (outs[1] if mine else None)
