@@ -190,6 +190,45 @@ def test_adapruner_scores_on_val_never_test():
     assert run.report()["summary"]["best_params"] == trials[-1]["best_params"]
 
 
+@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "llama"])
+def test_zeroed_units_equal_a_cut_and_are_put_back(name):
+    """A trial's cut without a copy: zeroing the removed units' output-projection channels gives the
+    cut model's outputs exactly, and the weights come back bit-identical."""
+    import copy as copy_
+    from explorer.methods.base import zeroed_units
+    from explorer.surgery import prune_block
+    lm = tiny_lm(name)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    blocks = lm.adapter.blocks(lm.model)
+    keeps = [([u for u in range(b.attn.n_units) if u % 2 == 0], list(range(0, b.mlp.n_units, 3))) for b in blocks]
+    cut = copy_.deepcopy(lm)
+    for i, (g, n) in enumerate(keeps):
+        prune_block(cut.adapter, cut.model, i, g, n)
+    with zeroed_units(lm, keeps) as masked:
+        assert torch.allclose(_out(masked), _out(cut), atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_adapruner_search_copies_no_model(monkeypatch):
+    """AdaPruner's trials score cuts on the model itself (zeroed channels), never on a clone."""
+    import copy as copy_
+    from torch import nn
+    copies = {"n": 0}
+    real = copy_.deepcopy
+
+    def counting(obj, *a, **k):
+        copies["n"] += isinstance(obj, nn.Module)
+        return real(obj, *a, **k)
+    lm, run = _make("adapruner", "llama", stages=1, recovery="none", steps=0, trials=3, subsets=2)
+    monkeypatch.setattr(copy_, "deepcopy", counting)
+    events = run.events()
+    for ev in events:
+        if ev["type"] == "trial" and ev["trial"] == 3:
+            break
+    assert copies["n"] <= 1, f"{copies['n']} model copies during a 3-trial search"  # PruningRun's last-good copy
+    events.close()
+
+
 # --- fusion -------------------------------------------------------------------------------
 
 def test_fusion_weight_is_inverse_variance():

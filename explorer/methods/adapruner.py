@@ -12,8 +12,10 @@ Search space (one trial = one configuration):
              ratio alpha1 : alpha2 matters and one number spans the space;
   amplitude  A of the per-layer allocation (only with option search_amplitude=True; range
              [0, amplitude_max]).
-Each trial prunes a *copy* of the model one-shot to the target (allocation as configured, units
-by I = alpha1·I_vector + alpha2·I_element) and is scored on the **val** split (never test):
+Each trial cuts the model one-shot to the target (allocation as configured, units by
+I = alpha1·I_vector + alpha2·I_element) without copying it: the removed units' channels of the
+output projections are zeroed for the trial and put back after (`base.zeroed_units`, exactly a
+cut's output), and the cut is scored on the **val** split (never test):
 mean cross-entropy for classifiers, perplexity for LMs (lower is better). Importance per subset
 is computed once on the dense model and cached. One "trial" event per trial carries
 {trial, value, params, best_value, best_params}.
@@ -30,8 +32,8 @@ from typing import Callable, Iterator
 
 from ..allocation import allocate
 from ..errors import Cancelled, ExplorerError
-from ..pruning import apply_allocation
-from .base import MethodRun, clone_lm, mixed_importance, val_objective
+from ..pruning import plan_keeps
+from .base import MethodRun, mixed_importance, val_objective, zeroed_units
 
 
 def tpe_search(objective: Callable[[dict], float], space: dict[str, tuple], trials: int, seed: int = 0,
@@ -93,15 +95,10 @@ class AdaPrunerRun(MethodRun):
     def _objective(self, p: dict) -> float:
         q = self._trial_params(p)
         imp = mixed_importance(self._dense_importance(q["subset"]), q["alpha1"], q["alpha2"])
-        trial_lm = clone_lm(self.lm)
-        try:
-            alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
-                             replace(self.allocation, amplitude=q["amplitude"]),
-                             scores=imp.unit_scores())
-            apply_allocation(trial_lm, imp, alloc, metric="mix")
-            value, self._objective_name = val_objective(trial_lm, self.data, self._val_n())
-        finally:
-            del trial_lm
+        alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                         replace(self.allocation, amplitude=q["amplitude"]), scores=imp.unit_scores())
+        with zeroed_units(self.lm, plan_keeps(imp, alloc, metric="mix")) as cut:  # no copy of the model
+            value, self._objective_name = val_objective(cut, self.data, self._val_n())
         return value
 
     def _body(self) -> Iterator[dict]:

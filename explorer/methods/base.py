@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -196,6 +197,37 @@ def _jsonable(x):
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+@contextmanager
+def zeroed_units(lm: LoadedModel, keeps: list[tuple[list[int], list[int]]]) -> Iterator[LoadedModel]:
+    """The model as if the units outside `keeps` (per layer: attention units, neurons) were
+    removed, without a copy: the removed units' input channels of each block's output projection
+    (o_proj / down_proj ...) are zeroed, which makes their contribution exactly zero, as a cut
+    does; the saved channels (a slice per projection, never a model) are put back on exit."""
+    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []  # (weight, dim, channels, old values)
+    try:
+        with torch.no_grad():
+            for block, keep in zip(lm.adapter.blocks(lm.model), keeps):
+                for group, kept in zip((block.attn, block.mlp), keep):
+                    if kept is None:
+                        continue
+                    gone = sorted(set(range(group.n_units)) - set(kept))
+                    if not gone:
+                        continue
+                    u = group.act_unit_size
+                    ch = torch.tensor([c for g in gone for c in range(g * u, (g + 1) * u)],
+                                      device=group.out_module.weight.device)  # (removed channels,)
+                    w = group.out_module.weight
+                    dim = 1 if isinstance(group.out_module, torch.nn.Linear) else 0  # Linear (out, in); Conv1D (in, out)
+                    assert w.shape[dim] == group.n_units * u, "unit channels do not match the output projection"
+                    saved.append((w, dim, ch, w.index_select(dim, ch).clone()))
+                    w.index_fill_(dim, ch, 0.0)
+        yield lm
+    finally:
+        with torch.no_grad():
+            for w, dim, ch, old in reversed(saved):
+                w.index_copy_(dim, ch, old)
+
 
 def clone_lm(lm: LoadedModel) -> LoadedModel:
     """A LoadedModel around a deep copy of the model (tokenizer and adapter shared)."""
