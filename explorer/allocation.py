@@ -19,6 +19,10 @@ compared per parameter across attention and FFN. In
 exact mode
 the neuron counts are rounded by largest remainder so the total is within one neuron of
 the target.
+
+Budgets: allocate() meets a *parameter* budget. FLOPs and latency budgets (AllocationConfig.budget)
+are met by explorer.latency.allocate_flops / allocate_latency, which bisect S_base around
+allocate() (so A still shapes the plan) and return the same Allocation, with `budget` and `cost` set.
 """
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .config import NORMALIZATIONS, AllocationConfig
+from .config import NORMALIZATIONS, AllocationConfig, choices_of
 from .errors import ExplorerError
+
+BUDGETS = choices_of(AllocationConfig, "budget")  # params (allocate), flops and latency (explorer.latency)
 
 
 @dataclass
@@ -58,6 +64,8 @@ class Allocation:
     mode: str
     split: str = "proportional"  # how attention and FFN shared each layer's cut (see the module docstring)
     normalization: str = "maxabs"  # how I_L became Î_L (AllocationConfig.normalization)
+    budget: str = "params"  # what the plan met: params, flops or latency (explorer.latency)
+    cost: dict | None = None  # flops / latency budgets: unit, reference, goal, predicted (see explorer.latency)
 
     @property
     def params_before(self) -> int:
@@ -77,7 +85,7 @@ class Allocation:
 
     def to_json(self) -> dict:
         return {"target": self.target, "amplitude": self.amplitude, "mode": self.mode, "split": self.split,
-                "normalization": self.normalization,
+                "normalization": self.normalization, "budget": self.budget, "cost": self.cost,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "removed_fraction": self.removed_fraction,
                 "layers": [{**asdict(l), "actual_sparsity": l.actual_sparsity} for l in self.layers]}
@@ -102,6 +110,12 @@ def validate(cfg: AllocationConfig) -> None:
         raise ExplorerError(f"round_to must be at least 1, got {cfg.round_to}")
     if not (cfg.prune_attention or cfg.prune_mlp):
         raise ExplorerError("nothing to prune: enable attention and/or MLP pruning")
+    if cfg.budget not in BUDGETS:
+        raise ExplorerError(f"unknown budget '{cfg.budget}': use {', '.join(BUDGETS)}")
+    if not (isinstance(cfg.speedup, (int, float)) and math.isfinite(cfg.speedup) and cfg.speedup >= 0):
+        raise ExplorerError(f"speed-up must be a finite number >= 0, got {cfg.speedup}")
+    if cfg.budget == "latency" and cfg.speedup < 1:
+        raise ExplorerError(f"budget latency needs a speed-up of at least 1 (e.g. --speedup 1.6), got {cfg.speedup}")
 
 
 def layer_sparsities(norm_imp, weights, cfg: AllocationConfig,

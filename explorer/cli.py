@@ -83,7 +83,6 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_allocate(args) -> None:
-    from .allocation import allocate
     from .importance import Importance
     try:
         analysis = json.loads(Path(args.analysis).read_text())
@@ -94,7 +93,7 @@ def cmd_allocate(args) -> None:
     if args.uniform:
         cfg = replace(cfg, mode="uniform")
     manual = _parse_manual(args.manual)
-    alloc = allocate(imp.normalized_by(cfg.normalization), imp.params, cfg, manual, scores=imp.unit_scores())
+    alloc = _allocate_from_analysis(imp, analysis, cfg, manual)
     out = dict(analysis)
     for layer, lp in zip(out["layers"], alloc.layers):
         layer.update({"normalized_importance": lp.importance,  # Î_L by the plan's normalisation
@@ -105,6 +104,25 @@ def cmd_allocate(args) -> None:
     _write_json(out, args.json)
     print(f"allocated {alloc.removed_fraction:.4f} of block parameters (target {cfg.target}, A {cfg.amplitude}, "
           f"{cfg.mode}); clipped layers: {alloc.clipped_layers or 'none'}", file=sys.stderr)
+
+
+def _allocate_from_analysis(imp, analysis: dict, cfg: AllocationConfig, manual: dict[int, float]):
+    """The `allocate` command's plan: a parameter budget, or a FLOPs one from the analysed
+    structure (a latency budget needs the model on its device: use `prune`)."""
+    from .allocation import allocate, validate
+    validate(cfg)
+    norm, scores = imp.normalized_by(cfg.normalization), imp.unit_scores()
+    if cfg.budget == "params":
+        return allocate(norm, imp.params, cfg, manual, scores=scores)
+    if cfg.budget == "latency":
+        raise ExplorerError("--budget latency needs the model to time its blocks: use `prune --budget latency`")
+    if manual:
+        raise ExplorerError("--manual applies to the params budget only")
+    head_dim = (analysis.get("summary") or {}).get("head_dim")
+    if not head_dim:
+        raise ExplorerError("--budget flops needs the head size, which this analysis file does not record")
+    from .latency import FlopsModel, allocate_flops
+    return allocate_flops(norm, imp.params, cfg, FlopsModel.from_structure(imp.params[0], head_dim), scores)
 
 
 def _parse_manual(items: list[str] | None) -> dict[int, float]:
@@ -151,6 +169,8 @@ def cmd_prune(args) -> None:
         raise ExplorerError(f"--stages must be at least 1, got {prune.stages}")
     from .allocation import validate
     validate(alloc)
+    if alloc.budget != "params" and method not in ("adaptive", "uniform"):
+        raise ExplorerError(f"--budget {alloc.budget} works with the adaptive and uniform methods, not '{method}'")
     options = {k: getattr(args, k) for k in ("trials", "rounds", "pattern", "rewind_step")
                if getattr(args, k) is not None}
     run = make_run(method, lm, data, analysis, alloc, prune, **options)
@@ -162,6 +182,8 @@ def cmd_prune(args) -> None:
         if t == "dense":
             m = ev["metric"]
             bar.write(f"dense: {m} {ev['eval'].get(m)}  params {ev['eval']['params']:,}")
+        elif t == "cost_model":
+            bar.write(_cost_model_line(ev))
         elif t in ("analysis", "step"):
             bar.update(1)
             if t == "step":
@@ -190,6 +212,10 @@ def cmd_prune(args) -> None:
     f, d = report["final"], report["dense"]
     print(f"{m}: dense {d[m]:.4f} -> pruned {f[m]:.4f}; params {d['params']:,} -> {f['params']:,}; "
           f"latency {d['latency_ms']:.1f} -> {f['latency_ms']:.1f} ms", file=sys.stderr)
+    if f.get("predicted_speedup"):
+        measured = f.get("measured_speedup")
+        print(f"speed-up: predicted {f['predicted_speedup']:.2f}x, measured "
+              + (f"{measured:.2f}x ({f['measured_as']})" if measured else "n/a"), file=sys.stderr)
     if args.out:
         try:
             path = save_model(lm, args.out, extra={"report": {k: report[k] for k in ("dense", "final", "metric",
@@ -201,6 +227,20 @@ def cmd_prune(args) -> None:
         report["saved_to"] = str(path)
         _write_json(report, args.json)
         print(f"saved to {path}", file=sys.stderr)
+
+
+def _cost_model_line(ev: dict) -> str:
+    if ev.get("status") == "measuring":
+        return "latency budget: measuring the per-layer cost model (once per model shape and device)..."
+    if ev.get("budget") == "flops":
+        return f"flops budget: dense blocks {ev['reference']:,.0f} FLOPs per token"
+    sig, check = ev.get("signature", {}), ev.get("check") or {}
+    how = f"cached from {ev.get('measured_at')}" if ev.get("cached") else f"measured in {ev.get('seconds', 0):.1f} s"
+    line = (f"cost model ({sig.get('mode')} at {sig.get('batch_size')} x {sig.get('seq_len')}, {sig.get('device')}; "
+            f"{how}): dense predicted {ev['reference']:.1f} ms, fixed {ev.get('fixed_ms', 0):.1f} ms")
+    if check:
+        line += f"; whole model measured {check['measured_ms']:.1f} ms (prediction {check['error']:+.1%})"
+    return line
 
 
 def cmd_eval(args) -> None:

@@ -30,6 +30,10 @@ class AnalysisConfig:
     metric: str = opt("taylor", "salience metric used to choose heads / neurons", METRICS)
     max_length: int = opt(0, "tokens per sample (0: the model's default: 128 for classifiers, 256 for LMs)", min=0)
     seed: int = opt(0, "seed for the choice of calibration samples")
+    streamed: bool = opt(False, "layer-streamed analysis for models that do not fit with whole-model gradients: "
+                         "walks the blocks one at a time on cached calibration activations (Wanda/SparseGPT style), "
+                         "so peak memory is about one block plus activations; offers the forward-only metrics "
+                         "(cosine importance, magnitude_l1/l2, fluctuation)")
 
 
 @dataclass
@@ -54,6 +58,14 @@ class AllocationConfig:
                              NORMALIZATIONS)
     prune_attention: bool = opt(True, "prune attention heads (whole KV groups for GQA)")
     prune_mlp: bool = opt(True, "prune FFN neurons")
+    budget: str = opt("params", "what the budget counts: params (target = fraction of the block parameters removed), "
+                      "flops (target = fraction of the blocks' forward FLOPs per token removed) or latency (reach "
+                      "--speedup over dense as predicted by a per-layer cost model measured once on this device and "
+                      "cached; encoders: forward at 32 x 128, LMs: one decode step at batch 1 over a 32-token KV "
+                      "cache); S_L = S_base - A*Î_L still shapes the plan, S_base is found by bisection",
+                      ("params", "flops", "latency"))
+    speedup: float = opt(0.0, "predicted speed-up over dense to reach with --budget latency, e.g. 1.6 (0: unused)",
+                         min=0, max=1000)
 
 
 @dataclass

@@ -225,29 +225,79 @@ def metric_name(lm: LoadedModel) -> str:
     return {"classification": "accuracy", "causal-lm": "perplexity"}.get(lm.task, "")
 
 
+def even_split(total: int, n: int) -> list[int]:
+    """`total` units over `n` layers as evenly as integers allow (divmod): the first
+    total % n layers get one unit more, e.g. 78 over 30 -> 18 layers of 3 and 12 of 2."""
+    q, r = divmod(int(total), n)
+    return [q + 1] * r + [q] * (n - r)
+
+
 def same_width_reference(lm: LoadedModel) -> LoadedModel:
-    """A dense model built from the config and given the pruned model's *average* widths in
-    every layer (uniform): the speed-up a pruned model can hope for. Random weights; for
-    timing only."""
+    """The same-width limit of a pruned model: a dense-structured model (built from the config,
+    same hidden size and depth) with exactly the pruned model's *total* attention units (KV
+    groups) and *total* FFN neurons, spread as evenly as integers allow (`even_split`). It has
+    the pruned widths, only evenly laid out, so its speed-up is what those widths allow; a
+    rounded mean width would not be (3 groups where the pruned model averages 2.6 is a limit
+    that cannot fail). Random weights; for timing only."""
     import copy
 
     from .surgery import reshape_to, widths
     ws = widths(lm.adapter, lm.model)
-    avg_g = max(1, round(sum(w["groups"] for w in ws) / len(ws)))
-    avg_n = max(1, round(sum(w["neurons"] for w in ws) / len(ws)))
+    groups = even_split(sum(w["groups"] for w in ws), len(ws))
+    neurons = even_split(sum(w["neurons"] for w in ws), len(ws))
     model = type(lm.model)(copy.deepcopy(lm.model.config)).to(lm.device).eval()
     dense_depth = len(lm.adapter.layers(model))
     assert dense_depth == len(ws), "reference must have the pruned depth"
-    reshape_to(lm.adapter, model, [{"groups": avg_g, "neurons": avg_n}] * len(ws))
+    reshape_to(lm.adapter, model, [{"groups": g, "neurons": n} for g, n in zip(groups, neurons)])
     return LoadedModel(model, lm.tokenizer, lm.task, lm.name + " (same-width dense)", lm.adapter, lm.device,
                        lm.default_data, lm.max_length)
 
 
-def speedup_report(dense_ms: float, lm: LoadedModel, batch_size: int = 32, seq_len: int = 128) -> dict:
-    """Measured speed-up of `lm` over dense, and over the same-width dense limit."""
-    pruned = latency(lm, batch_size, seq_len)["latency_ms"]
-    limit = latency(same_width_reference(lm), batch_size, seq_len)["latency_ms"]
-    return {"dense_ms": dense_ms, "pruned_ms": pruned, "same_width_ms": limit,
-            "speedup": dense_ms / pruned, "limit_speedup": dense_ms / limit,
-            "fraction_of_limit": (dense_ms / pruned) / (dense_ms / limit),
-            "batch_size": batch_size, "seq_len": seq_len}
+def interleaved_latency(models: dict[str, LoadedModel], batch_size: int = 32, seq_len: int = 128,
+                        repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """ms of one forward pass of every model, timed in turn (round r times every model once, as
+    compare_speed does), so a machine getting busier or quieter shifts them all alike."""
+    ids = {}
+    for name, lm in models.items():
+        lm.model.eval()
+        ids[name] = _random_ids(lm, batch_size, min(seq_len, lm.max_positions))  # [B, T]
+    for _ in range(warmup):
+        for name, lm in models.items():
+            _forward_once(lm, ids[name])
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, lm in models.items():
+            times[name].append(_forward_once(lm, ids[name]) * 1000)
+    return times
+
+
+def speedup_report(dense: LoadedModel | float, lm: LoadedModel, batch_size: int = 32, seq_len: int = 128,
+                   repeats: int = 5, warmup: int = 1) -> dict:
+    """Measured speed-up of `lm` over dense and over its same-width limit (`same_width_reference`),
+    dense, pruned and reference timed interleaved in one process. Per repeat r the fraction of
+    the limit is reference_r / pruned_r; the report gives its median and [min, max] spread. A
+    limit slower than dense (limit_speedup < 1) says the measurement is noise at these widths:
+    flagged `limit_is_noise` and no fraction is counted. `dense` may be a time in ms (older
+    callers): then it is not re-timed and its spread is that one value."""
+    ref = same_width_reference(lm)
+    models = {"pruned": lm, "reference": ref} if isinstance(dense, (int, float)) else \
+        {"dense": dense, "pruned": lm, "reference": ref}
+    times = interleaved_latency(models, batch_size, seq_len, repeats, warmup)
+    dense_times = times.get("dense") or [float(dense)] * repeats
+    med = {k: statistics.median(v) for k, v in (("dense", dense_times), ("pruned", times["pruned"]),
+                                                  ("reference", times["reference"]))}
+    fractions = [r / p for r, p in zip(times["reference"], times["pruned"])]
+    limit = med["dense"] / med["reference"]
+    noise = limit < 1
+    from .surgery import widths
+    ws = widths(ref.adapter, ref.model)
+    return {"dense_ms": med["dense"], "pruned_ms": med["pruned"], "same_width_ms": med["reference"],
+            "dense_ms_spread": [min(dense_times), max(dense_times)],
+            "pruned_ms_spread": [min(times["pruned"]), max(times["pruned"])],
+            "same_width_ms_spread": [min(times["reference"]), max(times["reference"])],
+            "speedup": med["dense"] / med["pruned"], "limit_speedup": limit,
+            "fraction_of_limit": None if noise else statistics.median(fractions),
+            "fraction_of_limit_spread": None if noise else [min(fractions), max(fractions)],
+            "limit_is_noise": noise,
+            "same_width_groups": [w["groups"] for w in ws], "same_width_neurons": [w["neurons"] for w in ws],
+            "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats}

@@ -2,7 +2,10 @@
 
 From dense to the target in K stages. Each stage: re-estimate importance on fresh
 calibration samples, re-allocate per-layer sparsity with the same A, physically remove the
-least salient units, recover, evaluate. `PruningRun.events()` is a generator yielding one
+least salient units, recover, evaluate. With AllocationConfig.budget "flops" or "latency" each
+stage's plan meets a FLOPs cut or a predicted speed-up instead of a parameter count (see
+explorer.latency): the cost model is built once, at the start, and stage k of K aims at
+k/K of the FLOPs cut, or at speedup ** (k/K). `PruningRun.events()` is a generator yielding one
 record per stage (and per recovery step) so the UI and the CLI can stream it; `stop()`
 cancels between steps and leaves the last completed model in place.
 """
@@ -104,6 +107,8 @@ class StageRecord:
     reconstruction: dict | None = None  # seconds, tokens, calibration error ratio, λ per projection
     speed: dict | None = None  # decode tokens/s, prefill ms (LMs) or latencies (encoders), weight MB
     latency_spread: float | None = None  # (max - min) / median of the latency repeats
+    cost: dict | None = None  # flops / latency budgets: the stage's goal and the prediction for its widths
+    predicted_speedup: float | None = None  # latency budget: the cost model's speed-up over dense
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -124,7 +129,7 @@ class PruningRun:
     def __init__(self, lm: LoadedModel, data: TextData, analysis: AnalysisConfig | None = None,
                  allocation: AllocationConfig | None = None, prune: PruneConfig | None = None,
                  final_plan: Allocation | None = None, timing: bool = True, label: str = "",
-                 dense_eval: dict | None = None):
+                 dense_eval: dict | None = None, cost_model=None):
         self.lm, self.data = lm, data
         self.analysis = analysis or AnalysisConfig()
         self.allocation = allocation or AllocationConfig()
@@ -132,6 +137,9 @@ class PruningRun:
         self.final_plan = final_plan
         self.timing = timing
         self.dense_given = dense_eval  # the dense model measured before with the same settings (the app caches it)
+        self.cost_model = cost_model  # budget latency: a cost model to use instead of measuring one (tests, the app)
+        self.cost = None  # the budget's cost model (latency.CostModel or FlopsModel), built at the start of a run
+        self.reference: float | None = None  # its prediction for the model the run started from
         self.label = label or f"{self.allocation.mode} A={self.allocation.amplitude:g}"
         self.records: list[StageRecord] = []
         self.dense: dict = {}
@@ -181,6 +189,8 @@ class PruningRun:
         teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None
         original_structure = None
         try:
+            if self.allocation.budget != "params" and self.final_plan is None:
+                yield from self._prepare_budget()
             if cfg.layer_drop:
                 yield from self._drop_layers()
                 last_good = copy.deepcopy(lm.model)
@@ -195,9 +205,7 @@ class PruningRun:
                     alloc = interpolate_plan(self.final_plan, imp.params, original_structure, k / cfg.stages,
                                              self.allocation)
                 else:
-                    alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
-                                     replace(self.allocation, target=stage_target),
-                                     scores=imp.unit_scores())
+                    alloc = self._allocate(k, imp, stage_target)
                 phases, recon = yield from self._cut(k, imp, alloc, last_good)
                 losses: list[float] = []
                 for ev in self._recover(k, teacher, losses):
@@ -226,6 +234,43 @@ class PruningRun:
             return
         self.status = "done"
         yield {"type": "done", "seconds": time.perf_counter() - t_run}
+
+    def _prepare_budget(self) -> Iterator[dict]:
+        """Build the budget's cost model once, on the model the run starts from: a latency cost
+        model (measured on this device, or read from its cache) or the FLOPs model."""
+        from .latency import FlopsModel, cost_model, predict
+        lm, budget = self.lm, self.allocation.budget
+        if budget == "latency":
+            yield {"type": "cost_model", "status": "measuring"}
+            self.cost = self.cost_model or cost_model(lm)
+        else:
+            self.cost = FlopsModel.from_model(lm)
+        self.reference = predict(self.cost, widths(lm.adapter, lm.model))
+        yield {"type": "cost_model", "status": "ready", "budget": budget, "unit": self.cost.unit,
+               "reference": self.reference, **self._cost_brief()}
+
+    def _cost_brief(self) -> dict:
+        """How the latency cost model came about (for the event and the report)."""
+        c = self.cost
+        if c is None or not hasattr(c, "signature"):
+            return {}
+        return {"cached": getattr(c, "cached", False), "measured_at": getattr(c, "measured_at", ""),
+                "seconds": getattr(c, "seconds", 0.0), "check": getattr(c, "check", None),
+                "signature": c.signature, "fixed_ms": c.fixed, "grid": [c.groups, c.neurons]}
+
+    def _allocate(self, k: int, imp: Importance, stage_target: float) -> Allocation:
+        """The plan of stage k: the parameter schedule (stage_target), or the stage's share of the
+        FLOPs cut (target·k/K) or of the speed-up (speedup ** (k/K)) from the run's start."""
+        from .latency import allocate_flops, allocate_latency
+        cfg, K = self.allocation, self.prune.stages
+        norm, scores = imp.normalized_by(cfg.normalization), imp.unit_scores()
+        if cfg.budget == "latency":
+            return allocate_latency(norm, imp.params, cfg, self.cost, cfg.speedup ** (k / K), scores,
+                                    reference_ms=self.reference)
+        if cfg.budget == "flops":
+            return allocate_flops(norm, imp.params, cfg, self.cost, scores, reference=self.reference,
+                                  removed=cfg.target * k / K)
+        return allocate(norm, imp.params, replace(cfg, target=stage_target), scores=scores)
 
     def _trains(self) -> bool:
         return self.training != "none" and self.prune.recovery_steps > 0
@@ -279,10 +324,34 @@ class PruningRun:
     def _record(self, k, original, losses, seconds, alloc) -> StageRecord:
         ev = self._eval()
         q = {key: ev[key] for key in ("accuracy", "perplexity") if key in ev}
-        return StageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / original, q,
-                           ev.get("latency_ms"), ev["flops_per_token"], losses, seconds,
-                           widths(self.lm.adapter, self.lm.model), [l.sparsity for l in alloc.layers],
-                           speed=speed_brief(ev), latency_spread=ev.get("latency_spread"))
+        ws = widths(self.lm.adapter, self.lm.model)
+        rec = StageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / original, q,
+                          ev.get("latency_ms"), ev["flops_per_token"], losses, seconds,
+                          ws, [l.sparsity for l in alloc.layers],
+                          speed=speed_brief(ev), latency_spread=ev.get("latency_spread"))
+        if self.cost is not None:
+            from .latency import predict
+            predicted = predict(self.cost, ws)  # the widths the stage really has
+            rec.cost = {**(alloc.cost or {}), "predicted": predicted}
+            if self.allocation.budget == "latency":
+                rec.predicted_speedup = self.reference / predicted
+        return rec
+
+    def measured_speedup(self) -> dict:
+        """The final model's measured speed-ups over dense: forward latency (batch 32 x 128) and,
+        with speed figures, decode tokens/s at batch 1; `measured_speedup` is the one the latency
+        cost model predicts (decode for LMs, the forward otherwise), `measured_as` names it."""
+        d, f = self.dense, self.records[-1]
+        out = {}
+        if d.get("latency_ms") and f.latency_ms:
+            out["latency_speedup"] = d["latency_ms"] / f.latency_ms
+        dense_tps, tps = (d.get("speed") or {}).get("decode_tokens_per_s"), (f.speed or {}).get("decode_tokens_per_s")
+        if dense_tps and tps:
+            out["decode_speedup"] = tps / dense_tps
+        mode = getattr(self.cost, "signature", {}).get("mode", "forward")
+        key = "decode_speedup" if mode == "decode" else "latency_speedup"
+        out["measured_speedup"], out["measured_as"] = out.get(key), key
+        return out
 
     def run(self) -> dict:
         """Run to the end (no streaming) and return the report."""
@@ -298,10 +367,15 @@ class PruningRun:
                     "latency_ms": ev.get("latency_ms"), "latency_spread": ev.get("latency_spread"),
                     "flops_per_token": ev.get("flops_per_token"), **(speed_brief(ev) or {})}
         final = brief({**asdict(self.records[-1]), **self.records[-1].quality}) if self.records else brief(self.dense)
+        if self.records and self.records[-1].predicted_speedup is not None:
+            final.update(predicted_speedup=self.records[-1].predicted_speedup, **self.measured_speedup())
+        budget = {"budget": self.allocation.budget}
+        if self.cost is not None:
+            budget.update(unit=self.cost.unit, reference=self.reference, **self._cost_brief())
         return {"label": self.label, "model": self.lm.name, "data": self.data.name, "metric": m,
                 "eval_split": self.prune.eval_split,
                 "status": self.status, "error": self.error,
                 "config": {"analysis": asdict(self.analysis), "allocation": asdict(self.allocation),
                            "prune": asdict(self.prune)},
-                "dense": brief(self.dense), "final": final,
+                "dense": brief(self.dense), "final": final, "budget": budget,
                 "stages": [r.to_json() for r in self.records]}
