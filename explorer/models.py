@@ -327,6 +327,7 @@ def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict,
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
+    from .hidden import build_skeleton
     from .surgery import reshape_to
 
     config = AutoConfig.from_pretrained(str(path), **kw)
@@ -334,7 +335,8 @@ def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict,
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(f)))
     saved = next((v.dtype for v in state.values() if v.is_floating_point()), None)
-    model = cls.from_config(config, dtype=dtype or saved or torch.float32)
+    # a pruned hidden size: built at the dense size, where the config still gives the head size
+    model = build_skeleton(cls, config, adapter, plan.get("hidden"), dtype=dtype or saved or torch.float32)
     reshape_to(adapter, model, plan["layers"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -346,23 +348,45 @@ def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict,
     return model
 
 
+def _update_config(lm: LoadedModel) -> bool:
+    """The adapter's `update_config` (uniform widths into the config), undone where the result
+    fails transformers' config validation (a LLaMA whose new head count does not divide a pruned
+    hidden size): the plan file still rebuilds the widths then."""
+    from .hidden import config_valid
+
+    cfg = lm.model.config
+    before = cfg.to_dict()
+    if not lm.adapter.update_config(lm.model):
+        return False
+    if config_valid(cfg):
+        return True
+    after = cfg.to_dict()
+    for k, v in before.items():
+        if after.get(k) != v:
+            setattr(cfg, k, v)
+    return False
+
+
 def save_model(lm: LoadedModel, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Save weights (safetensors, in the model's dtype), config, tokenizer, the plan file and a
     model card (README.md). Written to a temporary directory first and renamed, so a saved model
     is never half-written."""
+    from .hidden import hidden_record, plain_loadable
     from .surgery import widths
 
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out.parent))
     try:
-        uniform_config = lm.adapter.update_config(lm.model)
+        uniform_config = _update_config(lm) and plain_loadable(lm)
+        hidden = hidden_record(lm)  # {"dense": H0, "size": h} once the hidden size is pruned
         lm.model.save_pretrained(str(tmp), safe_serialization=True)
         lm.tokenizer.save_pretrained(str(tmp))
         plan = {"format": 1, "base": lm.plan.get("base", lm.name), "task": lm.task,
                 "model_type": lm.model.config.model_type, "data": lm.default_data,
                 "loads_with_plain_from_pretrained": uniform_config,
-                "layers": widths(lm.adapter, lm.model), **(extra or {})}
+                "layers": widths(lm.adapter, lm.model), **({"hidden": hidden} if hidden else {}),
+                **(extra or {})}
         (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1, default=float))
         from .export import model_card
         (tmp / "README.md").write_text(model_card(lm, plan))
