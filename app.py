@@ -165,6 +165,12 @@ def allocation_tab(page, fresh: dict):
                                  "(our default); reference: clip only; uniform: S_L = S_base in every layer")
             page.split_in = radio(A, "split", "Attention / FFN split", "split-input")
             page.norm_in = radio(A, "normalization", "Layer normalisation", "normalization-input")
+        with gr.Row():
+            page.budget_in = radio(A, "budget", "Budget", "budget-input", info="params: S_base is the fraction of "
+                                   "block parameters removed; flops: of the blocks' FLOPs per token; latency: reach "
+                                   "the speed-up below, predicted by a cost model measured once on this device")
+            page.speedup_in = gr.Number(default_of(A, "speedup") or 1.6, minimum=1, maximum=100, label="Speed-up "
+                                        "(latency budget)", elem_id="speedup-input", info=help_of(A, "speedup"))
         with gr.Accordion("Limits and rounding", open=False):
             with gr.Row():
                 page.smax_in = slider(A, "max_sparsity", 0.5, 0.99, 0.01, "S_max")
@@ -268,8 +274,9 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
     UI plumbing is private."""
     private = {"api_visibility": "private"}
     quiet = {"concurrency_limit": None, "show_progress": "hidden", **private}  # redraws: instant, never queued
-    alloc_in = [page.target_in, page.amp_in, page.mode_in, page.smax_in, page.round_in, page.split_in,
-                page.norm_in]  # handlers take the normalisation after the request
+    alloc_six = [page.target_in, page.amp_in, page.mode_in, page.smax_in, page.round_in, page.split_in]
+    alloc_more = [page.norm_in, page.budget_in, page.speedup_in]  # handlers take these after the request
+    alloc_in = alloc_six + alloc_more
 
     demo.load(app.on_page_load, None, [page.summary, page.load_status], **private)
     page.load_btn.click(loading_status, page.model_in, page.load_status, show_progress="hidden", **private).then(
@@ -281,8 +288,10 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
     page.imp_stop_btn.click(app.on_stop, None, page.imp_status, **quiet)
     gr.api(app.analysis_json, api_name="analysis_json")
 
-    for comp in alloc_in[:-1]:
+    for comp in alloc_six + [page.speedup_in]:
         comp.change(app.on_allocation, alloc_in, outputs(page, AllocationOut), **quiet)
+    page.budget_in.change(app.on_allocation, alloc_in, outputs(page, AllocationOut), show_progress="minimal",
+                          **private)  # latency: the cost model may be measured first (half a minute)
     page.norm_in.change(app.on_normalization, alloc_in, outputs(page, NormalizationOut), **quiet)
     page.alloc_table.input(app.on_table_edit, [page.alloc_table, *alloc_in], outputs(page, AllocationOut), **quiet)
     page.reset_btn.click(app.on_reset_manual, alloc_in, outputs(page, AllocationOut), **quiet)
@@ -291,8 +300,8 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
 
     for trigger in (page.prune_tab.select, page.method_in.change):
         trigger(app.on_prune_plan, [page.method_in, *alloc_in], page.plan_md, show_progress="hidden", **private)
-    page.run_btn.click(app.on_run, [page.stages_in, page.recovery_in, page.steps_in, page.method_in, *alloc_in[:-1],
-                                    page.metric_in, page.samples_in, page.eval_in, page.timing_in, page.norm_in,
+    page.run_btn.click(app.on_run, [page.stages_in, page.recovery_in, page.steps_in, page.method_in, *alloc_six,
+                                    page.metric_in, page.samples_in, page.eval_in, page.timing_in, *alloc_more,
                                     *page.adv_in],
                        outputs(page, RunOut), show_progress="minimal", api_name="run")
     page.stop_btn.click(app.on_stop, None, page.run_status, concurrency_limit=None, show_progress="hidden",

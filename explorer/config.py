@@ -104,6 +104,10 @@ class PruneConfig:
     eval_phases: bool = opt(True, "also evaluate each stage right after the cut (and after reconstruction when "
                             "training follows), so the quality chart shows what each step buys")
     layer_drop: int = opt(0, "also remove this many whole blocks first (lowest cosine importance, ShortGPT style)", min=0)
+    prune_hidden: float = opt(0.0, "also remove this fraction of the residual (hidden) channels first, across the "
+                              "embeddings, every block's projections and norms and the head (Minitron's activation "
+                              "salience; LLaMA keeps a multiple of the head count); it counts towards the parameter "
+                              "budget, and the stages remove the rest", min=0, max=0.9)
     eval_samples: int = opt(0, "held-out examples for accuracy (0: all) / tokens for perplexity (0: 16384)", min=0)
     eval_split: str = opt("test", "split the stages are evaluated on: test for reported figures, val while tuning "
                           "a plan (the app uses val during runs and evaluates the final model on test on request)",

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
+import torch
+from torch import nn
 
 from .allocation import Allocation, allocate
 from .allocation import validate as validate_allocation
@@ -59,6 +61,20 @@ def apply_allocation(lm: LoadedModel, imp: Importance, alloc: Allocation, metric
     for lp, (keep_g, keep_n) in zip(alloc.layers, plan_keeps(imp, alloc, metric)):
         prune_block(lm.adapter, lm.model, lp.index, keep_g, keep_n)
     check_widths(lm, alloc)
+
+
+def cpu_snapshot(model: nn.Module) -> nn.Module:
+    """A copy of `model` in host memory, made without a second copy on the accelerator: each
+    parameter and buffer is copied straight to the CPU and the module tree deep-copied around
+    those host tensors (tied weights stay tied). On a CPU model it is a plain deep copy."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "cpu" and id(t) not in memo:
+            host = t.detach().to("cpu", copy=True)
+            memo[id(t)] = nn.Parameter(host, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else host
+    snap = copy.deepcopy(model, memo)
+    assert all(p.device.type == "cpu" for p in snap.parameters()), "the snapshot left a tensor on the device"
+    return snap
 
 
 def check_widths(lm: LoadedModel, alloc: Allocation) -> None:
@@ -143,6 +159,7 @@ class PruningRun:
         self.label = label or f"{self.allocation.mode} A={self.allocation.amplitude:g}"
         self.records: list[StageRecord] = []
         self.dense: dict = {}
+        self.hidden: dict | None = None  # prune_hidden: the residual channels before / after and what it cost
         self.status = "ready"
         self.error = ""
         self._stop = False
@@ -185,15 +202,21 @@ class PruningRun:
         original = lm.block_params
         self.dense = self._dense_eval()
         yield {"type": "dense", "eval": self.dense, "metric": metric_name(lm)}
-        last_good = copy.deepcopy(lm.model)
-        teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None
+        last_good = cpu_snapshot(lm.model)  # the model to fall back to: on the CPU, never a second copy on the device
+        teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None  # one teacher for the whole run
         original_structure = None
         try:
+            if cfg.prune_hidden:
+                if self.allocation.budget == "latency":
+                    raise ExplorerError("--prune-hidden with --budget latency is not supported: the cost model "
+                                        "is measured at the dense hidden size; use --budget params or flops")
+                yield from self._cut_hidden()
+                last_good = cpu_snapshot(lm.model)
             if self.allocation.budget != "params" and self.final_plan is None:
                 yield from self._prepare_budget()
             if cfg.layer_drop:
                 yield from self._drop_layers()
-                last_good = copy.deepcopy(lm.model)
+                last_good = cpu_snapshot(lm.model)
             for k in range(1, cfg.stages + 1):
                 t0 = time.perf_counter()
                 stage_target = stage_sparsity(original, lm.block_params, self.allocation.target, k, cfg.stages)
@@ -214,20 +237,20 @@ class PruningRun:
                 rec = self._record(k, original, losses, time.perf_counter() - t0, alloc)
                 rec.phases, rec.reconstruction = phases, recon
                 self.records.append(rec)
-                last_good = copy.deepcopy(lm.model)
+                last_good = cpu_snapshot(lm.model)
                 yield {"type": "stage", "record": rec}
         except Cancelled:
-            lm.model = last_good
+            lm.model = last_good.to(lm.device)
             self.status = "stopped"
             yield {"type": "stopped", "completed": len(self.records)}
             return
         except ExplorerError as e:
-            lm.model = last_good
+            lm.model = last_good.to(lm.device)
             self.status, self.error = "error", str(e)
             yield {"type": "error", "message": str(e), "completed": len(self.records)}
             return
         except Exception as e:  # an unexpected failure inside a stage: keep the last good model
-            lm.model = last_good
+            lm.model = last_good.to(lm.device)
             reason = OOM_HINT if is_oom(e) else f"{type(e).__name__}: {e}"
             self.status, self.error = "error", f"stage {len(self.records) + 1} failed: {reason}"
             yield {"type": "error", "message": self.error, "completed": len(self.records)}
@@ -293,7 +316,7 @@ class PruningRun:
                 yield phase("cut")
             if not self.reconstructs:
                 return phases, None
-            lm.model = copy.deepcopy(stage_start)
+            lm.model = copy.deepcopy(stage_start).to(lm.device)
         yield {"type": "reconstruct", "stage": k}
         texts, _ = (self.data.calibration(cfg.recon_samples, stage=k, seed=self.analysis.seed)
                     if cfg.recon_samples else self._calibration(k))
@@ -312,6 +335,18 @@ class PruningRun:
         for step, loss in recover_steps(self.lm, self.data, self.prune, stage, teacher, self._should_stop):
             losses.append(loss)
             yield {"type": "step", "stage": stage, "step": step, "loss": loss}
+
+    def _cut_hidden(self) -> Iterator[dict]:
+        """Remove the fraction prune_hidden of the residual channels first (Minitron's activation
+        salience on stage-0 calibration texts; explorer.hidden). Block parameters shrink with it, so
+        the stages' parameter budget counts it: the stages remove what is left to reach the target."""
+        from .hidden import prune_hidden_fraction
+        texts, _ = self._calibration(0)
+        rep = prune_hidden_fraction(self.lm, self.prune.prune_hidden, texts, round_to=self.allocation.round_to,
+                                    batch_size=self.analysis.batch_size, max_length=self.analysis.max_length or None)
+        self.hidden = {k: rep[k] for k in ("hidden_before", "hidden_after", "removed_fraction", "params_before",
+                                           "params_after", "removed_salience_share", "seconds")}
+        yield {"type": "hidden", **self.hidden}
 
     def _drop_layers(self) -> Iterator[dict]:
         texts, _ = self._calibration(0)
@@ -378,4 +413,5 @@ class PruningRun:
                 "config": {"analysis": asdict(self.analysis), "allocation": asdict(self.allocation),
                            "prune": asdict(self.prune)},
                 "dense": brief(self.dense), "final": final, "budget": budget,
+                **({"hidden": self.hidden} if self.hidden else {}),
                 "stages": [r.to_json() for r in self.records]}

@@ -8,6 +8,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -313,7 +314,7 @@ def test_advanced_settings_reach_the_run_and_its_label(ready):
     values[V.ADVANCED.index((PruneConfig, "seed"))] = 3
     values[V.ADVANCED.index((AllocationConfig, "prune_attention"))] = False
     outs = list(ready.on_run(1, "lora", 2, "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
-                             req("a"), "maxabs", *values))
+                             req("a"), "maxabs", "params", 0.0, *values))
     assert outs[-1][4].startswith("Done"), outs[-1][4]
     rep = ready.registry.get("a").history[-1]
     assert rep["config"]["prune"]["lora_rank"] == 4 and rep["config"]["prune"]["seed"] == 3
@@ -323,7 +324,7 @@ def test_advanced_settings_reach_the_run_and_its_label(ready):
     bad = list(values)
     bad[V.ADVANCED.index((PruneConfig, "lr"))] = "fast"
     out = list(ready.on_run(1, "lora", 2, "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
-                            req("a"), "maxabs", *bad))[-1]
+                            req("a"), "maxabs", "params", 0.0, *bad))[-1]
     assert out[4].startswith("⚠️") and "lr" in out[4]
 
 
@@ -387,3 +388,39 @@ def test_latency_spread_is_shown_and_flagged():
              "latency_spread": 0.6, "flops_per_token": 1e6, "last_loss": None, "seconds": None}]
     table = V.stage_table(rows, "accuracy", "val")
     assert table["latency spread"].tolist() == ["±30% ⚠ busy machine"]
+
+
+def _tiny_cost_model(lm):
+    """A synthetic latency cost model for the tiny model's shape (nothing is timed)."""
+    from explorer.latency import CostModel, monotone
+    b = lm.adapter.block(lm.model, 0)
+    g, n = np.meshgrid([1.0, b.attn.n_units], [1.0, b.mlp.n_units], indexing="ij")
+    raw = 1.0 + 0.5 * g + 0.02 * n  # (G, N) ms
+    sig = {"mode": "forward", "batch_size": 32, "seq_len": 128, "device": "cpu (test)"}
+    return CostModel(sig, [1, b.attn.n_units], [1, b.mlp.n_units], monotone(raw).tolist(), 0.5, raw.tolist(),
+                     measured_at="2026-12-02T00:00:00+00:00")
+
+
+def test_allocation_tab_budgets_flops_and_latency_with_predicted_speedup(ready):
+    """The budget selector: a FLOPs cut, and a latency goal met on the cost model's prediction, shown as
+    the sliders move; the run uses the app's cost model (measured once per model) and reports it."""
+    s = ready.registry.get("a")
+    flops = ready.on_allocation(*alloc_args(), req("a"), "maxabs", "flops", 0)
+    assert "Budget **flops**" in flops.alloc_md and "(70% of dense)" in flops.alloc_md, flops.alloc_md
+    assert "predicted speed-up" not in flops.alloc_md  # no cost model measured yet
+    s.loaded.costs["latency"] = cost = _tiny_cost_model(s.loaded.lm)
+    out = ready.on_allocation(*alloc_args(), req("a"), "maxabs", "latency", 1.5)
+    assert "Budget **latency**" in out.alloc_md and "latency cost model of this device" in out.alloc_md
+    assert s.allocation.budget == "latency" and s.allocation.cost["predicted_speedup"] >= 1.5
+    assert V.predicted_speedup(cost, s.allocation) == pytest.approx(s.allocation.cost["predicted_speedup"])
+    assert "predicted speed-up **×" in ready.on_allocation(*alloc_args(), req("a")).alloc_md  # shown for params too
+    assert "predicted speed-up is ×1.5" in ready.on_prune_plan("adaptive", *alloc_args(), req("a"), "maxabs",
+                                                                "latency", 1.5)
+    outs = list(ready.on_run(1, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"), "maxabs",
+                             "latency", 1.5))
+    assert outs[-1].run_status.startswith("Done"), outs[-1].run_status
+    rep = s.history[-1]
+    assert "×1.5 latency" in rep["label"] and rep["stages"][-1]["predicted_speedup"] >= 1.5 - 1e-9
+    assert s.loaded.costs["latency"] is cost  # not measured again
+    bad = ready.on_allocation(*alloc_args(), req("a"), "maxabs", "wall-clock", 2)
+    assert "budget must be one of params, flops, latency" in bad.alloc_md

@@ -251,7 +251,7 @@ def test_gradio_client_named_endpoints(server):
     assert c.predict(api_name="/plan_json")["error"].startswith("no plan yet")
     out = c.predict(MODEL, "auto", "(the model's default)", None, "text", "label", api_name="/load")
     assert out[1].startswith(f"Loaded `{MODEL}`") or f"Loaded {MODEL}" in out[1], out[1]
-    out = c.predict("taylor", 16, 8, 0.3, 0.05, "exact", 0.95, 1, "salience", "maxabs", api_name="/analyze")
+    out = c.predict("taylor", 16, 8, 0.3, 0.05, "exact", 0.95, 1, "salience", "maxabs", "params", 1.6, api_name="/analyze")
     assert "Importance from 16" in out[3]
     plan = c.predict(api_name="/plan_json")
     assert len(plan["layers"]) == 6 and abs(plan["removed_fraction"] - 0.3) < 0.02
@@ -261,5 +261,5 @@ def test_gradio_client_named_endpoints(server):
     analysis = c.predict(api_name="/analysis_json")
     assert len(analysis["layers"]) == 6 and analysis["model"] == MODEL
     outs = c.predict(1, "reconstruct", 0, "adaptive", 0.3, 0.05, "exact", 0.95, 1, "salience",
-                     "taylor", 16, 100, False, "maxabs", api_name="/run")
+                     "taylor", 16, 100, False, "maxabs", "params", 1.6, api_name="/run")
     assert outs[4].startswith("Done: 1 stage(s)"), outs[4]

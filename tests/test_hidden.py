@@ -335,3 +335,36 @@ def test_pruning_run_works_on_a_hidden_pruned_model():
     run.run()
     assert run.status == "done", run.error
     assert lm.model.config.hidden_size == 36
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_a_run_with_prune_hidden_counts_it_in_the_budget_and_reloads(name, tmp_path):
+    """--prune-hidden in the pipeline: channels go first, the stages remove the rest of the parameter
+    budget, the report says what the hidden cut did, and the saved model reloads with the same logits."""
+    from conftest import tiny_data, tiny_lm
+    from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig
+    from explorer.models import load_model, save_model
+    from explorer.pruning import PruningRun
+    lm = tiny_lm(name)
+    before = lm.model.config.hidden_size
+    run = PruningRun(lm, tiny_data(), AnalysisConfig(samples=8, batch_size=4), AllocationConfig(target=0.4),
+                     PruneConfig(stages=1, recovery="reconstruct", prune_hidden=0.25, eval_samples=16), timing=False)
+    rep = run.run()
+    assert rep["status"] == "done", rep.get("error")
+    assert rep["hidden"]["hidden_before"] == before > rep["hidden"]["hidden_after"] == lm.model.config.hidden_size
+    assert rep["stages"][-1]["removed_fraction"] == pytest.approx(0.4, abs=0.05)  # the total block budget
+    ids = lm.encode(["w5 w6 w7", "w8 w9"])
+    ids = {k: v for k, v in ids.items() if k != "labels"}
+    with torch.no_grad():
+        ref = lm.model(**ids).logits
+        back = load_model(str(save_model(lm, tmp_path / "m")))
+        assert torch.allclose(back.model(**ids).logits, ref, atol=1e-5)
+
+
+def test_cpu_snapshot_copies_to_host_and_keeps_ties():
+    from conftest import tiny_lm
+    from explorer.pruning import cpu_snapshot
+    lm = tiny_lm("llama")
+    snap = cpu_snapshot(lm.model)
+    assert snap is not lm.model and all(p.device.type == "cpu" for p in snap.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(snap.state_dict().values(), lm.model.state_dict().values()))

@@ -20,20 +20,20 @@ import gradio as gr
 import pandas as pd
 
 from explorer import plots
-from explorer.allocation import allocate
 from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig, default_of, validate
 from explorer.data import BUILTIN_DATA, load_data
 from explorer.errors import Cancelled, DataError, ExplorerError
 from explorer.evaluate import evaluate, metric_name, quality
 from explorer.export import export
 from explorer.importance import analyze
+from explorer.latency import cost_model
 from explorer.methods import make_run
 from explorer.models import load_model, save_model
 from explorer.pruning import PruningRun, check_pairing
 from explorer.sessions import KEEP_RUNS, Loaded, Session, SessionRegistry
 
 from .outputs import SKIP, AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut, NormalizationOut, RunOut
-from .views import (EDITABLE, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs,
+from .views import (EDITABLE, budget_plan, latency_note, predicted_speedup, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs,
                     allocation_config, allocation_table, empty_table, eta, eval_size, evaluation_note, export_stem,
                     fresh_views, layer_figure, message, model_summary, normalization_choice, number,
                     parse_manual, plan_flops, report_csv, report_rows, require_loaded, run_label, stage_table, task_defaults,
@@ -134,7 +134,8 @@ class ExplorerApp:
 
     # tab 2
     def on_importance(self, metric, samples, batch_size, target, amplitude, mode, max_sparsity, round_to, split,
-                      request: gr.Request, normalization="maxabs", progress=gr.Progress()):
+                      request: gr.Request, normalization="maxabs", budget="params", speedup=0.0,
+                      progress=gr.Progress()):
         """-> ImportanceOut: the three plots, the status, then the allocation they feed.
         (The normalisation comes after the request, so that callers passing the six allocation
         inputs positionally keep working; Gradio fills it from the seventh.)"""
@@ -163,41 +164,53 @@ class ExplorerApp:
                 "neuron salience": plots.neurons_heatmap(imp.neurons[metric], metric)}
         s.figures.update(figs)
         alloc = self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
-                                        normalization=normalization)
+                                        normalization=normalization, budget=budget, speedup=speedup)
         return ImportanceOut(*figs.values(), imp_status=(
             f"Importance from {imp.samples} calibration samples ({imp.tokens:,} tokens), metric `{metric}`, "
             f"in {imp.seconds:.1f} s. The Allocation tab now uses it."), **alloc._asdict())
 
     # tab 3
     def allocation_outputs(self, s: Session, target, amplitude, mode, max_sparsity, round_to, split, note: str = "",
-                           normalization="maxabs"):
+                           normalization="maxabs", budget="params", speedup=0.0):
         """-> AllocationOut: chart, table, summary. Pure numpy + plotly: well under 100 ms."""
         t0 = time.perf_counter()
         imp, loaded = s.importance, s.loaded
         if imp is None or loaded is None:
             return AllocationOut(plots.empty("Compute importance first (Importance tab)"), empty_table(),
                                  note or "Compute importance first (Importance tab).")
-        cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization)
+        cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization, budget, speedup)
         norm = imp.normalized_by(cfg.normalization)
         scores = imp.unit_scores()
-        alloc = allocate(norm, imp.params, cfg, manual=s.manual, scores=scores)
-        uniform = allocate(norm, imp.params, replace(cfg, mode="uniform"), scores=scores)
+        head_dim = loaded.lm.summary()["head_dim"]
+        latency = self.latency_model(loaded) if cfg.budget == "latency" else loaded.costs.get("latency")
+        manual = s.manual if cfg.budget == "params" else {}  # hand edits set parameters, not a speed
+        alloc = budget_plan(norm, imp.params, cfg, scores, manual, head_dim, latency)
+        uniform = budget_plan(norm, imp.params, replace(cfg, mode="uniform"), scores, {}, head_dim, latency)
         s.allocation = alloc
         hpg = [p["heads_per_group"] for p in imp.params]
-        head_dim = loaded.lm.summary()["head_dim"]
         f0, f1 = plan_flops(alloc, imp.params, head_dim)
         _, fu = plan_flops(uniform, imp.params, head_dim)
-        title = (f"S_base={cfg.target:.2f}, A={cfg.amplitude:.2f} ({cfg.mode}"
+        goal = {"params": f"S_base={cfg.target:.2f}", "flops": f"{cfg.target:.0%} of FLOPs",
+                "latency": f"×{cfg.speedup:g} predicted speed-up"}[cfg.budget]
+        title = (f"{goal}, A={cfg.amplitude:.2f} ({cfg.mode}"
                  + ("" if cfg.normalization == "maxabs" else f", {cfg.normalization} Î") + "): keeps "
                  f"{alloc.params_after / 1e6:.2f} of {alloc.params_before / 1e6:.2f} M block parameters")
         fig = plots.allocation_chart([l.sparsity for l in alloc.layers], [l.sparsity for l in uniform.layers],
-                                     cfg.target, [l.clipped for l in alloc.layers], [l.manual for l in alloc.layers],
+                                     alloc.target, [l.clipped for l in alloc.layers], [l.manual for l in alloc.layers],
                                      norm, title=title)
         s.figures["allocation"] = fig
-        lines = [f"**Adaptive**: keeps {alloc.params_after / 1e6:.2f} M of {alloc.params_before / 1e6:.2f} M block "
-                 f"parameters (removes {alloc.removed_fraction:.1%}), ≈ {f1 / 1e6:.1f} M FLOPs/token "
-                 f"({f1 / f0:.0%} of dense). **Uniform**: keeps {uniform.params_after / 1e6:.2f} M "
-                 f"(removes {uniform.removed_fraction:.1%}), ≈ {fu / 1e6:.1f} M FLOPs/token ({fu / f0:.0%})."]
+
+        def brief(a, f):
+            speed = f", predicted speed-up **×{predicted_speedup(latency, a):.2f}**" if latency else ""
+            return (f"keeps {a.params_after / 1e6:.2f} M of {a.params_before / 1e6:.2f} M block parameters (removes "
+                    f"{a.removed_fraction:.1%}), ≈ {f / 1e6:.1f} M FLOPs/token ({f / f0:.0%} of dense){speed}")
+        lines = [f"**Adaptive**: {brief(alloc, f1)}. **Uniform**: {brief(uniform, fu)}."]
+        if latency:
+            lines.append(latency_note(latency))
+        if cfg.budget != "params":
+            lines.append(f"Budget **{cfg.budget}**: S_base = {alloc.target:.3f} (found by bisection), then unit by unit"
+                         " to the goal" + (f"; the table's hand edits ({len(s.manual)}) apply to the params budget "
+                                           "only" if s.manual else "") + ".")
         if alloc.clipped_layers:
             lines.append(f"⚠️ **Clipped** at 0 or S_max = {cfg.max_sparsity:g}: layer(s) "
                          f"{', '.join(map(str, alloc.clipped_layers))}"
@@ -214,21 +227,30 @@ class ExplorerApp:
         lines.append(f"<small>computed in {(time.perf_counter() - t0) * 1000:.0f} ms</small>")
         return AllocationOut(fig, allocation_table(alloc, hpg), "\n\n".join(lines))
 
+    def latency_model(self, loaded: Loaded):
+        """The latency cost model of the loaded model on this device: read from the disk cache, or
+        measured once (about half a minute for MiniLM on 2 cores) and kept with the model."""
+        if "latency" not in loaded.costs:
+            with loaded.lock:  # the measurement times the model with its blocks taken out
+                loaded.costs["latency"] = cost_model(loaded.lm)
+        return loaded.costs["latency"]
+
     def on_allocation(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                      normalization="maxabs"):
+                      normalization="maxabs", budget="params", speedup=0.0):
         s = self.session(request)
         s.last_edit = None
         try:
             return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
-                                           normalization=normalization)
+                                           normalization=normalization, budget=budget, speedup=speedup)
         except Exception as e:
             return AllocationOut(alloc_md=warn(message(e)))
 
     def on_normalization(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                         normalization="maxabs"):
+                         normalization="maxabs", budget="params", speedup=0.0):
         """-> NormalizationOut: the layer-importance plot (Î by the chosen normalisation) and the allocation."""
         s = self.session(request)
-        out = self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization)
+        out = self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization,
+                                 budget, speedup)
         try:
             fig = layer_figure(s.importance, normalization_choice(normalization)) if s.importance else SKIP
         except Exception:  # the allocation outputs already say what is wrong
@@ -238,9 +260,9 @@ class ExplorerApp:
         return NormalizationOut(fig, **out._asdict())
 
     def on_table_edit(self, table, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                      normalization="maxabs"):
+                      normalization="maxabs", budget="params", speedup=0.0):
         s = self.session(request)
-        norm = {"normalization": normalization}
+        norm = {"normalization": normalization, "budget": budget, "speedup": speedup}
         if s.allocation is None:
             return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, **norm)
         edited = [str(v) for v in (table.iloc[:, EDITABLE] if isinstance(table, pd.DataFrame) else
@@ -258,14 +280,16 @@ class ExplorerApp:
                                            note=warn(message(e)), **norm)
 
     def on_reset_manual(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                        normalization="maxabs"):
+                        normalization="maxabs", budget="params", speedup=0.0):
         s = self.session(request)
         s.manual = {}
-        return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization)
+        return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization,
+                                  budget, speedup)
 
     # tab 4
     def on_run(self, stages, recovery, steps, method, target, amplitude, mode, max_sparsity, round_to, split,
-               metric, samples, eval_n, timing, request: gr.Request, normalization="maxabs", *advanced):
+               metric, samples, eval_n, timing, request: gr.Request, normalization="maxabs", budget="params",
+               speedup=0.0, *advanced):
         """Generator -> RunOut per event. The plan is the Allocation tab's (S_base, A, mode, split,
         normalisation; its table when layers were set by hand); `advanced`: the Advanced accordion's
         values, in the order of ADVANCED (defaults when absent)."""
@@ -281,15 +305,19 @@ class ExplorerApp:
                 analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric,
                                           **adv[AnalysisConfig])
                 alloc_cfg = replace(allocation_config(target, amplitude, mode, max_sparsity, round_to, split,
-                                                      normalization), **adv[AllocationConfig])
+                                                      normalization, budget, speedup), **adv[AllocationConfig])
                 final_plan = s.allocation if s.manual else None  # layers set by hand: prune to the table
                 method = method or "adaptive"
                 label = run_label(len(s.history) + 1, method, alloc_cfg, prune, adv, by_hand=sorted(s.manual))
                 with loaded.lock:  # the dense model (perhaps shared) stays intact for the next run
                     lm = copy.deepcopy(loaded.lm)
                 if method == "adaptive":  # the Allocation tab's mode decides (exact, reference or uniform)
+                    cost = self.latency_model(loaded) if alloc_cfg.budget == "latency" else None
                     run = PruningRun(lm, loaded.data, analysis, alloc_cfg, prune, final_plan=final_plan,
-                                     timing=bool(timing), label=label)
+                                     timing=bool(timing), label=label, cost_model=cost)
+                elif alloc_cfg.budget != "params":
+                    raise ExplorerError(f"the {alloc_cfg.budget} budget is for the adaptive method; {method} "
+                                        "budgets parameters: set the Allocation tab's budget to params")
                 else:
                     run = make_run(method, lm, loaded.data, analysis, alloc_cfg, prune, timing=bool(timing),
                                    label=label)
@@ -319,6 +347,11 @@ class ExplorerApp:
                 yield self._run_views(s, run, m)._replace(run_status=(
                     f"Dense model {'measurement reused' if cached else 'measured'}. Stage 1/{K}: estimating "
                     f"importance ({run.analysis.metric}, {run.analysis.samples} calibration samples)…"))
+            elif kind == "cost_model":
+                yield RunOut(run_status="Measuring the latency cost model on this device (once per model shape; "
+                                        "cached)…" if ev["status"] == "measuring" else
+                             f"Latency cost model ready ({ev['reference']:.1f} {ev['unit']} predicted for the "
+                             "start). Stage 1: estimating importance…")
             elif kind == "evaluating":
                 yield RunOut(run_status=f"{stage}: evaluating ({cost_note})…")
             elif kind == "analysis":
@@ -353,6 +386,10 @@ class ExplorerApp:
                     f"Stage {r.stage}/{K} done: {r.removed_fraction:.1%} of block parameters removed, {q}"
                     + ("." if r.stage == K else f". Stage {r.stage + 1}/{K}: estimating importance… "
                                                 f"({eta(per_stage * (K - r.stage))} left at this pace)")))
+            elif kind == "hidden":
+                yield RunOut(run_status=f"Hidden size {ev['hidden_before']} → {ev['hidden_after']} "
+                                        f"({ev['removed_fraction']:.1%} of the residual channels removed). Stage 1/{K}: "
+                                        "estimating importance…")
             elif kind == "layer_drop":
                 yield RunOut(run_status=f"Dropped blocks {ev['dropped']}.")
             elif kind == "trial":
@@ -419,11 +456,12 @@ class ExplorerApp:
 
     # tab 5
     def on_prune_plan(self, method, target, amplitude, mode, max_sparsity, round_to, split,
-                      request: gr.Request, normalization="maxabs") -> str:
+                      request: gr.Request, normalization="maxabs", budget="params", speedup=0.0) -> str:
         """-> the line above the Run button: the plan the run will use, which is the Allocation tab's."""
         s = self.session(request)
         try:
-            cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization)
+            cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization, budget,
+                                    speedup)
         except ExplorerError as e:
             return warn(message(e))
         if s.manual:
@@ -434,6 +472,10 @@ class ExplorerApp:
         else:
             what = (f"adaptive, S_L = S_base − A·Î_L with S_base = {cfg.target:g}, A = {cfg.amplitude:g}, "
                     f"{cfg.mode} mode, Î_L normalised by {cfg.normalization}")
+        if cfg.budget == "latency":
+            what += f"; S_base chosen so that the predicted speed-up is ×{cfg.speedup:g} (latency budget)"
+        elif cfg.budget == "flops":
+            what += f"; S_base chosen so that {cfg.target:.0%} of the blocks' FLOPs go (FLOPs budget)"
         return (f"**Plan** (from the Allocation tab): {what}; {cfg.split} split, S_max {cfg.max_sparsity:g}"
                 + (f", neurons rounded to multiples of {cfg.round_to}" if cfg.round_to > 1 else "")
                 + ("" if method == "adaptive" else f"; method **{method}**") + ".")
@@ -537,13 +579,15 @@ class ExplorerApp:
                       round_to: int = default_of(AllocationConfig, "round_to"),
                       split: str = default_of(AllocationConfig, "split"),
                       normalization: str = default_of(AllocationConfig, "normalization"),
+                      budget: str = default_of(AllocationConfig, "budget"),
+                      speedup: float = default_of(AllocationConfig, "speedup"),
                       request: gr.Request = None) -> dict:
         """The plan for these Allocation settings (it becomes the session's plan, as moving the sliders
         does), as JSON; hand edits of the table stay."""
         s = self.session(request)
         try:
             out = self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
-                                          normalization=normalization)
+                                          normalization=normalization, budget=budget, speedup=speedup)
         except ExplorerError as e:
             return {"error": str(e)}
         if s.importance is None:

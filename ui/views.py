@@ -13,10 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from explorer import plots
-from explorer.allocation import Allocation
+from explorer.allocation import Allocation, allocate
 from explorer.config import LABEL_FREE_METRICS, AllocationConfig, AnalysisConfig, PruneConfig, choices_of, split_recovery
 from explorer.errors import OOM_HINT, ExplorerError, is_oom
 from explorer.generate import classify, generate
+from explorer.latency import FlopsModel, allocate_flops, allocate_latency, predict
 from explorer.pruning import PruningRun
 from explorer.sessions import Loaded, Session
 
@@ -29,7 +30,7 @@ MODEL_DEFAULT_DATA = "(the model's default)"
 # Config fields the tabs do not show: the Prune tab's "Advanced" accordion is generated from their metadata,
 # so a new field appears there without UI code. (class, field name) in the order of on_run's *advanced.
 SHOWN = {"stages", "recovery", "recovery_steps", "eval_samples", "eval_split", "samples", "metric", "target", "amplitude", "mode",
-         "max_sparsity", "round_to", "split", "normalization", "batch_size"}
+         "max_sparsity", "round_to", "split", "normalization", "batch_size", "budget", "speedup"}
 ADVANCED = [(cls, f.name) for cls in (PruneConfig, AnalysisConfig, AllocationConfig) for f in fields(cls)
             if f.name not in SHOWN]
 EXPORT_ZIP = "pruned model (safetensors, zip)"
@@ -105,6 +106,33 @@ def plan_flops(alloc: Allocation, structure: list[dict], head_dim: int, seq_len:
         before += 2 * lp.params_before + 4 * seq_len * lp.groups * hpg * head_dim
         after += 2 * lp.params_after + 4 * seq_len * lp.keep_groups * hpg * head_dim
     return before, after
+
+
+def budget_plan(norm, structure: list[dict], cfg: AllocationConfig, scores, manual: dict, head_dim: int,
+                latency=None) -> Allocation:
+    """The plan for the Allocation tab's settings under its budget: parameters (with the table's hand
+    edits), a FLOPs cut, or a predicted speed-up (`latency`: the cost model)."""
+    if cfg.budget == "latency":
+        return allocate_latency(norm, structure, cfg, latency, cfg.speedup, scores)
+    if cfg.budget == "flops":
+        return allocate_flops(norm, structure, cfg, FlopsModel.from_structure(structure[0], head_dim), scores)
+    return allocate(norm, structure, cfg, manual=manual, scores=scores)
+
+
+def predicted_speedup(cost, alloc: Allocation) -> float:
+    """The cost model's speed-up of a plan over the full-width structure it was made for."""
+    full = predict(cost, [(lp.groups, lp.neurons) for lp in alloc.layers])
+    return full / predict(cost, [(lp.keep_groups, lp.keep_neurons) for lp in alloc.layers])
+
+
+def latency_note(cost) -> str:
+    """Where the predicted speed-ups come from, and how far to trust them."""
+    sig, check = cost.signature, getattr(cost, "check", None) or {}
+    what = (f"one decode step at batch {sig['batch_size']} over {sig['seq_len']} cached tokens"
+            if sig["mode"] == "decode" else f"a forward pass at {sig['batch_size']} × {sig['seq_len']}")
+    err = f"; the whole dense model measured {check['error']:+.0%} off its prediction" if "error" in check else ""
+    return (f"<small>Predicted speed-ups: the latency cost model of this device ({what}, {sig['device']}, measured "
+            f"{cost.measured_at}{err}). Measured speed-ups are in the Prune tab's stage table.</small>")
 
 
 def allocation_table(alloc: Allocation, heads_per_group: list[int]) -> pd.DataFrame:
@@ -268,7 +296,9 @@ def run_label(number: int, method: str, alloc: AllocationConfig, prune: PruneCon
         desc += f", {alloc.split} split"
     steps = f" {prune.recovery_steps} steps" if split_recovery(prune.recovery)[1] != "none" else ""
     rest = {cls: {k: v for k, v in vals.items() if k != "seed" or cls is not PruneConfig} for cls, vals in adv.items()}
-    return (f"#{number} {desc}, S={alloc.target:g}, K={prune.stages}, {prune.recovery}{steps}, seed {prune.seed}"
+    budget = {"params": f"S={alloc.target:g}", "flops": f"S={alloc.target:g} of FLOPs",
+              "latency": f"×{alloc.speedup:g} latency"}[alloc.budget]
+    return (f"#{number} {desc}, {budget}, K={prune.stages}, {prune.recovery}{steps}, seed {prune.seed}"
             + non_default(rest))
 
 
@@ -298,13 +328,18 @@ def evaluation_note(run: PruningRun) -> str:
     return f"{what}, latency 32 × 128, {speed} × {run.prune.speed_repeats}"
 
 
-def allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization="maxabs") -> AllocationConfig:
+def allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization="maxabs",
+                      budget="params", speedup=0.0) -> AllocationConfig:
     """The Allocation tab's controls (the same six inputs on every event that uses them, then the
-    layer normalisation, which handlers take after the request)."""
+    layer normalisation, the budget and the speed-up, which handlers take after the request)."""
+    budgets = choices_of(AllocationConfig, "budget")
+    if (budget or "params") not in budgets:
+        raise ExplorerError(f"budget must be one of {', '.join(budgets)}, got '{budget}'")
     return AllocationConfig(target=number(target, "target sparsity S_base"), amplitude=number(amplitude, "A"),
                             mode=mode, max_sparsity=number(max_sparsity, "S_max"),
                             round_to=number(round_to or 1, "round to", int), split=split or "salience",
-                            normalization=normalization_choice(normalization))
+                            normalization=normalization_choice(normalization), budget=budget or "params",
+                            speedup=number(speedup, "speed-up"))
 
 
 def normalization_choice(value) -> str:

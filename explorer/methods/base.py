@@ -26,7 +26,7 @@ from ..errors import Cancelled, ExplorerError
 from ..evaluate import batched_logits, metric_name, perplexity
 from ..importance import Importance, analyze
 from ..models import LoadedModel
-from ..pruning import PruningRun, StageRecord, apply_allocation, speed_brief, stage_sparsity
+from ..pruning import PruningRun, StageRecord, apply_allocation, cpu_snapshot, speed_brief, stage_sparsity
 from ..recovery import recover_steps
 from ..surgery import widths
 
@@ -98,11 +98,11 @@ class MethodRun(PruningRun):
         self._last_good = self._snapshot()
 
     def _snapshot(self):
-        return copy.deepcopy(self.lm.model)
+        return cpu_snapshot(self.lm.model)  # host memory: never a second model on the accelerator
 
     def _restore(self) -> None:
         if self._last_good is not None:
-            self.lm.model = self._last_good
+            self.lm.model = self._last_good.to(self.lm.device)
 
     def _cleanup(self) -> None:
         """Remove hooks and the like (called after the body, whatever happened)."""
