@@ -60,6 +60,7 @@ class Loaded:
     dense_eval: dict
     dense_runs: dict = field(default_factory=dict)  # PruningRun.dense_settings() -> the dense model's evaluation
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    costs: dict = field(default_factory=dict)  # "latency" -> the model's latency cost model on this device
 
 
 @dataclass
