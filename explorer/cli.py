@@ -36,7 +36,7 @@ def _load(args, need_data: bool = True):
     from .models import load_model
     from .pruning import check_pairing
     lm = load_model(args.model, task=args.task, device=args.device, trust_remote_code=args.trust_remote_code,
-                    allow_pickle=args.allow_pickle, dtype=args.dtype)
+                    allow_pickle=args.allow_pickle, dtype=args.dtype, device_map=args.device_map)
     if not need_data:
         return lm, None
     data_name = args.data or lm.default_data
@@ -62,6 +62,9 @@ def _add_model_args(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' precision (auto: bfloat16 on CUDA, float32 on the CPU; GGUF files are dequantised)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="spread a model that does not fit one device over the GPUs and the CPU with accelerate "
+                        "(plain Hugging Face checkpoints only); the default: one device (--device)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (unsafe)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle-based .bin weights (unsafe for untrusted files)")
 

@@ -168,8 +168,11 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
 def load_model(name_or_path: str, *, task: str | None = None, device: str = "auto",
                dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
                allow_pickle: bool = False, allow_local: bool = True, num_labels: int | None = None,
-               max_length: int | None = None) -> LoadedModel:
-    """Load a built-in name, a saved explorer directory, a local HF directory or a hub id."""
+               max_length: int | None = None, device_map: str | dict | None = None) -> LoadedModel:
+    """Load a built-in name, a saved explorer directory, a local HF directory or a hub id.
+    `device_map` ("auto", or a dict as accelerate takes it) spreads a model that does not fit one
+    device over the GPUs and the CPU with accelerate (big-model inference); the model then stays
+    where accelerate put it, and the explorer works on the device of its input embeddings."""
     from transformers import AutoConfig, AutoTokenizer
 
     name = (name_or_path or "").strip()
@@ -239,6 +242,11 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
     # transformers builds the model in the dtype (keeping what it keeps in float32, e.g. RoPE's
     # inv_freq); a later model.to(dtype) would round those buffers too
     as_dtype = {"dtype": dtype} if dtype is not None else {}
+    if device_map is not None:
+        if plan or gguf or (builtin and builtin.lora_adapter):
+            raise ModelError("device_map is for plain Hugging Face checkpoints (a hub id or a directory with "
+                             "config.json); built-in, GGUF and pruned explorer models load onto one device")
+        as_dtype["device_map"] = device_map
     try:
         if plan:
             model = _load_pruned(cls, Path(src), adapter, plan, kw, dtype)
@@ -262,7 +270,11 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
         model.config.pad_token_id = tok.pad_token_id
     if dtype is not None:
         cast_model(model, dtype)  # what the loader left in another dtype (a merged adapter's head, GGUF)
-    model = model.to(dev).eval()
+    if device_map is None:
+        model = model.to(dev).eval()
+    else:  # accelerate placed the weights (hf_device_map); inputs go where the embeddings are
+        model.eval()
+        dev = model.get_input_embeddings().weight.device
     if max_length is None:
         max_length = 128 if task != "causal-lm" else 256
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_length

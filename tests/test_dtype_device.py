@@ -490,3 +490,30 @@ def test_cuda_smollm2_bf16_pipeline(tmp_path):
     dense, ev = _cuda_pipeline(lm, data, tmp_path, BF16, target=0.2, n=8, eval_samples=2048, timing=True)
     # a sanity bound (20 % cut from 8 short calibration texts, two LoRA steps), not a quality claim
     assert ev["perplexity"] < 10 * dense["perplexity"], (dense["perplexity"], ev["perplexity"])
+
+
+def test_device_map_loading_through_accelerate_then_the_pipeline(tmp_path):
+    """device_map="auto" (accelerate's big-model placement; all on the CPU here, the only device): the
+    model loads where accelerate puts it, and analysis, a cut and evaluation run on it."""
+    pytest.importorskip("accelerate")
+    from conftest import tiny_data, tiny_lm
+    from explorer.allocation import allocate
+    from explorer.config import AllocationConfig, AnalysisConfig
+    from explorer.errors import ModelError
+    from explorer.evaluate import quality
+    from explorer.importance import analyze
+    from explorer.models import load_model
+    from explorer.pruning import apply_allocation
+    src = tiny_lm("llama")
+    src.model.save_pretrained(tmp_path / "plain")
+    src.tokenizer.save_pretrained(tmp_path / "plain")
+    lm = load_model(str(tmp_path / "plain"), device_map="auto", dtype="float32")
+    assert lm.device.type == "cpu" and all(p.device == lm.device for p in lm.model.parameters())
+    data = tiny_data()
+    texts, labels = data.calibration(8, stage=0)
+    imp = analyze(lm, texts, labels, AnalysisConfig(samples=8, batch_size=4))
+    alloc = allocate(imp.normalized_by("maxabs"), imp.params, AllocationConfig(target=0.3), scores=imp.unit_scores())
+    apply_allocation(lm, imp, alloc)
+    assert lm.block_params < src.block_params and quality(lm, data, 32, "val")["perplexity"] > 0
+    with pytest.raises(ModelError, match="device_map is for plain"):
+        load_model("smollm2-135m", device_map="auto")
