@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-test run test test-fast bench clean
+.PHONY: setup setup-test run test test-fast bench bench-bigmodel clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ test-fast: setup-test
 
 bench: setup-test
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-bigmodel: setup-test
+	$(PY) -m bench.bigmodel $(BIGMODEL_ARGS)
 
 clean:
 	rm -rf .venv

@@ -392,6 +392,10 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
     grads_ok = lm.task == "causal-lm" or (lm.task == "classification" and labels is not None)
     if cfg.metric not in METRICS:
         raise ExplorerError(f"unknown metric '{cfg.metric}': use one of {', '.join(METRICS)}")
+    if cfg.streamed:  # block by block on cached activations, forward-only metrics (explorer.stream)
+        from .stream import analyze_streamed, check_streamed_metrics
+        check_streamed_metrics(cfg.metric, metrics)
+        return analyze_streamed(lm, texts, labels, cfg, progress=progress, should_stop=should_stop)
     if cfg.metric not in LABEL_FREE_METRICS and not grads_ok:
         raise ExplorerError(f"metric '{cfg.metric}' needs gradients, which need a task head and labels; "
                             f"this {lm.task} model/data only supports {', '.join(LABEL_FREE_METRICS)} (and cosine)")
