@@ -465,6 +465,13 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
             p.grad = None
         model.train(was_training)
 
+    return collect(rec, blocks, metrics, cfg.metric, len(texts), t0, batch_size, gsum, fisher)
+
+
+def collect(rec: "_Recorder", blocks, metrics, metric: str, samples: int, t0: float, batch_size: int,
+            gsum: dict | None = None, fisher: dict | None = None) -> Importance:
+    """A finished pass's totals -> Importance: cosine importance per layer and every metric's
+    salience per head / KV group / neuron (whole-model `analyze` and `stream.analyze_streamed`)."""
     tokens = rec.tokens  # the pass's one host synchronisation for the totals: everything moves now
     cos = rec.layer_cos() / max(tokens, 1)
     heads: dict[str, list] = {m: [] for m in metrics}
@@ -478,7 +485,8 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
                            "heads_per_group": b.heads_per_group, "n_neurons": b.mlp.n_units})
             for g in (b.attn, b.mlp):
                 qpk = b.heads_per_group if g.kind == "attention" else 1
-                scores = _unit_scores(g, qpk, metrics, gsum, fisher[(b.index, g.kind)],
+                scores = _unit_scores(g, qpk, metrics, gsum if gsum is not None else {},
+                                      fisher[(b.index, g.kind)] if fisher is not None else None,
                                       rec.act.get((b.index, g.kind), {}))
                 for m, (ph, pg) in scores.items():  # CPU float64 tensors
                     if g.kind == "attention":
@@ -486,8 +494,8 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
                         groups[m].append(pg.numpy())
                     else:
                         neurons[m].append(pg.numpy())
-    return Importance(-cos[:, 0], -cos[:, 1], -cos[:, 2], groups, heads, neurons, cfg.metric,
-                      samples=len(texts), tokens=tokens, seconds=time.perf_counter() - t0, params=params,
+    return Importance(-cos[:, 0], -cos[:, 1], -cos[:, 2], groups, heads, neurons, metric,
+                      samples=samples, tokens=tokens, seconds=time.perf_counter() - t0, params=params,
                       batch_size=batch_size)
 
 

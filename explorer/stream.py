@@ -8,7 +8,7 @@ autograd graph: peak memory is the weights, the activation cache and one block's
 on one batch.
 
 The scores are the forward-only ones, computed exactly as `importance.analyze` defines them
-(the same `_Recorder` hooks and `_unit_scores` reductions, so the numbers agree to float32
+(the same `_Recorder` hooks and `collect` reductions, so the numbers agree to float32
 rounding): cosine layer importance (block, attention, MLP), magnitude_l1, magnitude_l2 and
 fluctuation (FLAP, activation-based). The gradient metrics (taylor, fisher, act_grad, apt,
 taylor_vector) need the whole model's backward: whole-model `analyze()` offers them where the
@@ -26,7 +26,7 @@ import torch
 
 from .config import LABEL_FREE_METRICS, AnalysisConfig
 from .errors import Cancelled, ExplorerError
-from .importance import MAX_LM_BATCH_TOKENS, Importance, _Recorder, _unit_scores
+from .importance import MAX_LM_BATCH_TOKENS, Importance, _Recorder, collect
 from .models import LoadedModel
 from .reconstruct import _first, capture_inputs
 
@@ -89,29 +89,7 @@ def analyze_streamed(lm: LoadedModel, texts: list[str], labels: list[int] | None
         rec.close()
         model.train(was_training)
 
-    tokens = rec.tokens  # one host synchronisation; the totals move to the CPU now
-    cos = rec.layer_cos() / max(tokens, 1)
-    heads: dict[str, list] = {m: [] for m in metrics}
-    groups: dict[str, list] = {m: [] for m in metrics}
-    neurons: dict[str, list] = {m: [] for m in metrics}
-    params = []
-    with torch.no_grad():
-        for b in blocks:
-            params.append({"group_params": b.attn.params_per_unit, "neuron_params": b.mlp.params_per_unit,
-                           "block_params": b.params, "groups": b.attn.n_units,
-                           "heads_per_group": b.heads_per_group, "n_neurons": b.mlp.n_units})
-            for g in (b.attn, b.mlp):
-                qpk = b.heads_per_group if g.kind == "attention" else 1
-                scores = _unit_scores(g, qpk, metrics, {}, None, rec.act.get((b.index, g.kind), {}))
-                for m, (ph, pg) in scores.items():
-                    if g.kind == "attention":
-                        heads[m].append(ph.numpy())
-                        groups[m].append(pg.numpy())
-                    else:
-                        neurons[m].append(pg.numpy())
-    return Importance(-cos[:, 0], -cos[:, 1], -cos[:, 2], groups, heads, neurons, cfg.metric,
-                      samples=len(texts), tokens=tokens, seconds=time.perf_counter() - t0, params=params,
-                      batch_size=cfg.batch_size)
+    return collect(rec, blocks, metrics, cfg.metric, len(texts), t0, cfg.batch_size)
 
 
 # --- the memory formula ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ apart:
 """
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import Any, NamedTuple
 
 SKIP: Any = {"__type__": "update"}  # what gr.skip() returns: leave the component as it is
@@ -22,23 +23,21 @@ class AllocationOut(NamedTuple):
     alloc_md: Any = SKIP
 
 
-class NormalizationOut(NamedTuple):
-    """A new layer normalisation redraws the layer plot (Importance tab) and the allocation."""
-    layer_plot: Any = SKIP
-    alloc_plot: Any = SKIP
-    alloc_table: Any = SKIP
-    alloc_md: Any = SKIP
+def combined(name: str, doc: str, *parts) -> type:
+    """A named tuple whose fields are `parts` in order (field names, or other tuples' fields), each
+    SKIP by default: for a handler that changes several tabs at once."""
+    names = [f for p in parts for f in (p._fields if hasattr(p, "_fields") else (p,))]
+    assert len(names) == len(set(names)), f"{name}: a component appears twice"
+    cls = namedtuple(name, names, defaults=[SKIP] * len(names))
+    cls.__doc__ = doc
+    return cls
 
 
-class ImportanceOut(NamedTuple):
-    """Compute importance: the Importance tab's plots and status, then the allocation it feeds."""
-    layer_plot: Any = SKIP
-    heads_plot: Any = SKIP
-    neurons_plot: Any = SKIP
-    imp_status: Any = SKIP
-    alloc_plot: Any = SKIP
-    alloc_table: Any = SKIP
-    alloc_md: Any = SKIP
+NormalizationOut = combined("NormalizationOut", "A new layer normalisation redraws the layer plot (Importance "
+                            "tab) and the allocation.", "layer_plot", AllocationOut)
+ImportanceOut = combined("ImportanceOut", "Compute importance: the Importance tab's plots and status, then the "
+                         "allocation they feed.", "layer_plot", "heads_plot", "neurons_plot", "imp_status",
+                         AllocationOut)
 
 
 class RunOut(NamedTuple):
@@ -52,27 +51,9 @@ class RunOut(NamedTuple):
     pareto_plot: Any = SKIP
 
 
-class LoadOut(NamedTuple):
-    """A Load: the model tab, the task's defaults, and fresh contents for everything that depended
-    on the previous model (see `views.fresh_views`)."""
-    summary: Any = SKIP
-    load_status: Any = SKIP
-    metric_in: Any = SKIP
-    recovery_in: Any = SKIP
-    layer_plot: Any = SKIP
-    heads_plot: Any = SKIP
-    neurons_plot: Any = SKIP
-    imp_status: Any = SKIP
-    alloc_plot: Any = SKIP
-    alloc_table: Any = SKIP
-    alloc_md: Any = SKIP
-    quality_plot: Any = SKIP
-    loss_plot: Any = SKIP
-    cost_plot: Any = SKIP
-    stages_table: Any = SKIP
-    run_status: Any = SKIP
-    history_plot: Any = SKIP
-    pareto_plot: Any = SKIP
+LoadOut = combined("LoadOut", "A Load: the model tab, the task's defaults, and fresh contents for everything "
+                   "that depended on the previous model (see `views.fresh_views`).",
+                   "summary", "load_status", "metric_in", "recovery_in", ImportanceOut, RunOut)
 
 
 class ExportOut(NamedTuple):
