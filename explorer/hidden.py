@@ -375,11 +375,7 @@ def hidden_salience(lm, texts: list[str], batch_size: int = 8, max_length: int |
     model.eval()
     tokens = 0.0
     try:
-        for start in range(0, len(texts), batch_size):
-            batch = lm.encode(texts[start:start + batch_size], max_length=max_length)
-            batch.pop("labels", None)
-            if lm.task == "causal-lm":
-                batch["use_cache"] = False
+        for _, batch in lm.forward_batches(texts, batch_size, max_length):
             mask = batch["attention_mask"].to(device=dev, dtype=torch.float32)
             mask_now[:] = [mask]
             tokens += float(mask.sum())

@@ -124,6 +124,16 @@ class LoadedModel:
             batch["labels"] = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
         return batch
 
+    def forward_batches(self, texts: list[str], batch_size: int, max_length: int | None = None):
+        """(start index, model inputs) per batch of `texts` for a forward pass that computes no
+        loss and keeps no KV cache (calibration passes: reconstruction, hidden salience)."""
+        for start in range(0, len(texts), batch_size):
+            batch = self.encode(texts[start:start + batch_size], max_length=max_length)
+            batch.pop("labels", None)
+            if self.task == "causal-lm":
+                batch["use_cache"] = False
+            yield start, batch
+
     def summary(self) -> dict:
         blocks = self.adapter.blocks(self.model)
         b0 = blocks[0]

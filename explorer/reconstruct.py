@@ -208,11 +208,7 @@ def capture_inputs(lm: LoadedModel, texts: list[str], batch_size: int, max_lengt
     inp = BlockInputs([], [], [], [])
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for start in range(0, len(texts), batch_size):
-            batch = lm.encode(texts[start:start + batch_size], max_length=max_length)
-            batch.pop("labels", None)
-            if lm.task == "causal-lm":
-                batch["use_cache"] = False
+        for start, batch in lm.forward_batches(texts, batch_size, max_length):
             try:
                 lm.model(**batch)
             except _Caught:
