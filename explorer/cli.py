@@ -11,7 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import (AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args, split_recovery,
+from .config import (METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args,
+                     option_fields, split_recovery,
                      validate)
 from .data import MAX_DATA_BYTES
 from .errors import OOM_HINT, ExplorerError, is_oom
@@ -153,6 +154,27 @@ def _progress(what: str):
     return cb
 
 
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of the methods' options dataclasses (explorer.config.METHOD_OPTIONS), default
+    None so that only what the user set reaches the method; a flag of another method is a message."""
+    from dataclasses import MISSING, fields
+    done = set()
+    for method, cls in METHOD_OPTIONS.items():
+        for f in fields(cls):
+            if f.name in done:
+                continue
+            done.add(f.name)
+            owners = ", ".join(option_fields()[f.name])
+            default = f.default if f.default is not MISSING else None
+            kw = {"default": None, "dest": f.name,
+                  "help": f"[{owners}] {f.metadata.get('help', '')} (default: {default})"}
+            if isinstance(default, bool):
+                parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+            else:
+                parser.add_argument("--" + f.name.replace("_", "-"), type=type(default),
+                                    choices=f.metadata.get("choices"), **kw)
+
+
 def cmd_prune(args) -> None:
     from tqdm import tqdm
 
@@ -174,8 +196,7 @@ def cmd_prune(args) -> None:
     validate(alloc)
     if alloc.budget != "params" and method not in ("adaptive", "uniform"):
         raise ExplorerError(f"--budget {alloc.budget} works with the adaptive and uniform methods, not '{method}'")
-    options = {k: getattr(args, k) for k in ("trials", "rounds", "pattern", "rewind_step")
-               if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in option_fields() if getattr(args, k, None) is not None}
     run = make_run(method, lm, data, analysis, alloc, prune, **options)
     total = prune.stages * (1 + max(prune.recovery_steps, 0) * (split_recovery(prune.recovery)[1] != "none"))
     bar = tqdm(total=total, desc="pruning", file=sys.stderr)
@@ -342,10 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="adaptive",
                    help="pruning method: adaptive (default), uniform, apt, adapruner, fusion, magnitude, wanda, "
                         "lottery, layer-drop, distill-baseline, lora-before, lora-after")
-    p.add_argument("--trials", type=int, default=None, help="adapruner: TPE trials")
-    p.add_argument("--rounds", type=int, default=None, help="lottery: pruning rounds")
-    p.add_argument("--rewind-step", type=int, default=None, help="lottery: rewind to this training step (0: start)")
-    p.add_argument("--pattern", default=None, choices=["none", "2:4"], help="magnitude/wanda: N:M pattern")
+    add_method_options(p)
     p.add_argument("--out", default=None, help="directory to save the pruned model")
     p.add_argument("--json", required=True, help="report file")
     p.set_defaults(func=cmd_prune)

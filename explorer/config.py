@@ -169,3 +169,47 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
 
 def from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+# --- the methods' own options (explorer.methods): one dataclass per method, CLI flags and UI controls ---
+# generated from them as from the configs above. They live here, not in explorer/methods, so that the
+# CLI can build its flags without importing torch.
+
+@dataclass
+class APTOptions:
+    mask_step: float = opt(0.01, "how far each soft mask moves toward 0 or 1 after every optimiser step",
+                           min=1e-6, max=1.0)
+    momentum: float = opt(0.9, "EMA momentum of the salience, s_t = m*s_(t-1) + (1-m)*s_new", min=0.0, max=0.999)
+
+
+@dataclass
+class AdaPrunerOptions:
+    trials: int = opt(12, "TPE trials", min=1)
+    subsets: int = opt(8, "disjoint calibration subsets to choose from", min=1)
+    search_amplitude: bool = opt(False, "also search the amplitude A in [0, amplitude_max]")
+    amplitude_max: float = opt(0.2, "the largest A searched", min=0.0, max=1.0)
+    val_samples: int = opt(0, "val examples (classifiers) / tokens (LMs) per trial (0: 256 / 4096)", min=0)
+
+
+@dataclass
+class UnstructuredOptions:
+    pattern: str = opt("none", "N:M semi-structured pattern, e.g. 2:4 (none: free masks per row)")
+
+
+@dataclass
+class LotteryOptions:
+    rounds: int = opt(0, "pruning rounds (0: the number of stages)", min=0)
+    rewind_step: int = opt(0, "rewind to the weights after this many training steps (0: the dense start)", min=0)
+
+
+METHOD_OPTIONS: dict[str, type] = {"apt": APTOptions, "adapruner": AdaPrunerOptions, "magnitude": UnstructuredOptions,
+                                   "wanda": UnstructuredOptions, "lottery": LotteryOptions}
+
+
+def option_fields() -> dict[str, list[str]]:
+    """Option field name -> the methods that have it (the CLI makes one flag per name)."""
+    out: dict[str, list[str]] = {}
+    for method, cls in METHOD_OPTIONS.items():
+        for f in fields(cls):
+            out.setdefault(f.name, []).append(method)
+    return out

@@ -8,10 +8,10 @@ so that all of them stream into the same charts and run history.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
-from ..config import AllocationConfig, AnalysisConfig, PruneConfig
+from ..config import METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PruneConfig, validate
 from ..data import TextData
 from ..errors import ExplorerError
 from ..models import LoadedModel
@@ -22,23 +22,22 @@ from ..pruning import PruningRun
 class Method:
     name: str
     description: str
-    factory: Callable  # (lm, data, analysis, allocation, prune, **options) -> run
+    factory: Callable  # (lm, data, analysis, allocation, prune, opts, **RUN_OPTIONS) -> run
     structural: bool = True  # physically smaller weights (False: masks only)
 
 
-def _adaptive(lm, data, analysis, allocation, prune, **options):
+RUN_OPTIONS = ("label", "timing", "final_plan")  # what every run takes besides the method's own options
+
+
+def _adaptive(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
     mode = allocation.mode if allocation.mode != "uniform" else "exact"
     return PruningRun(lm, data, analysis, replace(allocation, mode=mode), prune,
-                      label=options.get("label") or f"adaptive A={allocation.amplitude:g}", **_run_kw(options))
+                      label=label or f"adaptive A={allocation.amplitude:g}", **run_kw)
 
 
-def _uniform(lm, data, analysis, allocation, prune, **options):
+def _uniform(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
     return PruningRun(lm, data, analysis, replace(allocation, mode="uniform"), prune,
-                      label=options.get("label") or "uniform", **_run_kw(options))
-
-
-def _run_kw(options: dict) -> dict:
-    return {k: options[k] for k in ("timing", "final_plan") if k in options}
+                      label=label or "uniform", **run_kw)
 
 
 METHODS: dict[str, Method] = {
@@ -54,10 +53,31 @@ def register(method: Method) -> None:
 
 def make_run(name: str, lm: LoadedModel, data: TextData, analysis: AnalysisConfig | None = None,
              allocation: AllocationConfig | None = None, prune: PruneConfig | None = None, **options):
+    """options: RUN_OPTIONS (label, timing, final_plan) and the fields of the method's options
+    dataclass by name (e.g. trials=50 for adapruner); anything else is a message."""
     if name not in METHODS:
         raise ExplorerError(f"unknown method '{name}': use one of {', '.join(METHODS)}")
+    run_kw = {k: options.pop(k) for k in RUN_OPTIONS if k in options}
     return METHODS[name].factory(lm, data, analysis or AnalysisConfig(), allocation or AllocationConfig(),
-                                 prune or PruneConfig(), **options)
+                                 prune or PruneConfig(), method_options(name, options), **run_kw)
+
+
+def method_options(name: str, values: dict | None = None):
+    """The options dataclass of method `name` filled from `values` (field -> value; None keeps
+    the default), checked against its fields' choices / min / max. None for a method without options."""
+    cls = METHOD_OPTIONS.get(name)  # explorer.config: the methods' options dataclasses
+    values = {k: v for k, v in (values or {}).items() if v is not None}
+    known = [f.name for f in fields(cls)] if cls else []
+    bad = sorted(set(values) - set(known))
+    if bad:
+        flags = ", ".join("--" + b.replace("_", "-") for b in bad)
+        has = f"its options are {', '.join('--' + k.replace('_', '-') for k in known)}" if known else "it has none"
+        raise ExplorerError(f"{flags}: not an option of method '{name}' ({has})")
+    if cls is None:
+        return None
+    opts = cls(**values)
+    validate(opts)
+    return opts
 
 
 # --- the other methods: one file each ---------------------------------------------------------

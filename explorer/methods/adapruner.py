@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Callable, Iterator
 
 from ..allocation import allocate
+from ..config import AdaPrunerOptions
 from ..errors import Cancelled, ExplorerError
 from ..pruning import plan_keeps
 from .base import MethodRun, mixed_importance, val_objective, zeroed_units
@@ -60,20 +61,15 @@ def tpe_search(objective: Callable[[dict], float], space: dict[str, tuple], tria
 
 class AdaPrunerRun(MethodRun):
     method = "adapruner"
+    Options = AdaPrunerOptions
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        o = self.options
-        self.trials = int(o.get("trials", 12))
-        self.subsets = int(o.get("subsets", 8))
-        self.search_amplitude = bool(o.get("search_amplitude", False))
-        self.amplitude_max = float(o.get("amplitude_max", 0.2))
-        self.val_samples = int(o.get("val_samples") or 0)
-        self.seed = int(o.get("seed", self.prune.seed))
-        if self.trials < 1:
-            raise ExplorerError(f"trials must be at least 1, got {self.trials}")
-        if self.subsets < 1:
-            raise ExplorerError(f"subsets must be at least 1, got {self.subsets}")
+        o = self.opts
+        self.trials, self.subsets = o.trials, o.subsets
+        self.search_amplitude, self.amplitude_max = o.search_amplitude, o.amplitude_max
+        self.val_samples = o.val_samples
+        self.seed = self.prune.seed
         self._cache: dict[int, object] = {}
 
     def _val_n(self) -> int:
@@ -133,6 +129,7 @@ class AdaPrunerRun(MethodRun):
         yield from self._structured_stages(importance)
 
 
-def make(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or f"adapruner {options.get('trials', 12)} trials"
-    return AdaPrunerRun(lm, data, analysis, allocation, prune, label=label, **options)
+def make(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+    opts = opts or AdaPrunerOptions()
+    return AdaPrunerRun(lm, data, analysis, allocation, prune, opts=opts, label=label or f"adapruner {opts.trials} trials",
+                        **run_kw)

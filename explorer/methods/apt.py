@@ -37,6 +37,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import APTOptions
 from ..errors import ExplorerError
 from ..surgery import prune_block
 from .base import MethodRun, add_metric
@@ -94,15 +95,12 @@ def select_by_density(salience, params, budget: float, always_keep=None) -> tupl
 
 class APTRun(MethodRun):
     method = "apt"
+    Options = APTOptions
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.mask_step = float(self.options.get("mask_step", 0.01))
-        self.momentum = float(self.options.get("momentum", 0.9))
-        if not (0 < self.mask_step <= 1):
-            raise ExplorerError(f"mask_step must be in (0, 1], got {self.mask_step}")
-        if not (0 <= self.momentum < 1):
-            raise ExplorerError(f"momentum must be in [0, 1), got {self.momentum}")
+        self.mask_step = self.opts.mask_step
+        self.momentum = self.opts.momentum
         self.masks: dict[tuple[int, str], torch.Tensor] = {}
         self.targets: dict[tuple[int, str], torch.Tensor] = {}
         self.ema: dict[tuple[int, str], np.ndarray] = {}
@@ -259,6 +257,6 @@ class APTRun(MethodRun):
                         "fine_tuning": cfg.recovery}
 
 
-def make(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or f"apt target={allocation.target:g}"
-    return APTRun(lm, data, analysis, allocation, prune, label=label, **options)
+def make(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+    return APTRun(lm, data, analysis, allocation, prune, opts=opts, label=label or f"apt target={allocation.target:g}",
+                  **run_kw)

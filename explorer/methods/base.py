@@ -44,12 +44,13 @@ class MethodRun(PruningRun):
 
     note: str = ""
     method: str = ""
+    Options: type | None = None  # the method's options dataclass (explorer.config.opt fields), if it has one
 
-    def __init__(self, lm, data, analysis=None, allocation=None, prune=None, *, label: str = "",
-                 timing: bool = True, **options):
+    def __init__(self, lm, data, analysis=None, allocation=None, prune=None, *, opts=None, label: str = "",
+                 timing: bool = True, final_plan=None):
         super().__init__(lm, data, analysis, allocation, prune, timing=timing, label=label or self.method)
-        options.pop("final_plan", None)  # a hand-edited plan only applies to adaptive/uniform
-        self.options = options
+        # final_plan (a hand-edited plan) only applies to adaptive/uniform: ignored here
+        self.opts = opts if opts is not None or self.Options is None else self.Options()
         self.original = 0
         self.summary: dict = {}  # method-specific results for the report
         self._last_good = None

@@ -46,6 +46,5 @@ class DistillBaselineRun(MethodRun):
                         "loss": "KL(teacher || student) only (kd_alpha = 1)"}
 
 
-def make(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or "distill-baseline"
-    return DistillBaselineRun(lm, data, analysis, allocation, prune, label=label, **options)
+def make(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+    return DistillBaselineRun(lm, data, analysis, allocation, prune, opts=opts, label=label or "distill-baseline", **run_kw)

@@ -117,6 +117,5 @@ class FusionRun(MethodRun):
                         "weights": self.fusion_weights}
 
 
-def make(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or f"fusion A={allocation.amplitude:g}"
-    return FusionRun(lm, data, analysis, allocation, prune, label=label, **options)
+def make(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+    return FusionRun(lm, data, analysis, allocation, prune, opts=opts, label=label or f"fusion A={allocation.amplitude:g}", **run_kw)

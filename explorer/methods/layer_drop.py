@@ -82,6 +82,5 @@ class LayerDropRun(MethodRun):
                         "target": self.allocation.target}
 
 
-def make(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or f"layer-drop target={allocation.target:g}"
-    return LayerDropRun(lm, data, analysis, allocation, prune, label=label, **options)
+def make(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+    return LayerDropRun(lm, data, analysis, allocation, prune, opts=opts, label=label or f"layer-drop target={allocation.target:g}", **run_kw)

@@ -65,11 +65,11 @@ class LoraOrderRun(MethodRun):
         pipeline["final"] = self.records[-1].quality.get(m) if self.records else None
 
 
-def make_before(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or "lora-before (LoRA, then prune)"
-    return LoraOrderRun(lm, data, analysis, allocation, prune, order="before", label=label, **options)
+def make_before(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+    return LoraOrderRun(lm, data, analysis, allocation, prune, order="before", opts=opts,
+                        label=label or "lora-before (LoRA, then prune)", **run_kw)
 
 
-def make_after(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or "lora-after (prune, then LoRA)"
-    return LoraOrderRun(lm, data, analysis, allocation, prune, order="after", label=label, **options)
+def make_after(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+    return LoraOrderRun(lm, data, analysis, allocation, prune, order="after", opts=opts,
+                        label=label or "lora-after (prune, then LoRA)", **run_kw)

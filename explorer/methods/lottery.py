@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from ..config import LotteryOptions
 from ..errors import ExplorerError
 from ..evaluate import metric_name
 from .base import block_linear_weights
@@ -48,12 +49,13 @@ def round_sparsity(final: float, r: int, rounds: int) -> float:
 
 class LotteryRun(UnstructuredRun):
     note = NOTE
+    Options = LotteryOptions
 
     def __init__(self, *a, **kw):
         super().__init__(*a, score="magnitude", **kw)
         self.method = "lottery"
-        self.rounds = int(self.options.get("rounds") or self.prune.stages)
-        self.rewind_step = int(self.options.get("rewind_step", 0))
+        self.rounds = self.opts.rounds or self.prune.stages
+        self.rewind_step = self.opts.rewind_step
         if self.rounds < 1:
             raise ExplorerError(f"rounds must be at least 1, got {self.rounds}")
         if self.rewind_step < 0:
@@ -115,9 +117,10 @@ class LotteryRun(UnstructuredRun):
         self.summary.update({"rounds": R, "rewind_step": self.rewind_step, "rewound_to": rewound_to})
 
 
-def make(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or f"lottery {options.get('rounds') or prune.stages} rounds"
-    return LotteryRun(lm, data, analysis, allocation, prune, label=label, **options)
+def make(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+    opts = opts or LotteryOptions()
+    return LotteryRun(lm, data, analysis, allocation, prune, opts=opts,
+                      label=label or f"lottery {opts.rounds or prune.stages} rounds", **run_kw)
 
 
 __all__ = ["LotteryRun", "rewind", "round_sparsity", "make"]

@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 
 from ..allocation import allocate
+from ..config import UnstructuredOptions
 from ..errors import ExplorerError
 from .base import MethodRun, block_linear_weights
 
@@ -120,6 +121,7 @@ class UnstructuredRun(MethodRun):
     """magnitude or wanda (option `score`), optional `pattern` "N:M"."""
 
     note = NOTE
+    Options = UnstructuredOptions
 
     def __init__(self, *a, score: str = "magnitude", **kw):
         super().__init__(*a, **kw)
@@ -127,7 +129,7 @@ class UnstructuredRun(MethodRun):
             raise ExplorerError(f"unknown score '{score}': use magnitude or wanda")
         self.score = score
         self.method = score
-        self.pattern = parse_pattern(self.options.get("pattern"))
+        self.pattern = parse_pattern(getattr(self.opts, "pattern", None))  # lottery has no pattern
         self.masks: dict[str, torch.Tensor] = {}
 
     # --- masks ----------------------------------------------------------------------------
@@ -235,11 +237,12 @@ class UnstructuredRun(MethodRun):
             yield self._stage_event(rec)
 
 
-def make_magnitude(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or f"magnitude{' ' + options['pattern'] if options.get('pattern') else ''}"
-    return UnstructuredRun(lm, data, analysis, allocation, prune, score="magnitude", label=label, **options)
+def _make(score: str):
+    def make(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
+        opts = opts or UnstructuredOptions()
+        label = label or f"{score}{'' if opts.pattern == 'none' else ' ' + opts.pattern}"
+        return UnstructuredRun(lm, data, analysis, allocation, prune, score=score, opts=opts, label=label, **run_kw)
+    return make
 
 
-def make_wanda(lm, data, analysis, allocation, prune, **options):
-    label = options.pop("label", None) or f"wanda{' ' + options['pattern'] if options.get('pattern') else ''}"
-    return UnstructuredRun(lm, data, analysis, allocation, prune, score="wanda", label=label, **options)
+make_magnitude, make_wanda = _make("magnitude"), _make("wanda")
