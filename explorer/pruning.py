@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -125,9 +125,13 @@ class StageRecord:
     latency_spread: float | None = None  # (max - min) / median of the latency repeats
     cost: dict | None = None  # flops / latency budgets: the stage's goal and the prediction for its widths
     predicted_speedup: float | None = None  # latency budget: the cost model's speed-up over dense
+    extra: dict | None = None  # a method's own figures (JSON-serialisable)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["extra"] is None:
+            d.pop("extra")
+        return d
 
 
 def speed_brief(ev: dict) -> dict | None:
@@ -159,6 +163,10 @@ class PruningRun:
         self.label = label or f"{self.allocation.mode} A={self.allocation.amplitude:g}"
         self.records: list[StageRecord] = []
         self.dense: dict = {}
+        self.original = 0  # block parameters when the run started
+        self.original_structure: list[dict] | None = None  # the first analysis' per-layer structure
+        self.teacher = None  # the dense model, for distillation (one per run)
+        self._last_good = None  # host-memory copy of the last completed step
         self.hidden: dict | None = None  # prune_hidden: the residual channels before / after and what it cost
         self.status = "ready"
         self.error = ""
@@ -194,69 +202,121 @@ class PruningRun:
     def _calibration(self, stage: int):
         return self.data.calibration(self.analysis.samples, stage=stage, seed=self.analysis.seed)
 
+    # --- the run: one shell, one stage loop (the methods of explorer.methods hook into both) ------------
     def events(self) -> Iterator[dict]:
-        """Yields {"type": "dense"|"analysis"|"step"|"stage"|"stopped"|"error"|"done", ...}."""
-        lm, cfg = self.lm, self.prune
+        """Yields {"type": "dense"|"analysis"|"step"|"stage"|"stopped"|"error"|"done", ...}: the dense
+        evaluation, then `_body()`'s events; on Stop or any failure the model of the last `_commit()`
+        (host memory) is put back and "stopped"/"error" ends the stream."""
+        lm = self.lm
         self.status = "running"
         t_run = time.perf_counter()
-        original = lm.block_params
+        self.original = lm.block_params
         self.dense = self._dense_eval()
-        yield {"type": "dense", "eval": self.dense, "metric": metric_name(lm)}
-        last_good = cpu_snapshot(lm.model)  # the model to fall back to: on the CPU, never a second copy on the device
-        teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None  # one teacher for the whole run
-        original_structure = None
+        yield self._dense_event()
+        self.teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None  # one teacher per run
+        self._commit()
         try:
-            if cfg.prune_hidden:
-                if self.allocation.budget == "latency":
-                    raise ExplorerError("--prune-hidden with --budget latency is not supported: the cost model "
-                                        "is measured at the dense hidden size; use --budget params or flops")
-                yield from self._cut_hidden()
-                last_good = cpu_snapshot(lm.model)
-            if self.allocation.budget != "params" and self.final_plan is None:
-                yield from self._prepare_budget()
-            if cfg.layer_drop:
-                yield from self._drop_layers()
-                last_good = cpu_snapshot(lm.model)
-            for k in range(1, cfg.stages + 1):
-                t0 = time.perf_counter()
-                stage_target = stage_sparsity(original, lm.block_params, self.allocation.target, k, cfg.stages)
-                texts, labels = self._calibration(k)
-                imp = analyze(lm, texts, labels, self.analysis, should_stop=self._should_stop)
-                original_structure = original_structure or imp.params
-                yield {"type": "analysis", "stage": k, "importance": imp}
-                if self.final_plan is not None:
-                    alloc = interpolate_plan(self.final_plan, imp.params, original_structure, k / cfg.stages,
-                                             self.allocation)
-                else:
-                    alloc = self._allocate(k, imp, stage_target)
-                phases, recon = yield from self._cut(k, imp, alloc, last_good)
-                losses: list[float] = []
-                for ev in self._recover(k, teacher, losses):
-                    yield ev
-                yield {"type": "evaluating", "stage": k}
-                rec = self._record(k, original, losses, time.perf_counter() - t0, alloc)
-                rec.phases, rec.reconstruction = phases, recon
-                self.records.append(rec)
-                last_good = cpu_snapshot(lm.model)
-                yield {"type": "stage", "record": rec}
+            yield from self._body()
         except Cancelled:
-            lm.model = last_good.to(lm.device)
+            self._restore()
             self.status = "stopped"
             yield {"type": "stopped", "completed": len(self.records)}
             return
         except ExplorerError as e:
-            lm.model = last_good.to(lm.device)
+            self._restore()
             self.status, self.error = "error", str(e)
             yield {"type": "error", "message": str(e), "completed": len(self.records)}
             return
         except Exception as e:  # an unexpected failure inside a stage: keep the last good model
-            lm.model = last_good.to(lm.device)
+            self._restore()
             reason = OOM_HINT if is_oom(e) else f"{type(e).__name__}: {e}"
             self.status, self.error = "error", f"stage {len(self.records) + 1} failed: {reason}"
             yield {"type": "error", "message": self.error, "completed": len(self.records)}
             return
+        finally:
+            self._cleanup()
         self.status = "done"
         yield {"type": "done", "seconds": time.perf_counter() - t_run}
+
+    def _dense_event(self) -> dict:
+        return {"type": "dense", "eval": self.dense, "metric": metric_name(self.lm)}
+
+    def _commit(self) -> None:
+        """The current model is a completed step: Stop or an error will come back to it. Kept in
+        host memory (cpu_snapshot), never as a second model on the accelerator."""
+        self._last_good = self._snapshot()
+
+    def _snapshot(self) -> nn.Module:
+        return cpu_snapshot(self.lm.model)
+
+    def _restore(self) -> None:
+        if self._last_good is not None:
+            self.lm.model = self._last_good.to(self.lm.device)
+
+    def _cleanup(self) -> None:
+        """Remove hooks and the like (called after the body, whatever happened)."""
+
+    def _body(self) -> Iterator[dict]:
+        """Adapt-Accel: the optional hidden cut, budget cost model and layer drop, then the stages."""
+        cfg = self.prune
+        if cfg.prune_hidden:
+            if self.allocation.budget == "latency":
+                raise ExplorerError("--prune-hidden with --budget latency is not supported: the cost model "
+                                    "is measured at the dense hidden size; use --budget params or flops")
+            yield from self._cut_hidden()
+            self._commit()
+        if self.allocation.budget != "params" and self.final_plan is None:
+            yield from self._prepare_budget()
+        if cfg.layer_drop:
+            yield from self._drop_layers()
+            self._commit()
+        yield from self._stages()
+
+    def _stages(self, importance: Callable[[int], Importance] | None = None,
+                plan: Callable[[int, Importance, float], Allocation] | None = None,
+                cfg: PruneConfig | None = None, teacher=None, stages: int | None = None,
+                before_record: Callable[[int, list], Iterator[dict]] | None = None) -> Iterator[dict]:
+        """The one stage loop. Stage k of K: importance(k) (default: analysis on the stage's fresh
+        calibration samples), plan(k, imp, stage_target) (default: the budget's allocation, or the
+        hand-edited plan), the cut (with reconstruction when the recovery says so), training with
+        `cfg`'s recovery, before_record(k, losses) (a method's extra phase), evaluation, record,
+        commit. Methods hook in through these arguments instead of writing their own loop."""
+        cfg = cfg or self.prune
+        K = stages or self.prune.stages
+        teacher = teacher if teacher is not None else self.teacher
+        importance = importance or self._importance
+        plan = plan or self._plan
+        for k in range(1, K + 1):
+            t0 = time.perf_counter()
+            stage_target = stage_sparsity(self.original, self.lm.block_params, self.allocation.target, k, K)
+            imp = importance(k)
+            self.original_structure = self.original_structure or imp.params
+            yield {"type": "analysis", "stage": k, "importance": imp}
+            alloc = plan(k, imp, stage_target)
+            phases, recon = yield from self._cut(k, imp, alloc, self._last_good)
+            losses: list[float] = []
+            yield from self._train(k, cfg, losses, teacher)
+            if before_record is not None:
+                yield from before_record(k, losses)
+            yield {"type": "evaluating", "stage": k}
+            rec = self._record(k, losses, time.perf_counter() - t0, [l.sparsity for l in alloc.layers], alloc=alloc)
+            rec.phases, rec.reconstruction = phases, recon
+            yield self._stage_event(rec)
+
+    def _importance(self, k: int) -> Importance:
+        texts, labels = self._calibration(k)
+        return analyze(self.lm, texts, labels, self.analysis, should_stop=self._should_stop)
+
+    def _plan(self, k: int, imp: Importance, stage_target: float) -> Allocation:
+        if self.final_plan is not None:
+            return interpolate_plan(self.final_plan, imp.params, self.original_structure, k / self.prune.stages,
+                                    self.allocation)
+        return self._allocate(k, imp, stage_target)
+
+    def _stage_event(self, rec: StageRecord) -> dict:
+        self.records.append(rec)
+        self._commit()
+        return {"type": "stage", "record": rec}
 
     def _prepare_budget(self) -> Iterator[dict]:
         """Build the budget's cost model once, on the model the run starts from: a latency cost
@@ -330,9 +390,14 @@ class PruningRun:
         return phases, {"seconds": rep.seconds, "tokens": rep.tokens, "error_ratio": rep.error_ratio,
                         "lambdas": [[r["lambda"] for r in layer] for layer in rep.layers]}
 
-    def _recover(self, stage: int, teacher, losses: list[float]) -> Iterator[dict]:
-        """Run recovery, yielding one event per optimiser step."""
-        for step, loss in recover_steps(self.lm, self.data, self.prune, stage, teacher, self._should_stop):
+    def _train(self, stage: int, cfg: PruneConfig, losses: list[float], teacher=None,
+               after_step: Callable[[], None] | None = None) -> Iterator[dict]:
+        """Recovery training with `cfg` (explorer.recovery), one "step" event per optimiser step;
+        `after_step` runs after each step (re-apply masks, move soft masks, ...)."""
+        teacher = teacher if teacher is not None else self.teacher
+        for step, loss in recover_steps(self.lm, self.data, cfg, stage, teacher, self._should_stop):
+            if after_step is not None:
+                after_step()
             losses.append(loss)
             yield {"type": "step", "stage": stage, "step": step, "loss": loss}
 
@@ -356,15 +421,19 @@ class PruningRun:
         drop_layers(self.lm.adapter, self.lm.model, [int(i) for i in order])
         yield {"type": "layer_drop", "dropped": sorted(int(i) for i in order)}
 
-    def _record(self, k, original, losses, seconds, alloc) -> StageRecord:
-        ev = self._eval()
+    def _record(self, k: int, losses: list[float], seconds: float, sparsity: list[float], ev: dict | None = None,
+                alloc: Allocation | None = None, **extra) -> StageRecord:
+        """The record of stage k: an evaluation of the model now (or `ev`), its widths, the stage's
+        sparsity per layer; with a FLOPs / latency budget the cost model's prediction; `extra`:
+        method-specific, JSON-serialisable figures."""
+        ev = ev or self._eval()
         q = {key: ev[key] for key in ("accuracy", "perplexity") if key in ev}
         ws = widths(self.lm.adapter, self.lm.model)
-        rec = StageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / original, q,
-                          ev.get("latency_ms"), ev["flops_per_token"], losses, seconds,
-                          ws, [l.sparsity for l in alloc.layers],
-                          speed=speed_brief(ev), latency_spread=ev.get("latency_spread"))
-        if self.cost is not None:
+        rec = StageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / self.original, q,
+                          ev.get("latency_ms"), ev["flops_per_token"], list(losses), seconds,
+                          ws, [float(x) for x in sparsity], speed=speed_brief(ev),
+                          latency_spread=ev.get("latency_spread"), extra=extra or None)
+        if self.cost is not None and alloc is not None:
             from .latency import predict
             predicted = predict(self.cost, ws)  # the widths the stage really has
             rec.cost = {**(alloc.cost or {}), "predicted": predicted}

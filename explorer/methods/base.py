@@ -1,7 +1,7 @@
-"""What the methods share: a `MethodRun` (a `PruningRun` whose body is a generator that
-subclasses write), the Adapt-Accel stage loop with a pluggable importance estimate, and
-small helpers (validation loss, train-then-callback recovery, per-(layer, kind) score
-normalisation).
+"""What the methods share: a `MethodRun` (a `PruningRun` whose `_body()` a subclass writes from
+PruningRun's pieces: the one stage loop `_stages` with its hooks for importance, plan and an extra
+phase, `_train`, `_record`, `_commit`), and small helpers (validation loss, cuts without a copy,
+per-(layer, kind) score normalisation).
 
 A method run keeps PruningRun's contract: `events()` yields "dense" first, then whatever
 the method yields ("analysis", "step", "stage", "trial", "round"), then "done"; `stop()`
@@ -11,9 +11,8 @@ last `_commit()`) is put back and "stopped"/"error" is yielded.
 from __future__ import annotations
 
 import copy
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -26,21 +25,16 @@ from ..errors import Cancelled, ExplorerError
 from ..evaluate import batched_logits, metric_name, perplexity
 from ..importance import Importance, analyze
 from ..models import LoadedModel
-from ..pruning import PruningRun, StageRecord, apply_allocation, cpu_snapshot, speed_brief, stage_sparsity
-from ..recovery import recover_steps
-from ..surgery import widths
+from ..pruning import PruningRun, StageRecord
 
 
-@dataclass
-class MethodStageRecord(StageRecord):
-    """A StageRecord with a few method-specific extras (all JSON-serialisable)."""
-
-    extra: dict | None = None
+MethodStageRecord = StageRecord  # the methods' records: StageRecord with `extra` (kept for old imports)
 
 
 class MethodRun(PruningRun):
-    """Base class: subclasses implement `_body()` (a generator) and call `_commit()` after
-    each completed stage. `note` (if any) goes into the "dense" event and the report."""
+    """Base class: subclasses implement `_body()` (a generator) from PruningRun's pieces (the stage
+    loop `_stages` with its hooks, `_train`, `_record`, `_stage_event`) and call `_commit()` after
+    each completed step. `note` (if any) goes into the "dense" event and the report."""
 
     note: str = ""
     method: str = ""
@@ -51,92 +45,25 @@ class MethodRun(PruningRun):
         super().__init__(lm, data, analysis, allocation, prune, timing=timing, label=label or self.method)
         # final_plan (a hand-edited plan) only applies to adaptive/uniform: ignored here
         self.opts = opts if opts is not None or self.Options is None else self.Options()
-        self.original = 0
         self.summary: dict = {}  # method-specific results for the report
-        self._last_good = None
-        self.teacher = None  # the dense model, for distillation
 
-    # --- the event loop -----------------------------------------------------------------
-    def events(self) -> Iterator[dict]:
-        lm = self.lm
-        self.status = "running"
-        t_run = time.perf_counter()
-        self.original = lm.block_params
-        self.dense = self._dense_eval()
-        ev = {"type": "dense", "eval": self.dense, "metric": metric_name(lm), "method": self.method}
+    def _dense_event(self) -> dict:
+        ev = {**super()._dense_event(), "method": self.method}
         if self.note:
             ev["note"] = self.note
-        yield ev
-        self.teacher = copy.deepcopy(lm.model).eval() if self.training == "kd" else None
-        self._commit()
-        try:
-            yield from self._body()
-        except Cancelled:
-            self._restore()
-            self.status = "stopped"
-            yield {"type": "stopped", "completed": len(self.records)}
-            return
-        except ExplorerError as e:
-            self._restore()
-            self.status, self.error = "error", str(e)
-            yield {"type": "error", "message": str(e), "completed": len(self.records)}
-            return
-        except Exception as e:  # unexpected failure: keep the last good model
-            self._restore()
-            self.status, self.error = "error", f"stage {len(self.records) + 1} failed: {type(e).__name__}: {e}"
-            yield {"type": "error", "message": self.error, "completed": len(self.records)}
-            return
-        finally:
-            self._cleanup()
-        self.status = "done"
-        yield {"type": "done", "seconds": time.perf_counter() - t_run}
+        return ev
 
     def _body(self) -> Iterator[dict]:
         raise NotImplementedError
-
-    def _commit(self) -> None:
-        """The current model is a completed stage: Stop or an error will come back to it."""
-        self._last_good = self._snapshot()
-
-    def _snapshot(self):
-        return cpu_snapshot(self.lm.model)  # host memory: never a second model on the accelerator
-
-    def _restore(self) -> None:
-        if self._last_good is not None:
-            self.lm.model = self._last_good.to(self.lm.device)
-
-    def _cleanup(self) -> None:
-        """Remove hooks and the like (called after the body, whatever happened)."""
 
     def _check_stop(self) -> None:
         if self._stop:
             raise Cancelled()
 
     # --- pieces -------------------------------------------------------------------------
-    def _train(self, stage: int, cfg: PruneConfig, losses: list[float], teacher=None,
-               after_step: Callable[[], None] | None = None) -> Iterator[dict]:
-        """Recovery training with `cfg` (explorer.recovery), one "step" event per optimiser
-        step; `after_step` runs after each step (re-apply masks, move soft masks, ...)."""
-        teacher = teacher if teacher is not None else self.teacher
-        for step, loss in recover_steps(self.lm, self.data, cfg, stage, teacher, self._should_stop):
-            if after_step is not None:
-                after_step()
-            losses.append(loss)
-            yield {"type": "step", "stage": stage, "step": step, "loss": loss}
-
     def _make_record(self, k: int, losses: list[float], seconds: float, sparsity: list[float],
-                     ev: dict | None = None, **extra) -> MethodStageRecord:
-        ev = ev or self._eval()
-        q = {key: ev[key] for key in ("accuracy", "perplexity") if key in ev}
-        return MethodStageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / self.original, q,
-                                 ev.get("latency_ms"), ev["flops_per_token"], list(losses), seconds,
-                                 widths(self.lm.adapter, self.lm.model), [float(s) for s in sparsity],
-                                 speed=speed_brief(ev), latency_spread=ev.get("latency_spread"), extra=extra or None)
-
-    def _stage_event(self, rec: StageRecord) -> dict:
-        self.records.append(rec)
-        self._commit()
-        return {"type": "stage", "record": rec}
+                     ev: dict | None = None, **extra) -> StageRecord:
+        return self._record(k, losses, seconds, sparsity, ev, **extra)
 
     def _labels_for_analysis(self, labels):
         return labels if self.lm.task == "classification" else None
@@ -149,28 +76,13 @@ class MethodRun(PruningRun):
     def _structured_stages(self, importance: Callable[[int], Importance], cfg: PruneConfig | None = None,
                            teacher=None, stages: int | None = None,
                            before_record: Callable[[int, list], Iterator[dict]] | None = None) -> Iterator[dict]:
-        """The Adapt-Accel loop (as PruningRun) with importance from `importance(stage)`:
-        per stage re-estimate, allocate (self.allocation: adaptive or uniform) to k/K of the
-        target, remove the least salient units by `imp.metric`, train with `cfg`, record."""
-        cfg = cfg or self.prune
-        K = stages or self.prune.stages
-        for k in range(1, K + 1):
-            t0 = time.perf_counter()
-            stage_target = stage_sparsity(self.original, self.lm.block_params, self.allocation.target, k, K)
-            imp = importance(k)
-            yield {"type": "analysis", "stage": k, "importance": imp}
-            alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
-                             replace(self.allocation, target=stage_target),
-                             scores=imp.unit_scores())
-            phases, recon = yield from self._cut(k, imp, alloc, self._last_good)
-            losses: list[float] = []
-            yield from self._train(k, cfg, losses, teacher)
-            if before_record is not None:
-                yield from before_record(k, losses)
-            yield {"type": "evaluating", "stage": k}
-            rec = self._make_record(k, losses, time.perf_counter() - t0, [l.sparsity for l in alloc.layers])
-            rec.phases, rec.reconstruction = phases, recon
-            yield self._stage_event(rec)
+        """PruningRun's stage loop with the method's importance estimate (a per-(layer) allocation by
+        self.allocation, adaptive or uniform, to k/K of the target; the cut; training with `cfg`)."""
+        return self._stages(importance, self._param_plan, cfg, teacher, stages, before_record)
+
+    def _param_plan(self, k: int, imp: Importance, stage_target: float):
+        return allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                        replace(self.allocation, target=stage_target), scores=imp.unit_scores())
 
     def report(self) -> dict:
         rep = super().report()
@@ -179,9 +91,6 @@ class MethodRun(PruningRun):
             rep["note"] = self.note
         if self.summary:
             rep["summary"] = _jsonable(self.summary)
-        for st, r in zip(rep["stages"], self.records):
-            if isinstance(r, MethodStageRecord) and r.extra is None:
-                st.pop("extra", None)
         return rep
 
 
