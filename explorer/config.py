@@ -203,7 +203,8 @@ class LotteryOptions:
 
 
 METHOD_OPTIONS: dict[str, type] = {"apt": APTOptions, "adapruner": AdaPrunerOptions, "magnitude": UnstructuredOptions,
-                                   "wanda": UnstructuredOptions, "lottery": LotteryOptions}
+                                   "wanda": UnstructuredOptions, "lottery": LotteryOptions,
+                                   "lora-prune-ft": LoraPruneFtOptions}
 
 
 def option_fields() -> dict[str, list[str]]:
@@ -213,3 +214,19 @@ def option_fields() -> dict[str, list[str]]:
         for f in fields(cls):
             out.setdefault(f.name, []).append(method)
     return out
+@dataclass
+class FusionOptions:
+    fusion_rule: str = opt("attention", "how the coarse (vector-wise) and fine (element-wise) Taylor estimates are "
+                           "fused per (layer, kind): attention (default; our reading of arXiv 2403.10799, whose "
+                           "exact formula was not available: softmax attention over the two estimates) or "
+                           "inverse-variance (our own variant: weights from split-half noise)",
+                           ("attention", "inverse-variance"))
+    fusion_temperature: float = opt(1.0, "temperature tau of the attention rule's softmax", min=1e-6, max=1e6)
+
+
+@dataclass
+class LoraPruneFtOptions:
+    pre_fraction: float = opt(0.5, "share of the LoRA steps (stages x recovery steps) spent on the dense model "
+                              "before pruning; the rest fine-tunes the pruned model", min=0.0, max=1.0)
+
+

@@ -104,5 +104,8 @@ for _method in (
            lora_order.make_before),
     Method("lora-after", "prune adaptively without recovery, then LoRA fine-tune the pruned model (merged)",
            lora_order.make_after),
+    Method("lora-prune-ft", "the recommended order: LoRA fine-tune the dense model (merged), prune adaptively, "
+           "LoRA fine-tune the pruned model (merged); the same total LoRA steps as lora-before / lora-after",
+           lora_order.make_prune_ft),
 ):
     register(_method)
