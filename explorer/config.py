@@ -202,18 +202,6 @@ class LotteryOptions:
     rewind_step: int = opt(0, "rewind to the weights after this many training steps (0: the dense start)", min=0)
 
 
-METHOD_OPTIONS: dict[str, type] = {"apt": APTOptions, "adapruner": AdaPrunerOptions, "magnitude": UnstructuredOptions,
-                                   "wanda": UnstructuredOptions, "lottery": LotteryOptions,
-                                   "lora-prune-ft": LoraPruneFtOptions}
-
-
-def option_fields() -> dict[str, list[str]]:
-    """Option field name -> the methods that have it (the CLI makes one flag per name)."""
-    out: dict[str, list[str]] = {}
-    for method, cls in METHOD_OPTIONS.items():
-        for f in fields(cls):
-            out.setdefault(f.name, []).append(method)
-    return out
 @dataclass
 class FusionOptions:
     fusion_rule: str = opt("attention", "how the coarse (vector-wise) and fine (element-wise) Taylor estimates are "
@@ -230,3 +218,24 @@ class LoraPruneFtOptions:
                               "before pruning; the rest fine-tunes the pruned model", min=0.0, max=1.0)
 
 
+@dataclass
+class DistillOptions:
+    distill_hidden_weight: float = opt(1.0, "weight of the hidden-state loss next to the logits' KL (DistilBERT "
+                                       "matches hidden states too; 0: logits only)", min=0.0, max=1000.0)
+    distill_hidden_loss: str = opt("cosine", "hidden-state loss: cosine (DistilBERT) or mse relative to the "
+                                   "teacher's mean square (Minitron)", ("cosine", "mse"))
+
+
+METHOD_OPTIONS: dict[str, type] = {"apt": APTOptions, "adapruner": AdaPrunerOptions, "magnitude": UnstructuredOptions,
+                                   "wanda": UnstructuredOptions, "lottery": LotteryOptions,
+                                   "lora-prune-ft": LoraPruneFtOptions, "distill-baseline": DistillOptions,
+                                   "fusion": FusionOptions}
+
+
+def option_fields() -> dict[str, list[str]]:
+    """Option field name -> the methods that have it (the CLI makes one flag per name)."""
+    out: dict[str, list[str]] = {}
+    for method, cls in METHOD_OPTIONS.items():
+        for f in fields(cls):
+            out.setdefault(f.name, []).append(method)
+    return out

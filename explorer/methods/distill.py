@@ -4,8 +4,12 @@ distillation from the dense teacher.
 The student is the dense model pruned one-shot and *uniformly* (the same sparsity S_base in
 every layer, units chosen by `analysis.metric`), then trained for the same number of steps as
 the other methods' whole recovery budget (stages x recovery_steps) with the distillation loss
-alone: KL(teacher || student) on logits softened by `kd_temperature` (kd_alpha = 1, no task
-loss). A baseline for the adaptive methods: same size, same training budget, no adaptivity.
+alone, as DistilBERT's recipe (Sanh et al. 2019) without its masked-LM term:
+    KL(teacher || student) on logits softened by `kd_temperature`  (kd_alpha = 1, no task loss)
+    + distill_hidden_weight · hidden-state loss (explorer.recovery.hidden_kd_loss: the residual
+      stream after every kd_hidden_every-th block and the last, cosine as DistilBERT or mse as Minitron).
+The student keeps every block, so each of its hidden states has the teacher's shape and index.
+A baseline for the adaptive methods: same size, same training budget, no adaptivity.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import replace
 from typing import Iterator
 
 from ..allocation import allocate
+from ..config import DistillOptions
 from ..errors import ExplorerError
 from ..pruning import apply_allocation
 from .base import MethodRun, total_steps
@@ -22,6 +27,7 @@ from .base import MethodRun, total_steps
 
 class DistillBaselineRun(MethodRun):
     method = "distill-baseline"
+    Options = DistillOptions
 
     def _body(self) -> Iterator[dict]:
         lm = self.lm
@@ -36,14 +42,18 @@ class DistillBaselineRun(MethodRun):
                          replace(self.allocation, mode="uniform"), scores=imp.unit_scores())
         apply_allocation(lm, imp, alloc)
         steps = total_steps(self.prune)
-        cfg = replace(self.prune, recovery="kd" if steps > 0 else "none", kd_alpha=1.0, recovery_steps=steps)
+        cfg = replace(self.prune, recovery="kd" if steps > 0 else "none", kd_alpha=1.0, recovery_steps=steps,
+                      kd_hidden_weight=self.opts.distill_hidden_weight, kd_hidden_loss=self.opts.distill_hidden_loss)
         losses: list[float] = []
         yield from self._train(1, cfg, losses, teacher)
         rec = self._make_record(1, losses, time.perf_counter() - t0, [l.sparsity for l in alloc.layers],
-                                distill_steps=steps, kd_temperature=self.prune.kd_temperature)
+                                distill_steps=steps, kd_temperature=self.prune.kd_temperature,
+                                hidden_weight=cfg.kd_hidden_weight, hidden_loss=cfg.kd_hidden_loss)
         yield self._stage_event(rec)
         self.summary = {"student": "uniform one-shot prune of the dense model", "distill_steps": steps,
-                        "loss": "KL(teacher || student) only (kd_alpha = 1)"}
+                        "loss": "KL(teacher || student) on logits (kd_alpha = 1)"
+                                + (f" + {cfg.kd_hidden_weight:g} x {cfg.kd_hidden_loss} hidden-state loss every "
+                                   f"{cfg.kd_hidden_every} blocks" if cfg.kd_hidden_weight > 0 else "")}
 
 
 def make(lm, data, analysis, allocation, prune, opts=None, label=None, **run_kw):
