@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 from explorer.config import (METRICS, AllocationConfig, AnalysisConfig, PruneConfig, choices_of,  # noqa: E402
                              default_of, help_of)
 from explorer.data import BUILTIN_DATA  # noqa: E402
+from explorer.config import METHOD_OPTIONS  # noqa: E402
 from explorer.methods import METHODS  # noqa: E402
 from explorer.models import BUILTIN_MODELS, DEFAULT_MODEL, TASKS  # noqa: E402
 from explorer.sessions import KEEP_RUNS  # noqa: E402
@@ -30,10 +31,19 @@ from ui.handlers import ExplorerApp  # noqa: E402,F401  (tests and bench import 
 from ui.outputs import (AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut,  # noqa: E402
                         NormalizationOut, RunOut)
 from ui.views import (ADVANCED, EDITABLE, EVAL_EXAMPLES, EVAL_TOKENS, EXPORT_FORMATS, EXPORT_ZIP,  # noqa: E402,F401
-                      MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, TABLE_COLUMNS, fresh_views, is_loopback, loading_status,
+                      METHOD_OPTION_CLASSES, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, TABLE_COLUMNS, fresh_views, is_loopback, loading_status,
                       model_summary, task_defaults)
 
 PRUNE_METHODS = [m for m in METHODS if m != "uniform"]  # uniform is the Allocation tab's mode, chosen there only
+METHOD_OPTIONS_NOTE = {m: f"**{m}**: {METHODS[m].description}." + ("" if m in METHOD_OPTIONS else
+                                                                   " It has no options of its own.")
+                       for m in PRUNE_METHODS}
+
+
+def method_options_shown(method: str) -> list:
+    """The chosen method's description, and its group of option controls visible (the others hidden)."""
+    cls = METHOD_OPTIONS.get(method)
+    return [METHOD_OPTIONS_NOTE.get(method, ""), *(gr.update(visible=c is cls) for c in METHOD_OPTION_CLASSES)]
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
@@ -212,6 +222,17 @@ def prune_tab(page, fresh: dict, recovery: str):
             for i in range(0, len(ADVANCED), 4):
                 with gr.Row():
                     page.adv_in += [config_control(cls, name) for cls, name in ADVANCED[i:i + 4]]
+        with gr.Accordion("Method options", open=False, elem_id="method-options"):
+            page.method_md = gr.Markdown(METHOD_OPTIONS_NOTE["adaptive"], elem_id="method-options-note")
+            page.method_groups, page.opt_in = [], []
+            for cls in METHOD_OPTION_CLASSES:
+                with gr.Group(visible=False) as group:
+                    for i in range(0, len(fields(cls)), 4):
+                        with gr.Row():
+                            page.opt_in += [config_control(cls, f.name, label=f.name.replace("_", " "),
+                                                           elem_id="opt-" + f.name.replace("_", "-"))
+                                            for f in fields(cls)[i:i + 4]]
+                page.method_groups.append(group)
         with gr.Row():
             page.run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
             page.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -300,9 +321,11 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
 
     for trigger in (page.prune_tab.select, page.method_in.change):
         trigger(app.on_prune_plan, [page.method_in, *alloc_in], page.plan_md, show_progress="hidden", **private)
+    page.method_in.change(method_options_shown, page.method_in, [page.method_md, *page.method_groups],
+                          show_progress="hidden", **private)
     page.run_btn.click(app.on_run, [page.stages_in, page.recovery_in, page.steps_in, page.method_in, *alloc_six,
                                     page.metric_in, page.samples_in, page.eval_in, page.timing_in, *alloc_more,
-                                    *page.adv_in],
+                                    *page.adv_in, *page.opt_in],
                        outputs(page, RunOut), show_progress="minimal", api_name="run")
     page.stop_btn.click(app.on_stop, None, page.run_status, concurrency_limit=None, show_progress="hidden",
                         api_name="stop")

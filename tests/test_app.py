@@ -328,6 +328,23 @@ def test_advanced_settings_reach_the_run_and_its_label(ready):
     assert out[4].startswith("⚠️") and "lr" in out[4]
 
 
+def test_method_options_reach_the_chosen_method_only(ready):
+    """The Method options controls (generated from explorer.config.METHOD_OPTIONS) set the chosen
+    method's options; another method's controls are ignored; the label names what differs."""
+    from dataclasses import fields
+    adv = [next(f.default for f in fields(cls) if f.name == name) for cls, name in V.ADVANCED]
+    opts = [next(f.default for f in fields(cls) if f.name == name) for cls, name in V.METHOD_ADVANCED]
+    from explorer.config import AdaPrunerOptions, LoraPruneFtOptions
+    opts[V.METHOD_ADVANCED.index((LoraPruneFtOptions, "pre_fraction"))] = 0.25
+    opts[V.METHOD_ADVANCED.index((AdaPrunerOptions, "trials"))] = "many"  # another method's: never read
+    outs = list(ready.on_run(1, "none", 4, "lora-prune-ft", *alloc_args()[:6], "taylor", 16, 0, False,
+                             req("a"), "maxabs", "params", 0.0, *adv, *opts))
+    assert outs[-1][4].startswith("Done"), outs[-1][4]
+    rep = ready.registry.get("a").history[-1]
+    assert (rep["summary"]["pipeline"]["lora_steps_dense"], rep["summary"]["pipeline"]["lora_steps_pruned"]) == (1, 3)
+    assert rep["label"].endswith("pre_fraction=0.25"), rep["label"]
+
+
 def test_runs_are_judged_on_val_and_test_is_asked_for(ready):
     """Tuning never sees test: runs (and the load's dense figure) use val; one button gives test."""
     assert "on 8 val examples" in V.model_summary(ready.registry.get("a").loaded)  # the tiny split's real size

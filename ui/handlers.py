@@ -20,7 +20,7 @@ import gradio as gr
 import pandas as pd
 
 from explorer import plots
-from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig, default_of, validate
+from explorer.config import METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PruneConfig, default_of, validate
 from explorer.data import BUILTIN_DATA, load_data
 from explorer.errors import Cancelled, DataError, ExplorerError
 from explorer.evaluate import evaluate, metric_name, quality
@@ -33,7 +33,7 @@ from explorer.pruning import PruningRun, check_pairing
 from explorer.sessions import KEEP_RUNS, Loaded, Session, SessionRegistry
 
 from .outputs import SKIP, AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut, NormalizationOut, RunOut
-from .views import (EDITABLE, budget_plan, latency_note, predicted_speedup, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs,
+from .views import (ADVANCED, EDITABLE, budget_plan, latency_note, predicted_speedup, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs, method_values,
                     allocation_config, allocation_table, empty_table, eta, eval_size, evaluation_note, export_stem,
                     fresh_views, layer_figure, message, model_summary, normalization_choice, number,
                     parse_manual, plan_flops, report_csv, report_rows, require_loaded, run_label, stage_table, task_defaults,
@@ -292,12 +292,15 @@ class ExplorerApp:
                speedup=0.0, *advanced):
         """Generator -> RunOut per event. The plan is the Allocation tab's (S_base, A, mode, split,
         normalisation; its table when layers were set by hand); `advanced`: the Advanced accordion's
-        values, in the order of ADVANCED (defaults when absent)."""
+        values, in the order of ADVANCED, then the Method options' values in the order of METHOD_ADVANCED
+        (defaults when absent)."""
         s = self.session(request)
         try:
             with s.busy(RUN_JOB):
                 loaded = require_loaded(s)
-                adv = advanced_configs(advanced)
+                adv = advanced_configs(advanced[:len(ADVANCED)])
+                method = method or "adaptive"
+                options = method_values(method, advanced[len(ADVANCED):])
                 prune = PruneConfig(stages=number(stages, "stages", int), recovery=recovery,
                                     recovery_steps=number(steps, "recovery steps", int),
                                     eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)),
@@ -307,8 +310,8 @@ class ExplorerApp:
                 alloc_cfg = replace(allocation_config(target, amplitude, mode, max_sparsity, round_to, split,
                                                       normalization, budget, speedup), **adv[AllocationConfig])
                 final_plan = s.allocation if s.manual else None  # layers set by hand: prune to the table
-                method = method or "adaptive"
-                label = run_label(len(s.history) + 1, method, alloc_cfg, prune, adv, by_hand=sorted(s.manual))
+                shown = {**adv, **({METHOD_OPTIONS[method]: options} if options else {})}
+                label = run_label(len(s.history) + 1, method, alloc_cfg, prune, shown, by_hand=sorted(s.manual))
                 with loaded.lock:  # the dense model (perhaps shared) stays intact for the next run
                     lm = copy.deepcopy(loaded.lm)
                 if method == "adaptive":  # the Allocation tab's mode decides (exact, reference or uniform)
@@ -320,7 +323,7 @@ class ExplorerApp:
                                         "budgets parameters: set the Allocation tab's budget to params")
                 else:
                     run = make_run(method, lm, loaded.data, analysis, alloc_cfg, prune, timing=bool(timing),
-                                   label=label)
+                                   label=label, **options)
                 run.dense_given = loaded.dense_runs.get(run.dense_settings())  # measured once per model and data
                 s.run = run
                 yield from self._stream(s, run, metric_name(lm), loaded)

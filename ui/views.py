@@ -14,7 +14,8 @@ import pandas as pd
 
 from explorer import plots
 from explorer.allocation import Allocation, allocate
-from explorer.config import LABEL_FREE_METRICS, AllocationConfig, AnalysisConfig, PruneConfig, choices_of, split_recovery
+from explorer.config import (LABEL_FREE_METRICS, METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PruneConfig, choices_of,
+                             split_recovery)
 from explorer.errors import OOM_HINT, ExplorerError, is_oom
 from explorer.generate import classify, generate
 from explorer.latency import FlopsModel, allocate_flops, allocate_latency, predict
@@ -33,6 +34,10 @@ SHOWN = {"stages", "recovery", "recovery_steps", "eval_samples", "eval_split", "
          "max_sparsity", "round_to", "split", "normalization", "batch_size", "budget", "speedup"}
 ADVANCED = [(cls, f.name) for cls in (PruneConfig, AnalysisConfig, AllocationConfig) for f in fields(cls)
             if f.name not in SHOWN]
+# The methods' own options (explorer.config.METHOD_OPTIONS): one group of controls per options class, shown
+# while one of its methods is chosen. (class, field name) in the order of on_run's values after ADVANCED.
+METHOD_OPTION_CLASSES = list(dict.fromkeys(METHOD_OPTIONS.values()))
+METHOD_ADVANCED = [(cls, f.name) for cls in METHOD_OPTION_CLASSES for f in fields(cls)]
 EXPORT_ZIP = "pruned model (safetensors, zip)"
 EXPORT_FORMATS = {EXPORT_ZIP: None, "ONNX": "onnx", "GGUF f16 (llama.cpp)": "gguf-f16"}  # label -> export format
 TABLE_COLUMNS = ["layer", "Î_L", "sparsity", "actual", "heads kept", "neurons kept", "note"]
@@ -269,6 +274,18 @@ def advanced_configs(values) -> dict[type, dict]:
     for (cls, name), v in zip(ADVANCED, values or ()):
         default = next(f.default for f in fields(cls) if f.name == name)
         out[cls][name] = v if isinstance(default, (bool, str)) else number(v, name.replace("_", " "), type(default))
+    return out
+
+
+def method_values(method: str, values) -> dict:
+    """The chosen method's options from the Method options controls (values in METHOD_ADVANCED's order;
+    the other methods' controls are ignored): field -> value, for make_run."""
+    cls = METHOD_OPTIONS.get(method)
+    out = {}
+    for (c, name), v in zip(METHOD_ADVANCED, values or ()):
+        if c is cls:
+            default = next(f.default for f in fields(c) if f.name == name)
+            out[name] = v if isinstance(default, (bool, str)) else number(v, name.replace("_", " "), type(default))
     return out
 
 
