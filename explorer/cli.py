@@ -282,6 +282,99 @@ def cmd_eval(args) -> None:
           f"{ev['latency_ms']:.1f} ms (batch {args.batch_size} x {args.seq_len})  {figures}", file=sys.stderr)
 
 
+def _recover_skip() -> tuple[str, ...]:
+    """PruneConfig fields that `recover` has no flag for (stages, reconstruction, ...)."""
+    from dataclasses import fields
+    return tuple(f.name for f in fields(PruneConfig) if f.name not in RECOVER_FIELDS)
+
+
+RECOVER_FIELDS = ("lr", "train_batch_size", "lora_rank", "kd_alpha", "kd_temperature", "kd_hidden_weight",
+                  "kd_hidden_loss", "kd_hidden_every", "eval_samples", "seed")
+
+
+def cmd_recover(args) -> None:
+    """Fine-tune a (pruned, saved) model with the library's recovery loop: one process, or every
+    process of `accelerate launch` / torchrun training its slice of each batch (explorer.recovery)."""
+    import hashlib
+    import time
+
+    import torch
+
+    from .evaluate import metric_name, quality
+    from .models import save_model
+    from .recovery import launched_distributed, recover_steps, use_cpu
+    state = None
+    if launched_distributed():
+        if args.device_map:
+            raise ExplorerError("--device-map does not combine with a distributed launch: every process "
+                                "holds the model on its own device (FSDP shards it)")
+        from accelerate import PartialState
+        state = PartialState(cpu=use_cpu("cpu" if args.device == "cpu" else "cuda"))
+        if args.device == "auto":  # this process's GPU (cuda:LOCAL_RANK), or the CPU
+            args.device = "cpu" if state.device.type == "cpu" else str(state.device)
+    main_process = state is None or state.is_main_process
+    cfg = PruneConfig(recovery=args.recovery, recovery_steps=args.steps,
+                      **{k: getattr(args, k) for k in RECOVER_FIELDS})
+    validate(cfg)
+    if args.steps < 1:
+        raise ExplorerError(f"--steps must be at least 1, got {args.steps}")
+    if args.recovery == "kd" and not args.teacher:
+        raise ExplorerError("--recovery kd distils from the dense model: give it with --teacher")
+    if args.teacher and args.recovery != "kd":
+        raise ExplorerError("--teacher is for --recovery kd")
+    lm, data = _load(args)
+    teacher = None
+    if args.teacher:
+        t = _load(argparse.Namespace(**{**vars(args), "model": args.teacher}), need_data=False)[0]
+        if t.task != lm.task or t.model.config.model_type != lm.model.config.model_type:
+            raise ExplorerError(f"the teacher '{args.teacher}' ({t.model.config.model_type}, {t.task}) does not match "
+                                f"the model ({lm.model.config.model_type}, {lm.task})")
+        teacher = t.model.eval()
+    m = metric_name(lm)
+    before = quality(lm, data, cfg.eval_samples, split="val") if main_process else None
+    t0 = time.perf_counter()
+    losses = []
+    for step, loss in recover_steps(lm, data, cfg, teacher=teacher):
+        losses.append(loss)
+        if main_process:
+            print(f"step {step}/{cfg.recovery_steps}: loss {loss:.4f}", file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    world = state.num_processes if state else 1
+    rank = state.process_index if state else 0
+    with torch.no_grad():  # the same weights on every process: the same fingerprint
+        sums = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in lm.model.parameters()])
+    fingerprint = hashlib.sha256(sums.cpu().numpy().tobytes()).hexdigest()[:16]
+    me = {"rank": rank, "final_loss": losses[-1], "weights": fingerprint}
+    print(f"rank {rank}/{world}: {len(losses)} steps in {seconds:.1f} s, final loss {losses[-1]:.6f}, "
+          f"weights {fingerprint}", file=sys.stderr)
+    ranks = [me]
+    if state is not None:
+        from accelerate.utils import gather_object
+        ranks = sorted(gather_object([me]), key=lambda r: r["rank"])
+    if main_process:
+        after = quality(lm, data, cfg.eval_samples, split="val")
+        report = {"model": args.model, "data": data.name, "task": lm.task, "recovery": args.recovery,
+                  "teacher": args.teacher, "steps": len(losses), "lr": cfg.lr, "train_batch_size": cfg.train_batch_size,
+                  "world_size": world, "distributed": state.distributed_type.value if state else "no",
+                  "seconds": seconds, "losses": losses, "final_loss": losses[-1], "metric": m,
+                  "before": before, "after": after, "params": lm.n_params, "ranks": ranks}
+        _write_json(report, args.json)  # first: a failed save must not lose the run
+        if args.out:
+            try:
+                path = save_model(lm, args.out, extra={"recovery": {k: report[k] for k in (
+                    "recovery", "steps", "lr", "train_batch_size", "world_size", "final_loss", "before", "after")}})
+            except (OSError, ValueError) as e:
+                raise ExplorerError(f"training finished and its report is in {args.json}, but saving the model to "
+                                    f"'{args.out}' failed: {e}") from None
+            report["saved_to"] = str(path)
+            _write_json(report, args.json)
+        print(f"{m} (val): {before.get(m):.4f} -> {after.get(m):.4f} after {len(losses)} {args.recovery} steps on "
+              f"{world} process(es) in {seconds:.1f} s" + (f"; saved to {report['saved_to']}" if args.out else ""),
+              file=sys.stderr)
+    if state is not None:
+        state.wait_for_everyone()
+
+
 def cmd_generate(args) -> None:
     from .generate import classify, generate
     lm, _ = _load(args, need_data=False)
@@ -391,6 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per decode measurement")
     p.add_argument("--json", required=True, help="output file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("recover", help="fine-tune a (pruned) model with the recovery loop (LoRA, full, KD); "
+                                       "runs on every process under `accelerate launch`")
+    _add_model_args(p)
+    p.add_argument("--recovery", required=True, choices=["lora", "full", "kd"], help="what trains: LoRA adapters "
+                   "(merged into the weights at the end), every weight, or every weight distilled from --teacher")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps (default: 100)")
+    p.add_argument("--teacher", default=None, help="the dense model to distil from (--recovery kd)")
+    add_arguments(p, PruneConfig, skip=_recover_skip())
+    p.add_argument("--out", default=None, help="directory to save the trained model (safetensors)")
+    p.add_argument("--json", required=True, help="report file")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("generate", help="continue a prompt (LMs) or classify a sentence (classifiers)")
     _add_model_args(p, data=False)

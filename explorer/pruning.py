@@ -391,11 +391,13 @@ class PruningRun:
                         "lambdas": [[r["lambda"] for r in layer] for layer in rep.layers]}
 
     def _train(self, stage: int, cfg: PruneConfig, losses: list[float], teacher=None,
-               after_step: Callable[[], None] | None = None) -> Iterator[dict]:
+               after_step: Callable[[], None] | None = None,
+               masks: dict[str, torch.Tensor] | None = None) -> Iterator[dict]:
         """Recovery training with `cfg` (explorer.recovery), one "step" event per optimiser step;
-        `after_step` runs after each step (re-apply masks, move soft masks, ...)."""
+        `after_step` runs after each step (move soft masks, ...); `masks` (weight name -> 0/1) are
+        held through the training, LoRA included (recover_steps)."""
         teacher = teacher if teacher is not None else self.teacher
-        for step, loss in recover_steps(self.lm, self.data, cfg, stage, teacher, self._should_stop):
+        for step, loss in recover_steps(self.lm, self.data, cfg, stage, teacher, self._should_stop, masks=masks):
             if after_step is not None:
                 after_step()
             losses.append(loss)

@@ -133,28 +133,10 @@ class UnstructuredRun(MethodRun):
         self.masks: dict[str, torch.Tensor] = {}
 
     # --- masks ----------------------------------------------------------------------------
-    def _apply_masks(self) -> None:
-        params = dict(self.lm.model.named_parameters())
-        with torch.no_grad():
-            for name, keep in self.masks.items():
-                if name in params:
-                    params[name].mul_(keep.to(params[name].dtype))
-
-    def _mask_refresher(self):
-        """Re-apply the masks to the Parameter objects that recovery trains (LoRA wraps the
-        modules, but the frozen base weights are the same objects)."""
-        params = dict(self.lm.model.named_parameters())
-        pairs = [(params[n], m) for n, m in self.masks.items() if n in params]
-
-        def refresh():
-            with torch.no_grad():
-                for p, m in pairs:
-                    p.mul_(m.to(p.dtype))
-        return refresh
-
     def _train_masked(self, k, cfg, losses, teacher) -> Iterator[dict]:
-        yield from self._train(k, cfg, losses, teacher, after_step=self._mask_refresher())
-        self._apply_masks()  # LoRA merged dense deltas into the weights: zero them again
+        """Recovery with the masks held (explorer.recovery: re-applied after every full/KD step; a
+        LoRA layer computes with (W + scale·B·A) ⊙ M), so what is trained is what is evaluated."""
+        yield from self._train(k, cfg, losses, teacher, masks=self.masks)
 
     def _prune_to(self, weights, layer_sparsity: list[float], norms: dict | None) -> None:
         """Extend the masks so block L's Linear weights reach `layer_sparsity[L]` (or the N:M
