@@ -113,7 +113,7 @@ class FlopsModel:
     @classmethod
     def from_structure(cls, layer: dict, head_dim: int, seq_len: int = 128) -> "FlopsModel":
         """From an analysis' per-layer structure (no model at hand): every parameter counted as a
-        weight (biases and norms too, a small overestimate on both sides, as ui.views.plan_flops)."""
+        weight (biases and norms too, a small overestimate on both sides; the Allocation summary uses it too)."""
         G, N, pg, pn = layer["groups"], layer["n_neurons"], layer["group_params"], layer["neuron_params"]
         fixed = layer["block_params"] - G * pg - N * pn
         attention = 4.0 * seq_len * layer.get("heads_per_group", 1) * head_dim  # scores and mixing of one group

@@ -102,15 +102,14 @@ def model_summary(loaded: Loaded | None) -> str:
 
 
 def plan_flops(alloc: Allocation, structure: list[dict], head_dim: int, seq_len: int = 128) -> tuple[int, int]:
-    """Approximate forward FLOPs per token of the blocks before and after a plan: 2 per
-    weight plus attention scores and mixing (4·seq·heads·head_dim); biases and norms are
-    counted as weights, a small overestimate applied to both sides."""
-    before = after = 0
+    """Forward FLOPs per token of the blocks before and after a plan, by the FLOPs budget's own model
+    (latency.FlopsModel.from_structure, layer by layer: 2 per weight plus attention scores and mixing)."""
+    before = after = 0.0
     for lp, st in zip(alloc.layers, structure):
-        hpg = st["heads_per_group"]
-        before += 2 * lp.params_before + 4 * seq_len * lp.groups * hpg * head_dim
-        after += 2 * lp.params_after + 4 * seq_len * lp.keep_groups * hpg * head_dim
-    return before, after
+        fm = FlopsModel.from_structure(st, head_dim, seq_len)
+        before += fm.block(lp.groups, lp.neurons)
+        after += fm.block(lp.keep_groups, lp.keep_neurons)
+    return int(before), int(after)
 
 
 def budget_plan(norm, structure: list[dict], cfg: AllocationConfig, scores, manual: dict, head_dim: int,
