@@ -239,13 +239,12 @@ def same_width_reference(lm: LoadedModel) -> LoadedModel:
     the pruned widths, only evenly laid out, so its speed-up is what those widths allow; a
     rounded mean width would not be (3 groups where the pruned model averages 2.6 is a limit
     that cannot fail). Random weights; for timing only."""
-    import copy
-
+    from .hidden import fresh_like
     from .surgery import reshape_to, widths
     ws = widths(lm.adapter, lm.model)
     groups = even_split(sum(w["groups"] for w in ws), len(ws))
     neurons = even_split(sum(w["neurons"] for w in ws), len(ws))
-    model = type(lm.model)(copy.deepcopy(lm.model.config)).to(lm.device).eval()
+    model = fresh_like(lm).to(lm.device).eval()  # the pruned hidden size too, in the model's dtype
     dense_depth = len(lm.adapter.layers(model))
     assert dense_depth == len(ws), "reference must have the pruned depth"
     reshape_to(lm.adapter, model, [{"groups": g, "neurons": n} for g, n in zip(groups, neurons)])

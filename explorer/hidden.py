@@ -484,3 +484,24 @@ def build_skeleton(cls, config, adapter: Adapter, hidden: dict | None, dtype: to
         config.hidden_size = size
     assert int(model.config.hidden_size) == size
     return model
+
+
+def fresh_like(lm, config=None) -> nn.Module:
+    """A randomly initialised model of `lm`'s architecture, dtype and hidden size (`config`: a changed
+    copy of its config, e.g. with fewer layers), for timing references: at a pruned hidden size the
+    config alone would give BERT / DistilBERT / GPT-2 the wrong head size, so it goes through
+    build_skeleton."""
+    cfg = config if config is not None else copy.deepcopy(lm.model.config)
+    dtype = next(lm.model.parameters()).dtype
+    return build_skeleton(_Direct(type(lm.model)), cfg, lm.adapter, hidden_record(lm), dtype=dtype)
+
+
+class _Direct:
+    """A model class with build_skeleton's `from_config` (as the Auto classes have it)."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def from_config(self, config, dtype: torch.dtype | None = None) -> nn.Module:
+        model = self.cls(config)
+        return model if dtype is None else model.to(dtype)

@@ -301,8 +301,8 @@ class _Shell:
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) >= SHELL_VOCAB:
                     setattr(cfg, name, None)
-        dtype = next(lm.model.parameters()).dtype
-        self.model = type(lm.model)(cfg).to(device=lm.device, dtype=dtype).eval()
+        from .hidden import fresh_like
+        self.model = fresh_like(lm, cfg).to(lm.device).eval()  # the model's dtype and (pruned) hidden size
         self.dense_layer = copy.deepcopy(lm.adapter.layers(self.model)[0])
 
     def block(self):

@@ -368,3 +368,23 @@ def test_cpu_snapshot_copies_to_host_and_keeps_ties():
     snap = cpu_snapshot(lm.model)
     assert snap is not lm.model and all(p.device.type == "cpu" for p in snap.parameters())
     assert all(torch.equal(a, b) for a, b in zip(snap.state_dict().values(), lm.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_timing_references_of_a_hidden_pruned_model_have_its_hidden_size(name):
+    """The same-width reference and the latency cost model's one-block shell are built at the pruned
+    hidden size (BERT / DistilBERT / GPT-2's head size would be wrong from the config alone)."""
+    from explorer.evaluate import same_width_reference
+    from explorer.latency import _Shell
+    lm = tiny_lm(name)
+    prune_block(lm.adapter, lm.model, 0, [0], list(range(8)))
+    prune_hidden_fraction(lm, 0.3, tiny_data().texts["train"][:16])
+    ref = same_width_reference(lm)
+    assert ref.model.config.hidden_size == lm.model.config.hidden_size
+    for key in ("groups", "neurons"):  # the pruned totals, spread evenly
+        assert sum(w[key] for w in widths(ref.adapter, ref.model)) == sum(w[key] for w in widths(lm.adapter, lm.model))
+    ids = lm.encode(["w1 w2 w3"])["input_ids"]
+    with torch.no_grad():
+        assert ref.model(input_ids=ids).logits.shape == lm.model(input_ids=ids).logits.shape
+        shell = _Shell(lm)
+        assert shell.block().head_dim == lm.adapter.block(lm.model, 0).head_dim
