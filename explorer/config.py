@@ -177,9 +177,36 @@ def from_args(cls, args: argparse.Namespace):
 
 @dataclass
 class APTOptions:
-    mask_step: float = opt(0.01, "how far each soft mask moves toward 0 or 1 after every optimiser step",
-                           min=1e-6, max=1.0)
-    momentum: float = opt(0.9, "EMA momentum of the salience, s_t = m*s_(t-1) + (1-m)*s_new", min=0.0, max=0.999)
+    tuning: str = opt("lora", "lora: APT adapters (low-rank, ranks grown in the most salient ones) on every block "
+                      "linear, base weights frozen, merged at the end; the self-distillation teacher is the same "
+                      "model with adapters off and masks 1. full: every weight trained; the teacher is a host (CPU) "
+                      "copy of the dense model", ("lora", "full"))
+    adapter_rank: int = opt(8, "initial rank of every APT adapter (tuning lora)", min=1, max=1024)
+    adapter_scale: float = opt(2.0, "adapter output scale s in W x + s*B A x (fixed while ranks grow)",
+                               min=1e-6, max=1e4)
+    adapter_budget: float = opt(2.0, "most adapter parameters, as a multiple of the initial ones (1: no rank "
+                                "growth)", min=1.0, max=1000.0)
+    rank_growth_steps: int = opt(2, "rank growth events, evenly spaced over the pruning phase: the top half of "
+                                 "the adapters by salience sum|B*dL/dB| get extra ranks (0: none)", min=0, max=1000)
+    update_frequency: int = opt(0, "re-estimate the salience from the training batches (and the masks' targets) "
+                                "every this many optimiser steps (0: a tenth of the pruning phase, at least 1)",
+                                min=0, max=1_000_000)
+    salience_momentum: float = opt(0.9, "EMA momentum of the salience, s = m*s + (1-m)*s_new", min=0.0, max=0.999)
+    salience_scale: str = opt("eq5", "eq5: APT's Eq. 5 as written, sum|dL/dH|*sum|H| + sqrt(kurtosis); layer_mean: "
+                              "each term divided by its mean over the (layer, kind) before adding; first_order: "
+                              "Eq. 5 rescaled per (layer, kind) to the mean first-order loss estimate |sum H*dL/dH|",
+                              ("eq5", "layer_mean", "first_order"))
+    prune_until: float = opt(0.7, "share of the run's optimiser steps over which the cubic schedule prunes; the "
+                             "pruned units' masks reach exactly 0 by then, the remaining steps train with them at 0",
+                             min=0.0, max=1.0)
+    hidden_fraction: float = opt(0.0, "also prune this fraction of the hidden (residual) channels, lowest "
+                                 "activation salience first, with soft masks in every norm during training and "
+                                 "physical removal at the end", min=0.0, max=0.9)
+    self_distill: float = opt(0.5, "weight mu of the self-distillation loss at the end of the pruning phase (it "
+                              "rises linearly from 0; the task loss gets 1 - mu); 0: task loss only",
+                              min=0.0, max=1.0)
+    self_distill_hidden: float = opt(1.0, "weight of the hidden-state term (prune.kd_hidden_loss) next to the "
+                                     "logits' KL inside the self-distillation loss", min=0.0, max=100.0)
 
 
 @dataclass

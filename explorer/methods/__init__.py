@@ -84,8 +84,9 @@ def method_options(name: str, values: dict | None = None):
 from . import adapruner, apt, distill, fusion, layer_drop, lora_order, lottery, unstructured  # noqa: E402
 
 for _method in (
-    Method("apt", "APT: outlier-aware salience, cubic density schedule, density-ranked cut, soft masks "
-           "decaying 0.01 per step during full fine-tuning, physical removal at the end", apt.make),
+    Method("apt", "APT: LoRA-style adapters with ranks grown in salient layers, Eq. 5 salience re-estimated "
+           "during training (EMA), cubic schedule with masks reaching 0 inside training, self-distillation from "
+           "the dense model in place, physical removal at the end", apt.make),
     Method("adapruner", "AdaPruner: TPE search over calibration subsets and the coarse/fine Taylor mix, scored "
            "on the val split; then staged pruning with the best configuration and recovery", adapruner.make),
     Method("fusion", "adaptive estimation fusion: coarse (vector) and fine (element) Taylor mixed per layer and "
