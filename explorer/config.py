@@ -211,11 +211,22 @@ class APTOptions:
 
 @dataclass
 class AdaPrunerOptions:
-    trials: int = opt(12, "TPE trials", min=1)
-    subsets: int = opt(8, "disjoint calibration subsets to choose from", min=1)
+    trials: int = opt(50, "TPE trials (each a one-shot cut scored on the val split)", min=1, max=100_000)
+    subsets: int = opt(8, "disjoint calibration subsets to choose from (a categorical choice)", min=1, max=10_000)
+    taylor_orders: str = opt("all", "Taylor orders the search may choose for both granularities: all (first, "
+                             "second, both), or one of them fixed; second = the Fisher (diagonal / per-vector) "
+                             "second-order term, both = first + second", ("all", "first", "second", "both"))
     search_amplitude: bool = opt(False, "also search the amplitude A in [0, amplitude_max]")
     amplitude_max: float = opt(0.2, "the largest A searched", min=0.0, max=1.0)
     val_samples: int = opt(0, "val examples (classifiers) / tokens (LMs) per trial (0: 256 / 4096)", min=0)
+    trial_refit: bool = opt(True, "score each trial after a closed-form ridge refit of the cut output projections "
+                            "(Gram matrices of their dense inputs, computed once per subset; non-sequential); "
+                            "False: the plain cut")
+    trial_lambda: float = opt(0.1, "ridge strength of the per-trial refit, relative to each kept channel's energy "
+                              "(as --recon-lambda)", min=1e-6, max=1e6)
+    keep_searched_units: bool = opt(True, "the final stages' reconstruction keeps the units the searched importance "
+                                    "chose (recon_select metric); False: the configured --recon-select (obs re-chooses "
+                                    "them, so only the per-layer counts would follow the search)")
 
 
 @dataclass
@@ -240,17 +251,17 @@ class FusionOptions:
 
 
 @dataclass
-class LoraPruneFtOptions:
-    pre_fraction: float = opt(0.5, "share of the LoRA steps (stages x recovery steps) spent on the dense model "
-                              "before pruning; the rest fine-tunes the pruned model", min=0.0, max=1.0)
-
-
-@dataclass
 class DistillOptions:
     distill_hidden_weight: float = opt(1.0, "weight of the hidden-state loss next to the logits' KL (DistilBERT "
                                        "matches hidden states too; 0: logits only)", min=0.0, max=1000.0)
     distill_hidden_loss: str = opt("cosine", "hidden-state loss: cosine (DistilBERT) or mse relative to the "
                                    "teacher's mean square (Minitron)", ("cosine", "mse"))
+
+
+@dataclass
+class LoraPruneFtOptions:
+    pre_fraction: float = opt(0.5, "share of the LoRA steps (stages x recovery steps) spent on the dense model "
+                              "before pruning; the rest fine-tunes the pruned model", min=0.0, max=1.0)
 
 
 METHOD_OPTIONS: dict[str, type] = {"apt": APTOptions, "adapruner": AdaPrunerOptions, "magnitude": UnstructuredOptions,

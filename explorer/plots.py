@@ -338,6 +338,31 @@ def history_chart(runs: Sequence[Mapping], metric: str) -> go.Figure:
     return _layout(fig, "Run history", legend_below=True, showlegend=True)
 
 
+def search_curve(trials: Sequence[Mapping]) -> go.Figure:
+    """A search's progress (AdaPruner's TPE): each trial's objective (markers, lower is better)
+    and the best so far (a step line). `trials`: [{"trial", "value", "best_value"?, "params"?}]
+    (the "trial" events or summary["trials"]); a missing best_value is the running minimum."""
+    fig = _figure()
+    pts = [t for t in trials if t.get("value") is not None and np.isfinite(t["value"])]
+    if not pts:
+        fig.add_annotation(text="no trials yet", x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                           font=dict(color=GREY))
+        return _layout(fig, "Search curve")
+    xs = [int(t["trial"]) for t in pts]
+    ys = [float(t["value"]) for t in pts]
+    best = [float(t["best_value"]) if t.get("best_value") is not None else m
+            for t, m in zip(pts, np.minimum.accumulate(ys))]
+    text = ["<br>".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in (t.get("params") or {}).items())
+            for t in pts]
+    fig.add_scatter(x=xs, y=ys, mode="markers", name="trial", text=text, marker=dict(size=7, color=BLUE, opacity=0.6),
+                    hovertemplate="trial %{x}<br>value %{y:.4f}<br>%{text}<extra></extra>")
+    fig.add_scatter(x=xs, y=best, mode="lines", name="best so far", line=dict(color=ORANGE, width=3, shape="hv"),
+                    hovertemplate="trial %{x}<br>best %{y:.4f}<extra></extra>")
+    fig.update_xaxes(title_text="trial", rangemode="tozero")
+    fig.update_yaxes(title_text="objective (val, lower is better)")
+    return _layout(fig, f"Search curve: best {best[-1]:.4f} after {xs[-1]} trials")
+
+
 def pareto_front(cost: Sequence[float], quality: Sequence[float], higher_is_better: bool = True) -> list[int]:
     """Indices of the points no other point beats on both cost (lower) and quality, sorted by cost."""
     c = np.asarray(cost, dtype=float)

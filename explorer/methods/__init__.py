@@ -87,10 +87,12 @@ for _method in (
     Method("apt", "APT: LoRA-style adapters with ranks grown in salient layers, Eq. 5 salience re-estimated "
            "during training (EMA), cubic schedule with masks reaching 0 inside training, self-distillation from "
            "the dense model in place, physical removal at the end", apt.make),
-    Method("adapruner", "AdaPruner: TPE search over calibration subsets and the coarse/fine Taylor mix, scored "
-           "on the val split; then staged pruning with the best configuration and recovery", adapruner.make),
+    Method("adapruner", "AdaPruner: TPE search (50 trials) over categorical calibration subsets, Taylor orders and "
+           "the coarse/fine mix, each trial a one-shot cut with a ridge refit scored on val without a model copy; "
+           "then staged pruning with the best configuration in every stage", adapruner.make),
     Method("fusion", "adaptive estimation fusion: coarse (vector) and fine (element) Taylor mixed per layer and "
-           "kind by inverse split-half variance, then Adapt-Pruner stages", fusion.make),
+           "kind with attention weights (our reading of arXiv 2403.10799's abstract; option fusion_rule="
+           "inverse-variance: our split-half variant), then Adapt-Pruner stages", fusion.make),
     Method("magnitude", "unstructured |W| pruning with the per-layer allocation (masks: no dense speed-up); "
            "option pattern='2:4'", unstructured.make_magnitude, structural=False),
     Method("wanda", "unstructured Wanda |W|·||X|| pruning per output row with the per-layer allocation "
