@@ -33,15 +33,21 @@ CLAIMS = [  # (better, worse, budget): the claim "better >= worse"
 ]
 
 
-def parse_runs(text: str) -> list[tuple[str, float]]:
+def parse_runs(text: str) -> list[tuple[str, float, dict]]:
+    """'apt@0.5,adapruner@0.3:subsets=4+trials=50' -> [(name, budget, method options)]."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, budget = part.partition("@")
-        out.append((name, float(budget)))
+        spec, _, opts = part.partition(":")
+        name, _, budget = spec.partition("@")
+        options = {}
+        for kv in filter(None, opts.split("+")):
+            k, _, v = kv.partition("=")
+            options[k] = int(v) if v.isdigit() else float(v) if v.replace(".", "", 1).isdigit() else v
+        out.append((name, float(budget), options))
     return out
 
 
-def run_one(base, data, mb, name: str, budget: float, seed: int, amplitude: float) -> dict:
+def run_one(base, data, mb, name: str, budget: float, seed: int, amplitude: float, options: dict) -> dict:
     from explorer.config import AllocationConfig
     from explorer.methods import METHODS, make_run
 
@@ -51,12 +57,12 @@ def run_one(base, data, mb, name: str, budget: float, seed: int, amplitude: floa
     prune = prune_config(mb, seed, None, lm)
     row = {"model": base.name, "method": name, "budget": budget, "seed": seed, "stages": prune.stages,
            "recovery": prune.recovery, "recovery_steps_per_stage": prune.recovery_steps, "amplitude": amplitude,
-           "structural": METHODS[name].structural}
+           "structural": METHODS[name].structural, "options": options}
     t0 = time.perf_counter()
     steps = 0
     try:
         run = make_run(name, lm, data, analysis_config(mb, seed), AllocationConfig(target=budget, amplitude=amplitude),
-                       prune, timing=False)
+                       prune, timing=False, **options)
         for ev in run.events():
             if ev["type"] == "step":
                 steps += 1
@@ -127,7 +133,9 @@ def render(res: dict) -> str:
         acc = [r["test"] for r in by_seed.values()]
         mean, std = _ms(acc)
         rs = list(by_seed.values())
-        L.append(f"| {m} | {b:.0%} | {len(rs)} | {statistics.mean(r['removed_fraction'] for r in rs):.1%} | "
+        opts = rs[0].get("options") or {}
+        label = m + (" (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else "")
+        L.append(f"| {label} | {b:.0%} | {len(rs)} | {statistics.mean(r['removed_fraction'] for r in rs):.1%} | "
                  f"{mean:.4f} ± {std:.4f} | {100 * mean / dense:.1f}% | "
                  f"{statistics.mean(r['recovery_steps_run'] for r in rs):.0f} | "
                  f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
@@ -191,8 +199,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:  # seed-major: a stopped run still has whole seeds of every pair
-        for name, budget in runs:
-            row = run_one(base, data, mb, name, budget, seed, amplitude)
+        for name, budget, options in runs:
+            row = run_one(base, data, mb, name, budget, seed, amplitude, options)
             rows = [r for r in rows if (r["method"], r["budget"], r["seed"]) != (name, budget, seed)] + [row]
             log(f"{name:<14} {budget:.0%} seed {seed}: " + (f"FAILED {row['error']}" if row.get("error") else
                 f"test {row['test']:.4f} (dense {meta['dense']:.4f}), removed {row['removed_fraction']:.3f}, "
