@@ -43,7 +43,8 @@ METHOD_OPTIONS_NOTE = {m: f"**{m}**: {METHODS[m].description}." + ("" if m in ME
 def method_options_shown(method: str) -> list:
     """The chosen method's description, and its group of option controls visible (the others hidden)."""
     cls = METHOD_OPTIONS.get(method)
-    return [METHOD_OPTIONS_NOTE.get(method, ""), *(gr.update(visible=c is cls) for c in METHOD_OPTION_CLASSES)]
+    return [METHOD_OPTIONS_NOTE.get(method, ""), gr.update(visible=method == "adapruner"),
+            *(gr.update(visible=c is cls) for c in METHOD_OPTION_CLASSES)]
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
@@ -241,6 +242,8 @@ def prune_tab(page, fresh: dict, recovery: str):
         with gr.Row():
             page.quality_plot = gr.Plot(fresh["quality_plot"], label="Quality", elem_id="quality-plot")
             page.loss_plot = gr.Plot(fresh["loss_plot"], label="Recovery loss", elem_id="loss-plot")
+        page.search_plot = gr.Plot(fresh["search_plot"], label="Search curve (AdaPruner's trials)", visible=False,
+                                   elem_id="search-plot")
         with gr.Row():
             page.cost_plot = gr.Plot(fresh["cost_plot"], label="Size and latency", elem_id="cost-plot")
             page.history_plot = gr.Plot(fresh["history_plot"], label="History", elem_id="history-plot")
@@ -321,7 +324,7 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
 
     for trigger in (page.prune_tab.select, page.method_in.change):
         trigger(app.on_prune_plan, [page.method_in, *alloc_in], page.plan_md, show_progress="hidden", **private)
-    page.method_in.change(method_options_shown, page.method_in, [page.method_md, *page.method_groups],
+    page.method_in.change(method_options_shown, page.method_in, [page.method_md, page.search_plot, *page.method_groups],
                           show_progress="hidden", **private)
     page.run_btn.click(app.on_run, [page.stages_in, page.recovery_in, page.steps_in, page.method_in, *alloc_six,
                                     page.metric_in, page.samples_in, page.eval_in, page.timing_in, *alloc_more,

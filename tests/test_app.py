@@ -345,6 +345,22 @@ def test_method_options_reach_the_chosen_method_only(ready):
     assert rep["label"].endswith("pre_fraction=0.25"), rep["label"]
 
 
+def test_adapruner_streams_its_search_curve(ready):
+    """Each trial of AdaPruner's search redraws the search curve (best objective against trial)."""
+    from dataclasses import fields
+    from explorer.config import AdaPrunerOptions
+    adv = [next(f.default for f in fields(cls) if f.name == name) for cls, name in V.ADVANCED]
+    opts = [next(f.default for f in fields(cls) if f.name == name) for cls, name in V.METHOD_ADVANCED]
+    opts[V.METHOD_ADVANCED.index((AdaPrunerOptions, "trials"))] = 3
+    opts[V.METHOD_ADVANCED.index((AdaPrunerOptions, "subsets"))] = 2
+    outs = list(ready.on_run(1, "none", 0, "adapruner", *alloc_args()[:6], "taylor", 16, 0, False,
+                             req("a"), "maxabs", "params", 0.0, *adv, *opts))
+    assert outs[-1].run_status.startswith("Done"), outs[-1].run_status
+    curves = [c for c in (o.search_plot for o in outs) if hasattr(c, "data")]
+    assert len(curves) == 3 and "after 3 trials" in curves[-1].layout.title.text
+    assert [len(c.data[0].x) for c in curves] == [1, 2, 3]
+
+
 def test_runs_are_judged_on_val_and_test_is_asked_for(ready):
     """Tuning never sees test: runs (and the load's dense figure) use val; one button gives test."""
     assert "on 8 val examples" in V.model_summary(ready.registry.get("a").loaded)  # the tiny split's real size

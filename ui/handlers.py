@@ -334,6 +334,7 @@ class ExplorerApp:
         """Turn the run's events into RunOut updates; unchanged outputs are skipped. Every phase
         (measuring, importance, pruning, reconstruction, recovery, evaluation) says so."""
         losses: dict[int, list[float]] = {}
+        trials: list[dict] = []  # a search's trials (AdaPruner), for its curve
         K = run.prune.stages
         t_last = 0.0
         cost_note = evaluation_note(run)
@@ -396,8 +397,10 @@ class ExplorerApp:
             elif kind == "layer_drop":
                 yield RunOut(run_status=f"Dropped blocks {ev['dropped']}.")
             elif kind == "trial":
+                trials.append(ev)
                 yield RunOut(run_status=f"Search trial {ev['trial']}: {ev['value']:.4f} (best "
-                                        f"{ev['best_value']:.4f}, {ev.get('best_params')})")
+                                        f"{ev['best_value']:.4f}, {ev.get('best_params')})",
+                             search_plot=plots.search_curve(trials))
             elif kind == "round":
                 yield RunOut(run_status="Round " + ", ".join(f"{k} {v}" for k, v in ev.items() if k != "type"))
             elif kind in ("stopped", "error", "done"):  # the run is over

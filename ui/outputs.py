@@ -49,6 +49,7 @@ class RunOut(NamedTuple):
     run_status: Any = SKIP
     history_plot: Any = SKIP
     pareto_plot: Any = SKIP
+    search_plot: Any = SKIP  # AdaPruner's search curve (best objective against trial)
 
 
 LoadOut = combined("LoadOut", "A Load: the model tab, the task's defaults, and fresh contents for everything "

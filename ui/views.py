@@ -399,4 +399,5 @@ def fresh_views() -> dict:
             "loss_plot": plots.empty("Recovery loss"), "cost_plot": plots.empty("Size and latency per stage"),
             "stages_table": stage_table([], ""), "run_status": "Ready to run.",
             "history_plot": plots.empty("Finished runs appear here"),
-            "pareto_plot": plots.empty("Pareto chart of finished runs")}
+            "pareto_plot": plots.empty("Pareto chart of finished runs"),
+            "search_plot": plots.search_curve([])}
