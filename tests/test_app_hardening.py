@@ -237,7 +237,8 @@ def test_memory_does_not_grow_across_20_sequential_sessions(template):
 def test_an_exception_in_stage_2_keeps_stage_1_its_charts_and_its_report(ready, monkeypatch):
     fail_recovery_at_stage(monkeypatch, 2, "simulated failure in recovery")
     outs = run_all(ready, req("a"), stages=3)
-    quality, _, _, table, status, history, _ = outs[-1]
+    last = outs[-1]
+    quality, table, status, history = last.quality_plot, last.stages_table, last.run_status, last.history_plot
     assert status.startswith("⚠️") and "simulated failure in recovery" in status and "after stage 1" in status, status
     stages = next(t for t in quality.data if t.name == "stages")
     assert list(stages.text) == ["", "stage 1"]  # the dense point and the one completed stage
