@@ -74,6 +74,8 @@ def run_one(base, data, mb, name: str, budget: float, seed: int, amplitude: floa
     row.update(seconds=time.perf_counter() - t0, recovery_steps_run=steps, test=quality(lm, data, "test", mb),
                removed_fraction=1 - lm.block_params / original, block_params=lm.block_params)
     summary = run.report().get("summary") or {}
+    if not row["structural"]:  # masks: the blocks keep their size; this share of their weights is zero
+        row["zeroed_fraction"] = summary.get("block_sparsity")
     if name == "adapruner":
         row["search"] = {k: summary.get(k) for k in ("best_params", "best_value", "search_seconds") if k in summary}
         row["trials"] = len(summary.get("trials") or [])
@@ -135,8 +137,11 @@ def render(res: dict) -> str:
         rs = list(by_seed.values())
         opts = rs[0].get("options") or {}
         label = m + (" (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else "")
-        L.append(f"| {label} | {b:.0%} | {len(rs)} | {statistics.mean(r['removed_fraction'] for r in rs):.1%} | "
-                 f"{mean:.4f} ± {std:.4f} | {100 * mean / dense:.1f}% | "
+        removed = (f"{statistics.mean(r['removed_fraction'] for r in rs):.1%}" if rs[0]["structural"] else
+                   "masks" + (f" ({statistics.mean(r['zeroed_fraction'] for r in rs):.1%} zero)"
+                              if all(r.get("zeroed_fraction") is not None for r in rs) else ""))
+        L.append(f"| {label} | {b:.0%} | {len(rs)} | {removed} | "
+                 + (f"{mean:.4f} ± {std:.4f}" if len(rs) > 1 else f"{mean:.4f}") + f" | {100 * mean / dense:.1f}% | "
                  f"{statistics.mean(r['recovery_steps_run'] for r in rs):.0f} | "
                  f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     failed = [r for r in rows if r.get("error")]
