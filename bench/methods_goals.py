@@ -161,6 +161,11 @@ def render(res: dict) -> str:
             reading = "inside the seed spread (no difference shown)"
         L.append(f"| {better} ≥ {worse} | {budget:.0%} | {len(p['seeds'])} | {p['diff']:+.4f} ± {p['std']:.4f} | "
                  f"{reading} |")
+    from explorer.methods import METHODS
+    shown = sorted({m for m, _ in agg}, key=list(METHODS).index)
+    L += ["", "## What each method is, and where it departs from its document", "",
+          "| method | what it is | departs from its document |", "|---|---|---|"]
+    L += [f"| {m} | {METHODS[m].description} | {METHODS[m].departs or '–'} |" for m in shown if m in METHODS]
     searches = [r for r in rows if r.get("search")]
     if searches:
         L += ["", "AdaPruner's searches (best configuration, val objective): " + "; ".join(

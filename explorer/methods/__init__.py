@@ -24,6 +24,7 @@ class Method:
     description: str
     factory: Callable  # (lm, data, analysis, allocation, prune, opts, **RUN_OPTIONS) -> run
     structural: bool = True  # physically smaller weights (False: masks only)
+    departs: str = ""  # where it departs from its paper / design document (README's methods table)
 
 
 RUN_OPTIONS = ("label", "timing", "final_plan")  # what every run takes besides the method's own options
@@ -42,8 +43,9 @@ def _uniform(lm, data, analysis, allocation, prune, opts=None, label=None, **run
 
 METHODS: dict[str, Method] = {
     "adaptive": Method("adaptive", "Adapt-Pruner: S_L = S_base - A·Î_L per stage, Taylor units, recovery between stages",
-                       _adaptive),
-    "uniform": Method("uniform", "same sparsity in every layer (LLM-Pruner style), same units and recovery", _uniform),
+                       _adaptive, departs="exact budget (clipped sparsity redistributed) and the salience split of attention / FFN by default; optional rank / z-score normalisation of Î_L"),
+    "uniform": Method("uniform", "same sparsity in every layer (LLM-Pruner style), same units and recovery", _uniform,
+                      departs="Taylor units and the salience split as adaptive, not LLM-Pruner's dependency groups"),
 }
 
 
@@ -86,29 +88,36 @@ from . import adapruner, apt, distill, fusion, layer_drop, lora_order, lottery, 
 for _method in (
     Method("apt", "APT: LoRA-style adapters with ranks grown in salient layers, Eq. 5 salience re-estimated "
            "during training (EMA), cubic schedule with masks reaching 0 inside training, self-distillation from "
-           "the dense model in place, physical removal at the end", apt.make),
+           "the dense model in place, physical removal at the end", apt.make,
+           departs="one protected unit per layer and kind; hidden channels on their own schedule; masks ramp linearly to 0 by prune_until instead of 0.01 a step; the classifier head frozen with adapters"),
     Method("adapruner", "AdaPruner: TPE search (50 trials) over categorical calibration subsets, Taylor orders and "
            "the coarse/fine mix, each trial a one-shot cut with a ridge refit scored on val without a model copy; "
-           "then staged pruning with the best configuration in every stage", adapruner.make),
+           "then staged pruning with the best configuration in every stage", adapruner.make,
+           departs="the per-trial refit uses the dense inputs (non-sequential) at a fixed λ; second order = the Fisher diagonal; the bench uses 4 subsets"),
     Method("fusion", "adaptive estimation fusion: coarse (vector) and fine (element) Taylor mixed per layer and "
            "kind with attention weights (our reading of arXiv 2403.10799's abstract; option fusion_rule="
-           "inverse-variance: our split-half variant), then Adapt-Pruner stages", fusion.make),
+           "inverse-variance: our split-half variant), then Adapt-Pruner stages", fusion.make,
+           departs="the paper's formula is not available here: the attention rule is our reading of its abstract"),
     Method("magnitude", "unstructured |W| pruning with the per-layer allocation (masks: no dense speed-up); "
-           "option pattern='2:4'", unstructured.make_magnitude, structural=False),
+           "option pattern='2:4'", unstructured.make_magnitude, structural=False,
+           departs="masks only (no speed-up); the masks are held through LoRA recovery"),
     Method("wanda", "unstructured Wanda |W|·||X|| pruning per output row with the per-layer allocation "
-           "(masks: no dense speed-up); option pattern='2:4'", unstructured.make_wanda, structural=False),
+           "(masks: no dense speed-up); option pattern='2:4'", unstructured.make_wanda, structural=False,
+           departs="masks only (no speed-up); per-layer sparsity from the allocation instead of uniform"),
     Method("lottery", "lottery ticket: iterative magnitude pruning over rounds with rewinding to the dense "
-           "weights (or step rewind_step), unstructured masks", lottery.make, structural=False),
+           "weights (or step rewind_step), unstructured masks", lottery.make, structural=False,
+           departs="rounds = stages, each trained for recovery_steps (the same budget), not to convergence"),
     Method("layer-drop", "ShortGPT: remove whole blocks with the lowest cosine importance, then recover",
-           layer_drop.make),
+           layer_drop.make, departs="the blocks dropped are rounded to the parameter budget; recovery between stages"),
     Method("distill-baseline", "uniform one-shot prune to the target, trained only by distillation from the "
-           "dense teacher for the whole recovery budget", distill.make),
+           "dense teacher for the whole recovery budget", distill.make,
+           departs="DistilBERT's logits and hidden-state (cosine) losses without its masked-LM term"),
     Method("lora-before", "LoRA fine-tune the dense model (merged), then prune adaptively without recovery",
-           lora_order.make_before),
+           lora_order.make_before, departs="the document's first alternative, at the same total LoRA steps"),
     Method("lora-after", "prune adaptively without recovery, then LoRA fine-tune the pruned model (merged)",
-           lora_order.make_after),
+           lora_order.make_after, departs="the document's second alternative, at the same total LoRA steps"),
     Method("lora-prune-ft", "the recommended order: LoRA fine-tune the dense model (merged), prune adaptively, "
            "LoRA fine-tune the pruned model (merged); the same total LoRA steps as lora-before / lora-after",
-           lora_order.make_prune_ft),
+           lora_order.make_prune_ft, departs="the split of the steps (pre_fraction 0.5) is ours"),
 ):
     register(_method)
