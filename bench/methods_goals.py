@@ -165,7 +165,9 @@ def render(res: dict) -> str:
     shown = sorted({m for m, _ in agg}, key=list(METHODS).index)
     L += ["", "## What each method is, and where it departs from its document", "",
           "| method | what it is | departs from its document |", "|---|---|---|"]
-    L += [f"| {m} | {METHODS[m].description} | {METHODS[m].departs or '–'} |" for m in shown if m in METHODS]
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+    L += [f"| {m} | {cell(METHODS[m].description)} | {cell(METHODS[m].departs or '–')} |" for m in shown if m in METHODS]
     searches = [r for r in rows if r.get("search")]
     if searches:
         L += ["", "AdaPruner's searches (best configuration, val objective): " + "; ".join(
