@@ -51,6 +51,7 @@ def run_one(base, data, mb, name: str, budget: float, seed: int, amplitude: floa
     from explorer.config import AllocationConfig
     from explorer.methods import METHODS, make_run
 
+    from .methods_table import steps_of
     from .quality import analysis_config, prune_config
     lm = fresh(base, mb.max_length)
     original = lm.block_params
@@ -63,11 +64,7 @@ def run_one(base, data, mb, name: str, budget: float, seed: int, amplitude: floa
     try:
         run = make_run(name, lm, data, analysis_config(mb, seed), AllocationConfig(target=budget, amplitude=amplitude),
                        prune, timing=False, **options)
-        for ev in run.events():
-            if ev["type"] == "step":
-                steps += 1
-            elif ev["type"] in ("error", "stopped"):
-                raise RuntimeError(ev.get("message", ev["type"]))
+        steps = steps_of(run)
     except Exception as e:  # one failing run must not sink the others
         row.update(error=f"{type(e).__name__}: {e}"[:300], seconds=time.perf_counter() - t0)
         return row

@@ -19,6 +19,18 @@ from .config import BenchConfig, ModelBench
 from .quality import analysis_config, prune_config
 
 
+def steps_of(run) -> int:
+    """Run a method to its end; the optimiser steps it trained (its "step" events). A run that
+    stops or fails raises, with its message."""
+    steps = 0
+    for ev in run.events():
+        if ev["type"] == "step":
+            steps += 1
+        elif ev["type"] in ("error", "stopped"):
+            raise RuntimeError(ev.get("message", ev["type"]))
+    return steps
+
+
 def run_methods(base, data, mb: ModelBench, cfg: BenchConfig, amplitude: float) -> list[dict]:
     rows = []
     dense_q = None
@@ -42,11 +54,7 @@ def run_methods(base, data, mb: ModelBench, cfg: BenchConfig, amplitude: float) 
             try:
                 run = make_run(name, lm, data, analysis_config(mb, seed),
                                AllocationConfig(target=budget, amplitude=amplitude), prune, timing=False)
-                for ev in run.events():
-                    if ev["type"] == "step":
-                        steps += 1
-                    elif ev["type"] in ("error", "stopped"):
-                        raise RuntimeError(ev.get("message", ev["type"]))
+                steps = steps_of(run)
             except Exception as e:  # one failing method must not sink the table
                 row.update({"error": f"{type(e).__name__}: {e}"[:300], "seconds": time.perf_counter() - t0})
                 rows.append(row)
