@@ -22,6 +22,14 @@ val (reconstruction alone if none does).
 Causal LMs (SmolLM2): reconstruction, then at most a few distillation settings within a wall-time
 cap each, scored by val perplexity; the chosen one on test (BBC + IMDB) per seed. Each run's wall
 time is kept. Writes recipe.json and RECIPE.md (`--merge` keeps other models' results).
+
+The run of 2026-12-02 (bench/RECIPE.md) was
+  python -m bench.recipe --mode quick --models minilm-rt
+  python -m bench.recipe --mode quick --models smollm2-135m --merge
+  python -m bench.recipe --mode quick --models smollm2-135m --merge --add-round \
+      --lm-settings '[{"lr": 1e-4, "recovery_steps": 40}]' --time-cap 600
+(the second SmolLM2 round: the steps that fit 10 minutes, once the first round had shown the
+step time).
 """
 from __future__ import annotations
 
@@ -550,8 +558,10 @@ def render_lm(res: dict, p: dict) -> list[str]:
     d = res["dense_test"]
     L = [f"One stage at {p['choose_budget']:.0%}, adaptive A = {p['amplitude']} ({p['normalization']}), taylor salience, "
          f"{p['samples']} calibration samples, reconstruction, then distillation from a copy of the reconstructed "
-         f"model, each training stopped after the step that crosses {p['time_cap_s']:.0f} s (on ONE torch thread "
-         "while another job used the other core; the 10-minute goal is stated for 2 cores). Settings scored by "
+         f"model, each training stopped after the step that crosses {p['time_cap_s']:.0f} s (on ONE torch thread of "
+         "a shared machine: see the load averages; the 10-minute goal is stated for 2 cores). Round 2, where "
+         "present, is `--merge --add-round` with its own `--lm-settings` / `--time-cap` (see the module "
+         "docstring of bench/recipe.py). Settings scored by "
          f"**val** perplexity ({p['val_n']:,} tokens), seed {p['seeds'][0]}: dense val {res['dense_val']:.2f}, "
          f"reconstruction alone {res['rows'][0]['recon_val']:.2f}.", "",
          "| round | lr | batch | alpha | T | hidden | steps done | train s | first / last loss | val ppl |",
