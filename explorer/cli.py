@@ -190,6 +190,14 @@ def cmd_prune(args) -> None:
         alloc = replace(alloc, mode="uniform")
         method = "uniform" if method == "adaptive" else method
     prune = from_args(PruneConfig, args)
+    if args.recipe:
+        from .recipes import RECIPES, recipe_for
+        recipe = recipe_for(args.model)
+        if not recipe:
+            raise ExplorerError(f"--recipe: there is no recipe for '{args.model}' (built-in recipes: "
+                                f"{', '.join(sorted(RECIPES))})")
+        prune = replace(prune, **recipe)
+        print(f"recipe for {args.model}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()), file=sys.stderr)
     if prune.stages < 1:
         raise ExplorerError(f"--stages must be at least 1, got {prune.stages}")
     from .allocation import validate
@@ -457,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning method: adaptive (default), uniform, apt, adapruner, fusion, magnitude, wanda, "
                         "lottery, layer-drop, distill-baseline, lora-before, lora-after")
     add_method_options(p)
+    p.add_argument("--recipe", action="store_true", help="use the built-in model's recovery recipe (explorer/recipes.py: "
+                   "chosen on val by bench.recipe) instead of the recovery flags")
     p.add_argument("--out", default=None, help="directory to save the pruned model")
     p.add_argument("--json", required=True, help="report file")
     p.set_defaults(func=cmd_prune)

@@ -150,3 +150,11 @@ def test_module_entry_point_exit_code():
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and "Traceback" not in p.stderr
+
+
+def test_recipe_for_a_model_without_one_is_a_message(tiny_dirs, tmp_path, capsys):
+    code = main(["prune", "--model", tiny_dirs["llama"], "--data", tiny_dirs["txt"], "--recipe",
+                 "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--recipe: there is no recipe for" in err and "smollm2-135m" in err
+    assert not (tmp_path / "r.json").exists()
