@@ -295,11 +295,14 @@ def render(results: list[dict], meta: dict) -> str:
             + " vs uniform | analysis s | recon s |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for d in summarise(res):
-            def ms(v):
-                return "–" if v is None else (f"{v[0]:.4f} ± {v[1]:.4f}" if metric == "accuracy" else f"{v[0]:.2f} ± {v[1]:.2f}")
+            def ms(v, sign=""):  # one seed: no spread to show
+                if v is None:
+                    return "–"
+                f = ".4f" if metric == "accuracy" else ".2f"
+                return f"{v[0]:{sign}{f}}" + (f" ± {v[1]:{f}}" if d["n"] > 1 else " (1 seed)")
             rel = d["recon"][0] / dense if d["recon"] else float("nan")
             vs = d.get("vs_uniform")
-            vs_s = "–" if not vs else (f"{vs[0]:+.4f} ± {vs[1]:.4f}" if metric == "accuracy" else f"{vs[0]:+.2f} ± {vs[1]:.2f}")
+            vs_s = "–" if not vs else ms(vs, "+")
             if vs and vs[2]:
                 vs_s = f"**{vs_s}**"
             row = f"| {d['budget']:.0%} | {d['method']} | {d['n']} | {d['params_removed']:.1%} | {ms(d['cut'])} | {ms(d['recon'])} | {rel:.3f}x |"
