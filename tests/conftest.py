@@ -102,6 +102,17 @@ def tiny_data(n: int = 80, seed: int = 0):
                     {"train": labels[:a], "val": labels[a:b], "test": labels[b:]}, ["low", "high"])
 
 
+def stop_in_stage_2(run, out):
+    """Run `run`, pressing Stop at step 2 of stage 2; returns out() as it was after stage 1."""
+    snapshot = None
+    for ev in run.events():
+        if ev["type"] == "stage":
+            snapshot = out()
+        if ev["type"] == "step" and ev["stage"] == 2 and ev["step"] == 2:
+            run.stop()
+    return snapshot
+
+
 def fail_recovery_at_stage(monkeypatch, stage: int, message: str = "simulated failure") -> None:
     """Simulate a fault inside a run: recovery of stage `stage` raises RuntimeError(message)."""
     from explorer import pruning

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_data, tiny_lm
+from conftest import stop_in_stage_2, tiny_data, tiny_lm
 from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig
 from explorer.errors import ExplorerError
 from explorer.methods import make_run
@@ -315,12 +315,7 @@ def test_saved_model_is_plain_smaller_and_reloads(tmp_path, name, hidden):
 
 def test_stop_restores_the_committed_plain_model():
     lm, run = _make("llama", steps=3)
-    snapshot = None
-    for ev in run.events():
-        if ev["type"] == "stage":
-            snapshot = _out(lm)
-        if ev["type"] == "step" and ev["stage"] == 2 and ev["step"] == 2:
-            run.stop()
+    snapshot = stop_in_stage_2(run, lambda: _out(lm))
     assert run.status == "stopped" and len(run.records) == 1
     assert _no_hooks(lm.model) and all(p.requires_grad for p in lm.model.parameters())
     torch.testing.assert_close(_out(lm), snapshot, atol=1e-5, rtol=1e-4)

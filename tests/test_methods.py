@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_data, tiny_lm
+from conftest import stop_in_stage_2, tiny_data, tiny_lm
 from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig
 from explorer.methods import METHODS, make_run
 from explorer.methods.adapruner import tpe_search
@@ -362,11 +362,6 @@ def test_stop_during_search_leaves_the_dense_model():
 
 def test_stop_during_masked_recovery_keeps_the_last_stage():
     lm, run = _make("magnitude", "bert", stages=2, steps=3)
-    snapshot = None
-    for ev in run.events():
-        if ev["type"] == "stage":
-            snapshot = _out(lm)
-        if ev["type"] == "step" and ev["stage"] == 2 and ev["step"] == 2:
-            run.stop()
+    snapshot = stop_in_stage_2(run, lambda: _out(lm))
     assert run.status == "stopped" and len(run.records) == 1
     torch.testing.assert_close(_out(lm), snapshot)

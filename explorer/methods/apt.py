@@ -931,7 +931,7 @@ class APTRun(MethodRun):
                 extra["adapter_params"] = sum(a.n_params for a in self.adapters.values())
             if k == K:
                 self._finalize()
-                rec = self._make_record(k, losses, time.perf_counter() - t0, self._sparsity(dense_layer), **extra)
+                rec = self._record(k, losses, time.perf_counter() - t0, self._sparsity(dense_layer), **extra)
             else:
                 rec = self._intermediate_record(k, losses, t0, dense_layer, extra)
             yield self._stage_event(rec)
@@ -960,7 +960,7 @@ class APTRun(MethodRun):
             snap_lm = replace(lm, model=snap, device=torch.device("cpu"))
             ev.update(params=snap_lm.n_params, block_params=snap_lm.block_params,
                       flops_per_token=flops_per_token(snap_lm), weight_mb=weight_mb(snap_lm))
-            rec = self._make_record(k, losses, time.perf_counter() - t0, self._sparsity(dense_layer), ev=ev,
+            rec = self._record(k, losses, time.perf_counter() - t0, self._sparsity(dense_layer), ev=ev,
                                     evaluated="quality and speed: the masked model in place (not yet cut); "
                                               "sizes: the committed model (units at mask 0 removed)", **extra)
         finally:

@@ -25,10 +25,7 @@ from ..errors import Cancelled, ExplorerError
 from ..evaluate import batched_logits, metric_name, perplexity
 from ..importance import Importance, analyze
 from ..models import LoadedModel
-from ..pruning import PruningRun, StageRecord
-
-
-MethodStageRecord = StageRecord  # the methods' records: StageRecord with `extra` (kept for old imports)
+from ..pruning import PruningRun
 
 
 class MethodRun(PruningRun):
@@ -61,10 +58,6 @@ class MethodRun(PruningRun):
             raise Cancelled()
 
     # --- pieces -------------------------------------------------------------------------
-    def _make_record(self, k: int, losses: list[float], seconds: float, sparsity: list[float],
-                     ev: dict | None = None, **extra) -> StageRecord:
-        return self._record(k, losses, seconds, sparsity, ev, **extra)
-
     def _labels_for_analysis(self, labels):
         return labels if self.lm.task == "classification" else None
 
@@ -218,5 +211,5 @@ def total_steps(cfg: PruneConfig) -> int:
     return cfg.stages * max(cfg.recovery_steps, 0)
 
 
-__all__ = ["MethodRun", "MethodStageRecord", "clone_lm", "val_objective", "classification_loss",
+__all__ = ["MethodRun", "clone_lm", "val_objective", "classification_loss",
            "normalized_scores", "add_metric", "mixed_importance", "block_linear_weights", "total_steps"]

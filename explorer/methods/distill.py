@@ -46,7 +46,7 @@ class DistillBaselineRun(MethodRun):
                       kd_hidden_weight=self.opts.distill_hidden_weight, kd_hidden_loss=self.opts.distill_hidden_loss)
         losses: list[float] = []
         yield from self._train(1, cfg, losses, teacher)
-        rec = self._make_record(1, losses, time.perf_counter() - t0, [l.sparsity for l in alloc.layers],
+        rec = self._record(1, losses, time.perf_counter() - t0, [l.sparsity for l in alloc.layers],
                                 distill_steps=steps, kd_temperature=self.prune.kd_temperature,
                                 hidden_weight=cfg.kd_hidden_weight, hidden_loss=cfg.kd_hidden_loss)
         yield self._stage_event(rec)

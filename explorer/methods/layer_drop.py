@@ -74,7 +74,7 @@ class LayerDropRun(MethodRun):
             losses: list[float] = []
             yield from self._train(k, self.prune, losses)
             kept_sparsity = [0.0] * len(alive)
-            rec = self._make_record(k, losses, time.perf_counter() - t0, kept_sparsity,
+            rec = self._record(k, losses, time.perf_counter() - t0, kept_sparsity,
                                     dropped=sorted(originals), kept_layers=list(alive))
             yield self._stage_event(rec)
         self.summary = {"dropped": sorted(dropped_all), "kept_layers": alive,

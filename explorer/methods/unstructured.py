@@ -172,7 +172,7 @@ class UnstructuredRun(MethodRun):
         ev["params"] -= sum(zeros)
         ev["block_params"] -= sum(zeros)
         block = [b.params for b in self.lm.adapter.blocks(self.lm.model)]
-        rec = self._make_record(k, losses, time.perf_counter() - t0, [z / p for z, p in zip(zeros, block)], ev,
+        rec = self._record(k, losses, time.perf_counter() - t0, [z / p for z, p in zip(zeros, block)], ev,
                                 weight_sparsity=[z / t for z, t in zip(zeros, total)],
                                 allocated=[float(a) for a in allocated],
                                 sparsity_reached=sum(zeros) / max(sum(total), 1),
