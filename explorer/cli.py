@@ -157,22 +157,11 @@ def _progress(what: str):
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """One flag per field of the methods' options dataclasses (explorer.config.METHOD_OPTIONS), default
     None so that only what the user set reaches the method; a flag of another method is a message."""
-    from dataclasses import MISSING, fields
-    done = set()
-    for method, cls in METHOD_OPTIONS.items():
-        for f in fields(cls):
-            if f.name in done:
-                continue
-            done.add(f.name)
-            owners = ", ".join(option_fields()[f.name])
-            default = f.default if f.default is not MISSING else None
-            kw = {"default": None, "dest": f.name,
-                  "help": f"[{owners}] {f.metadata.get('help', '')} (default: {default})"}
-            if isinstance(default, bool):
-                parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-            else:
-                parser.add_argument("--" + f.name.replace("_", "-"), type=type(default),
-                                    choices=f.metadata.get("choices"), **kw)
+    from dataclasses import fields
+    owners, done = option_fields(), set()
+    for cls in dict.fromkeys(METHOD_OPTIONS.values()):  # magnitude and wanda share one class
+        add_arguments(parser, cls, skip=tuple(done), unset=True, tag=lambda name: f"[{', '.join(owners[name])}] ")
+        done |= {f.name for f in fields(cls)}
 
 
 def cmd_prune(args) -> None:

@@ -152,15 +152,19 @@ def choices_of(cls, name: str):
     return next(f.metadata.get("choices") for f in fields(cls) if f.name == name)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), rename: dict | None = None) -> None:
-    """Add one --option per field of `cls` (field `foo_bar` -> `--foo-bar`)."""
+def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), rename: dict | None = None,
+                  unset: bool = False, tag=None) -> None:
+    """Add one --option per field of `cls` (field `foo_bar` -> `--foo-bar`). unset: the flag defaults to
+    None (so a caller sees what the user set; the help still names the field's default); tag(name):
+    a prefix for the field's help, e.g. the methods the option belongs to."""
     rename = rename or {}
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + rename.get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        kw = {"default": default, "help": f"{f.metadata.get('help', '')} (default: {default})", "dest": f.name}
+        kw = {"default": None if unset else default, "dest": f.name,
+              "help": f"{tag(f.name) if tag else ''}{f.metadata.get('help', '')} (default: {default})"}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
