@@ -271,9 +271,15 @@ def advanced_configs(values) -> dict[type, dict]:
     """The Advanced accordion's values, per config class: {PruneConfig: {"lr": ...}, ...}."""
     out: dict[type, dict] = {PruneConfig: {}, AnalysisConfig: {}, AllocationConfig: {}}
     for (cls, name), v in zip(ADVANCED, values or ()):
-        default = next(f.default for f in fields(cls) if f.name == name)
-        out[cls][name] = v if isinstance(default, (bool, str)) else number(v, name.replace("_", " "), type(default))
+        out[cls][name] = field_value(cls, name, v)
     return out
+
+
+def field_value(cls, name: str, v):
+    """A generated control's value as the config field's type: booleans and choices as they come,
+    numbers checked (a crafted request or an emptied box is a message)."""
+    default = next(f.default for f in fields(cls) if f.name == name)
+    return v if isinstance(default, (bool, str)) else number(v, name.replace("_", " "), type(default))
 
 
 def method_values(method: str, values) -> dict:
@@ -283,8 +289,7 @@ def method_values(method: str, values) -> dict:
     out = {}
     for (c, name), v in zip(METHOD_ADVANCED, values or ()):
         if c is cls:
-            default = next(f.default for f in fields(c) if f.name == name)
-            out[name] = v if isinstance(default, (bool, str)) else number(v, name.replace("_", " "), type(default))
+            out[name] = field_value(c, name, v)
     return out
 
 
