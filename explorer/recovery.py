@@ -245,38 +245,32 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
                 raise Cancelled()
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            if acc is None:
-                for part, weight in micro_batches(lm, batch):  # gradient accumulation within the step
+            # one process: the whole batch; several: this process's slice of it, whose gradients
+            # accelerate averages across the processes (DDP all-reduce / FSDP reduce-scatter) in backward
+            n = batch["input_ids"].shape[0]
+            rank = acc.process_index if acc else 0
+            lo, hi = rank * n // ranks, (rank + 1) * n // ranks
+            mine = batch if acc is None else {k: v[lo:hi].to(acc.device) for k, v in batch.items()}
+            parts = micro_batches(lm, mine)  # gradient accumulation within the step
+            for i, (part, weight) in enumerate(parts):
+                sync = acc is None or i == len(parts) - 1 or fsdp is not None  # DDP: all-reduce once, at the end
+                with contextlib.nullcontext() if sync else acc.no_sync(wrapped):
                     with autocast:
-                        loss = distil_loss(model, teacher, part, cfg, lm.task) if method == "kd" else model(**part).loss
-                    if not torch.isfinite(loss):
-                        raise ExplorerError(f"recovery diverged at step {step + 1} (loss {loss.item()}); "
+                        loss = (distil_loss(wrapped, teacher, part, cfg, lm.task) if method == "kd"
+                                else wrapped(**part).loss)
+                    if _any_rank(acc, not torch.isfinite(loss).item()):
+                        where = f" on process {rank}" if acc else ""
+                        raise ExplorerError(f"recovery diverged at step {step + 1} (loss {loss.item()}{where}); "
                                             "lower the learning rate")
-                    scaler.scale(loss * weight).backward()
-                    total += loss.item() * weight
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-            else:
-                # this process's slice of the batch; the gradients of the slices are averaged across
-                # the processes by accelerate (DDP all-reduce / FSDP reduce-scatter) in backward
-                n = batch["input_ids"].shape[0]
-                lo, hi = acc.process_index * n // ranks, (acc.process_index + 1) * n // ranks
-                mine = {k: v[lo:hi].to(acc.device) for k, v in batch.items()}
-                parts = micro_batches(lm, mine)
-                for i, (part, weight) in enumerate(parts):
-                    sync = i == len(parts) - 1 or fsdp is not None
-                    with contextlib.nullcontext() if sync else acc.no_sync(wrapped):
-                        with autocast:
-                            loss = (distil_loss(wrapped, teacher, part, cfg, lm.task) if method == "kd"
-                                    else wrapped(**part).loss)
-                        if _any_rank(acc, not torch.isfinite(loss).item()):
-                            raise ExplorerError(f"recovery diverged at step {step + 1} (loss {loss.item()} on "
-                                                f"process {acc.process_index}); lower the learning rate")
-                        acc.backward(scaler.scale(loss * weight))
-                    total += loss.item() * weight
+                    scaled = scaler.scale(loss * weight)
+                    acc.backward(scaled) if acc else scaled.backward()
+                total += loss.item() * weight
+            if acc is not None:
                 total = _batch_loss(acc, total * (hi - lo) / n)
-                scaler.unscale_(opt)
-                # FSDP: the norm over every shard (accelerate matches the model's own parameters)
+            scaler.unscale_(opt)
+            if acc is None:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            else:  # FSDP: the norm over every shard (accelerate matches the model's own parameters)
                 acc.clip_grad_norm_(wrapped.parameters() if fsdp else params, 1.0)
             scaler.step(opt)
             scaler.update()
