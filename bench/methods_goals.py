@@ -168,7 +168,9 @@ def render(res: dict) -> str:
     searches = [r for r in rows if r.get("search")]
     if searches:
         L += ["", "AdaPruner's searches (best configuration, val objective): " + "; ".join(
-            f"seed {r['seed']}: {r['trials']} trials, {r['search'].get('best_params')}, "
+            f"{r['budget']:.0%} seed {r['seed']}: {r['trials']} trials, "
+            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in (r['search'].get('best_params') or {}).items()) + ", "
             f"{r['search'].get('best_value'):.4f} in {r['search'].get('search_seconds', 0):.0f} s" for r in searches)]
     return "\n".join(L) + "\n"
 
