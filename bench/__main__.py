@@ -1,7 +1,15 @@
-"""`python -m bench [--quick | --full | --smoke] [--only quality,speed,analysis,ui,methods] [--out bench/]`
+"""`python -m bench [--quick | --full | --smoke] [--only recon,speed,analysis,ui] [--out bench/]`
 
 Runs the sections, prints figures as it goes, writes results.json (merged with an existing
 one of the same mode, so `--only` re-runs a section), REPORT.md and plots.html.
+
+  recon    : the headline, bench/recon.py: uniform / adaptive / FLAP / Torch-Pruning at equal
+             parameters, each cut, reconstructed and (at one budget) recovered, several seeds;
+  speed    : latency of the recon section's architectures against dense and the same-width limit;
+  analysis : what the one-pass analysis costs against a forward + backward pass;
+  ui       : server time of the app's allocation updates and of one pruning stage;
+  quality, methods (not run by default): the K-stage Adapt-Accel runs with LoRA between stages,
+             and the methods table (bench/methods_goals.py measures the methods with 3 seeds).
 """
 from __future__ import annotations
 
@@ -14,20 +22,23 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("quality", "speed", "analysis", "ui", "methods")
+SECTIONS = ("recon", "quality", "speed", "analysis", "ui", "methods")
+DEFAULT_SECTIONS = ("recon", "speed", "analysis", "ui")
+RECON_MODE = {"quick": "quick", "full": "long", "smoke": "smoke"}  # bench.recon preset of each mode
 
 
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description="Pruning Explorer benchmark suite (issue #6).")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode",
-                      help="real bundled models, cut down to ~20-25 min on 2 CPU cores (default)")
+                      help="real bundled models, cut down to ~30 min on 2 CPU cores (default)")
     mode.add_argument("--full", action="store_const", const="full", dest="mode",
-                      help="more seeds, budgets, steps and data: for a GPU machine")
+                      help="more seeds, budgets, steps and data: hours on 2 cores, or a GPU machine")
     mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
                       help="tiny random models, every section, < 60 s (used by the tests)")
-    ap.add_argument("--only", default=",".join(SECTIONS),
-                    help=f"comma-separated sections to run (default: all): {','.join(SECTIONS)}")
+    ap.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma-separated sections to run (default: {','.join(DEFAULT_SECTIONS)}) of "
+                         f"{','.join(SECTIONS)}")
     ap.add_argument("--out", default=None, help="output folder (default: bench/; --smoke: a temporary folder)")
     ap.add_argument("--models", default=None, help="comma-separated subset of the preset's models")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -63,7 +74,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "bench-smoke" if args.mode == "smoke"
                                            else common.ROOT / "bench")
     out.mkdir(parents=True, exist_ok=True)
-    results = {"quality": [], "speed": [], "analysis_cost": [], "ui": [], "methods": [], "runs": [], "meta": {}}
+    results = {"recon": [], "quality": [], "speed": [], "analysis_cost": [], "ui": [], "methods": [], "runs": [],
+               "meta": {}}
     old_path = out / "results.json"
     if old_path.exists() and not args.fresh:
         try:
@@ -77,7 +89,7 @@ def main(argv=None) -> int:
         if other.get("meta", {}).get("mode") != args.mode:
             raise SystemExit(f"{args.merge} is a {other.get('meta', {}).get('mode')} run, not {args.mode}")
         om = other["meta"]
-        for key in ("quality", "speed", "analysis_cost", "ui", "methods", "runs"):
+        for key in ("recon", "quality", "speed", "analysis_cost", "ui", "methods", "runs"):
             if other.get(key):
                 models = {r.get("model") for r in other[key]}
                 keep = [r for r in results[key] if r.get("model") not in models] if key != "ui" else []
@@ -125,6 +137,18 @@ def main(argv=None) -> int:
         meta["total_seconds"] = round(sum(v for k, v in meta["section_seconds"].items() if "parallel" not in k), 1)
         write_outputs(results, out)  # after every section: a crash later keeps what was measured
 
+    def do_recon():
+        from .recon import PRESETS, run_case
+        names = [mb.name for mb in cfg.models]
+        cases = [c for c in PRESETS[RECON_MODE[args.mode]] if c.model in names]
+        results["recon"] = [r for r in results["recon"] if r["model"] not in names]
+        for case in cases:
+            t = time.perf_counter()
+            results["recon"].append(run_case(case, loaded=get(case.model)))
+            meta.setdefault("recon_seconds_by_model", {})[case.model] = round(time.perf_counter() - t, 1)
+            write_outputs(results, out)
+            gc.collect()
+
     def do_quality():
         from .quality import run_quality
         names = [mb.name for mb in cfg.models]
@@ -152,11 +176,14 @@ def main(argv=None) -> int:
             gc.collect()
 
     def do_speed():
-        from .speed import run_speed, widths_by_allocation, widths_from_runs
+        from .speed import run_speed, widths_by_allocation, widths_from_recon, widths_from_runs
 
         def speed_rows(base, data, mb):
-            plans = widths_from_runs(results["runs"], mb.name, mb.seeds[0])
-            source = "quality runs (first seed)"
+            plans = widths_from_recon(results["recon"], mb.name)
+            source = "recon section (first seed's plans)"
+            if not plans:
+                plans = widths_from_runs(results["runs"], mb.name, mb.seeds[0])
+                source = "quality runs (first seed)"
             if not plans:
                 plans = widths_by_allocation(base, data, mb)
                 source = "one analysis + one-shot allocation (quality not run)"
@@ -189,6 +216,7 @@ def main(argv=None) -> int:
         amplitude = _amplitude_for(chosen, mb)
         results["methods"] = run_methods(base, data, mb, cfg, amplitude)
 
+    section("recon", do_recon)
     section("quality", do_quality)
     section("speed", do_speed)
     section("analysis", do_analysis)

@@ -2,7 +2,7 @@
 
 Three presets share one shape:
   * smoke: tiny random models built from configs, < 60 s, used by tests/test_bench.py;
-  * quick: the real bundled models (minilm-rt, smollm2-135m) on 2 CPU cores, about 20-25 min;
+  * quick: the real bundled models (minilm-rt, smollm2-135m) on 2 CPU cores, about 30 min;
   * full:  the same grid with more seeds, budgets, steps and evaluation data (for a GPU machine).
 
 Every number in a preset is written into results.json ("meta.config") and REPORT.md, so a
@@ -124,17 +124,14 @@ def with_models(cfg: BenchConfig, names: list[str]) -> BenchConfig:
 
 
 QUICK_CUTS = """\
-Quick mode (2 CPU cores) against full mode (GPU machine):
-- minilm-rt: 2 seeds (full 5); A swept over {0.05, 0.15} on seed 0 only, the other seed runs the A chosen on val
-  (full: 5 values, every seed); K = 2 stages x 10 LoRA steps (full: 4 x 50); 32 calibration samples per stage
-  (full 128); Torch-Pruning with its Taylor importance only (full adds GroupMagnitudeImportance); val accuracy
-  only for the runs that choose A; latency over 5 interleaved repeats (full 20).
-- smollm2-135m: budgets 20 % and 40 % only (full adds 60 %); 1 seed (full 3); no one-shot run (one-shot vs
-  incremental is measured on minilm-rt); K = 2 stages x 2 LoRA steps of 4 x 128 tokens (full 4 x 50 of 8 x 256);
-  8 calibration samples x 128 tokens per stage (full 64 x 256); perplexity on 2,048 test tokens in
-  non-overlapping 256-token windows (full 16,384 tokens, stride 128), A chosen on 1,024 val tokens; latency
-  batch 1 x 256 over 3 repeats.
-- methods table: 1 seed, the quick minilm-rt schedule (2 stages x 10 steps).
-- analysis cost: MiniLM 32/64/128 samples x 2 alternating repeats (full 5); SmolLM2 8 samples x 128 tokens x 2 repeats
-  (full: 32/64/128 x 256 tokens x 5).
+Quick mode (`make bench`, about 30 min on 2 CPU cores) against full mode (`--full`; hours on 2 cores):
+- recon, minilm-rt: the same in both: 20 / 40 / 60 %, 3 seeds, 512 calibration samples, A in {0, 0.05, 0.15} x
+  {maxabs, rank} chosen on 500 val sentences, all 1,000 test sentences; recovery rows at 40 %.
+- recon, smollm2-135m: 20 % only (full: 20 / 30 / 40 %), 1 seed (full 3), A in {0, 0.15} with rank normalisation
+  (full: also maxabs), test 4,096 BBC + 2,048 IMDB tokens (full 16,384 + 4,096), recovery 4 distillation steps
+  (full: the recipe's 40, at most 10 min a run).
+- speed: the recon plans of the first seed, 5 (minilm-rt) / 3 (smollm2-135m) interleaved repeats (full 20 / 10).
+- analysis cost: MiniLM 32/64/128 samples x 2 alternating repeats (full 5); SmolLM2 8 samples x 128 tokens x 2
+  repeats (full: 32/64/128 x 256 tokens x 5).
+- the K-stage quality section and the methods table are not run by default (`--only quality,methods`).
 """

@@ -1,4 +1,8 @@
-"""`python -m bench.recon [--quick | --smoke] [--out bench/]`: what reconstruction buys.
+"""`python -m bench.recon [--mode long|quick|smoke] [--out bench/]`: what reconstruction buys.
+
+Also the headline section ("recon") of `python -m bench`: its --quick mode runs the "quick" cases
+(about 30 min on 2 cores with the other sections), --full the "long" ones (hours: the committed
+RECON.md is long mode, run per model and seed with --merge).
 
 One-shot cuts at equal block parameters, each evaluated right after the cut ("cut") and
 after the layer-sequential refit ("recon"), for
@@ -28,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from . import common  # noqa: F401  (offline environment first)
+from explorer.recipes import EXTRA, RECIPES
+
 from .common import fresh, generated_line, load, log, machine
 
 
@@ -45,14 +51,34 @@ class Case:
     batch_size: int = 16
     extra_budgets: list[float] = field(default_factory=list)  # run for the first seed only
     fixed: dict = field(default_factory=dict)  # A / normalisation fixed instead of chosen (stated in the report)
+    # the recovery row: these PruneConfig fields (bench.recipe.KEYS) train a copy of each method's
+    # reconstructed model at `recovery_budgets`, every seed, the dense model as teacher for KD
+    recovery: dict = field(default_factory=dict)
+    recovery_budgets: list[float] = field(default_factory=list)
+    recovery_cap_s: float = 0.0  # wall-time cap per recovery run (0: none); the steps done are kept
+
+
+# Recovery rows: each model's recipe (explorer/recipes.py) where it trains; MiniLM-RT's recipe trains
+# nothing (reconstruction alone is best on val), so its row is the best distillation on val (EXTRA).
+MINILM_RECOVERY = {**EXTRA["minilm-rt"]["kd_fallback"], "recovery_steps": 20}
+SMOLLM2_RECOVERY = {k: v for k, v in RECIPES["smollm2-135m"].items()}
 
 
 PRESETS = {
-    "quick": [Case("minilm-rt", [0.2, 0.4, 0.6], [0, 1, 2], 512, [0.0, 0.05, 0.15], ["maxabs", "rank"], 500, 0),
-              Case("smollm2-135m", [0.2], [0, 1], 32, [0.0, 0.15], ["maxabs", "rank"], 2048, 16384, 4096,
-                   batch_size=8)],
-    "smoke": [Case("tiny-bert", [0.3], [0, 1], 40, [0.0, 0.1], ["maxabs", "rank"], 0, 0),
-              Case("tiny-llama", [0.3], [0], 40, [0.1], ["maxabs"], 256, 512, 256)],
+    # `make bench` (python -m bench --quick): about 30 min on 2 cores with the bench's other sections
+    "quick": [Case("minilm-rt", [0.2, 0.4, 0.6], [0, 1, 2], 512, [0.0, 0.05, 0.15], ["maxabs", "rank"], 500, 0,
+                   recovery=MINILM_RECOVERY, recovery_budgets=[0.4]),
+              Case("smollm2-135m", [0.2], [0], 32, [0.0, 0.15], ["rank"], 2048, 4096, 2048, batch_size=8,
+                   recovery={**SMOLLM2_RECOVERY, "recovery_steps": 4}, recovery_budgets=[0.2])],
+    # the committed RECON.md / REPORT.md rows: hours on 2 cores, run per model and seed with --merge
+    "long": [Case("minilm-rt", [0.2, 0.4, 0.6], [0, 1, 2], 512, [0.0, 0.05, 0.15], ["maxabs", "rank"], 500, 0,
+                  recovery=MINILM_RECOVERY, recovery_budgets=[0.4]),
+             Case("smollm2-135m", [0.2, 0.3, 0.4], [0, 1, 2], 32, [0.0, 0.15], ["maxabs", "rank"], 2048, 16384, 4096,
+                  batch_size=8, recovery=SMOLLM2_RECOVERY, recovery_budgets=[0.2], recovery_cap_s=600)],
+    "smoke": [Case("tiny-bert", [0.3], [0, 1], 40, [0.0, 0.1], ["maxabs", "rank"], 0, 0,
+                   recovery={**MINILM_RECOVERY, "recovery_steps": 2, "train_batch_size": 8}, recovery_budgets=[0.3]),
+              Case("tiny-llama", [0.3], [0], 40, [0.1], ["maxabs"], 256, 512, 256,
+                   recovery={**SMOLLM2_RECOVERY, "recovery_steps": 1}, recovery_budgets=[0.3])],
 }
 
 
@@ -86,9 +112,9 @@ def flap_keeps(imp, target: float) -> list[tuple[list[int], list[int]]]:
              [u for u in range(p["n_neurons"]) if (i, "mlp", u) not in drop]) for i, p in enumerate(imp.params)]
 
 
-def run_case(case: Case, methods: tuple[str, ...] = METHODS, dense: dict | None = None) -> dict:
+def run_case(case: Case, methods: tuple[str, ...] = METHODS, dense: dict | None = None, loaded=None) -> dict:
     """Every (seed, budget, method) row of one model; `dense`: its test figures from an earlier
-    run of the same case (a merge), not measured again."""
+    run of the same case (a merge), not measured again; `loaded`: (base, data) already loaded."""
     from explorer.allocation import allocate
     from explorer.config import AllocationConfig, AnalysisConfig
     from explorer.evaluate import perplexity
@@ -98,7 +124,8 @@ def run_case(case: Case, methods: tuple[str, ...] = METHODS, dense: dict | None 
     from explorer.surgery import prune_block
 
     from .common import accuracy
-    base, data = load(case.model)
+    from .recipe import train
+    base, data = loaded or load(case.model)
     other = _other_corpus(case) if base.task == "causal-lm" else None
 
     def score(lm, split: str) -> dict:
@@ -128,9 +155,11 @@ def run_case(case: Case, methods: tuple[str, ...] = METHODS, dense: dict | None 
             log(f"  seed {seed}: analysis {t_analysis:.0f} s on {imp.tokens:,} tokens")
 
         def evaluate_plan(keeps, lam, label, budget, split="test", extra=None, cut=True, also_val=False,
-                          select="obs"):
-            """Cut (plain) -> score; then the refit from the dense copy -> score."""
-            row = {"method": label, "budget": budget, "seed": seed, **(extra or {})}
+                          select="obs", recover=True):
+            """Cut (plain) -> score; then the refit from the dense copy -> score; at a recovery
+            budget, a trained copy of the refit model -> score."""
+            row = {"method": label, "budget": budget, "seed": seed, **(extra or {}),
+                   "widths": [{"groups": len(g), "neurons": len(n)} for g, n in keeps]}
             if cut:
                 lm = fresh(base)
                 for i, (g, n) in enumerate(keeps):
@@ -148,6 +177,14 @@ def run_case(case: Case, methods: tuple[str, ...] = METHODS, dense: dict | None 
                 row["recon_val"] = score(lm, "val")
             row["calibration_error_ratio"] = rep.error_ratio
             row["block_params"] = lm.block_params
+            if recover and case.recovery and split == "test" and budget in case.recovery_budgets:
+                trained, secs, steps, losses = train(lm, base, data, case.recovery, seed, case.recovery_cap_s)
+                row["recovered"] = score(trained, split)
+                row["recovery"] = {"seconds": secs, "steps": steps, "first_loss": losses[0] if losses else None,
+                                   "last_loss": losses[-1] if losses else None}
+                log(f"    {budget:.0%} {label} recovered ({steps} {case.recovery['recovery']} steps, {secs:.0f} s): "
+                    f"{row['recovered']}")
+                del trained
             return row
 
         for budget in case.budgets + (case.extra_budgets if seed == case.seeds[0] else []):
@@ -182,7 +219,7 @@ def run_case(case: Case, methods: tuple[str, ...] = METHODS, dense: dict | None 
             if "flap" not in methods:
                 continue
             fk = flap_keeps(imp, budget)
-            flap = evaluate_plan(fk, float("inf"), "flap", budget, select="given")
+            flap = evaluate_plan(fk, float("inf"), "flap", budget, select="given", recover=False)  # trained as flap+refit
             rows.append(flap)
             refit = evaluate_plan(fk, 0.0, "flap+refit", budget, cut=False, select="given")
             refit["cut"] = flap["recon"]  # the same plan: its "before" is FLAP itself
@@ -241,9 +278,15 @@ def summarise(res: dict) -> list[dict]:
     order = {m: i for i, m in enumerate(METHODS)}
     for (budget, method), rs in sorted(by.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
         d = {"budget": budget, "method": method, "n": len(rs)}
-        for phase in ("cut", "recon"):
+        for phase in ("cut", "recon", "recovered"):
             vals = [r[phase][metric] for r in rs if phase in r]
             d[phase] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
+        gains = [r["recovered"][metric] - r["recon"][metric] for r in rs if "recovered" in r]
+        if gains:  # what the recovery adds to the same seed's reconstruction
+            m, sd = statistics.mean(gains), (statistics.stdev(gains) if len(gains) > 1 else float("nan"))
+            d["recovery_gain"] = (m, sd, len(gains) > 1 and abs(m) > sd)
+            d["recovery_seconds"] = statistics.mean(r["recovery"]["seconds"] for r in rs if "recovered" in r)
+            d["recovery_steps"] = statistics.mean(r["recovery"]["steps"] for r in rs if "recovered" in r)
         if res["task"] == "causal-lm":
             vals = [r["recon"].get("perplexity_imdb") for r in rs if r["recon"].get("perplexity_imdb")]
             d["imdb"] = statistics.mean(vals) if vals else None
@@ -266,55 +309,88 @@ def _first(meta: dict) -> dict:
     return meta
 
 
+EXPLAIN = ("One-shot cuts at equal block parameters. *cut*: the plan's units (taylor salience) removed, nothing "
+           "else; *recon*: the same per-layer counts, cut layer by layer with the units re-chosen by structured OBS "
+           "and refit (explorer/reconstruct.py defaults: relative token weights, λ per projection on held-out "
+           "calibration samples). "
+           "FLAP's *recon* column is its own bias compensation (λ = ∞); *flap+refit* is FLAP's plan with our refit "
+           "(its *cut* column repeats FLAP). Adaptive's (A, normalisation) is chosen on val after reconstruction; "
+           "figures are on test. ± is the std over calibration seeds; *vs uniform* is the mean paired difference "
+           "(recon) per seed ± its std, **bold** where it exceeds its spread. *Recovery*: a copy of each method's "
+           "reconstructed model trained with the recipe stated under the table (FLAP's with our refit), the dense "
+           "model as teacher; *gain* is the paired difference recovered − recon per seed.")
+
+
 def render(results: list[dict], meta: dict) -> str:
     lines = ["# Reconstruction benchmark (`python -m bench.recon`)", "",
              generated_line(f"python -m bench.recon --mode {meta['mode']}", meta)
              + (f" Incremental (`--merge`): this run added rows to those of earlier runs (the first generated "
                 f"{_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier")
-                else ""), "",
-             "One-shot cuts at equal block parameters. *cut*: the plan's units (taylor salience) removed, nothing "
-             "else; *recon*: the same per-layer counts, cut layer by layer with the units re-chosen by structured OBS "
-             "and refit (explorer/reconstruct.py defaults: relative token weights, λ per projection on held-out "
-             "calibration samples). "
-             "FLAP's *recon* column is its own bias compensation (λ = ∞); *flap+refit* is FLAP's plan with our refit "
-             "(its *cut* column repeats FLAP). Adaptive's (A, normalisation) is chosen on val after reconstruction; "
-             "figures are on test. ± is the std over calibration seeds; *vs uniform* is the mean paired difference "
-             "(recon) per seed ± its std, **bold** where it exceeds its spread.", ""]
+                else ""), "", EXPLAIN, ""]
+    return "\n".join(lines + model_tables(results)) + "\n"
+
+
+def _ms(v, n: int, metric: str, sign: str = "") -> str:
+    """mean ± std (or the one seed's value)."""
+    if v is None:
+        return "–"
+    f = ".4f" if metric == "accuracy" else ".2f"
+    return f"{v[0]:{sign}{f}}" + (f" ± {v[1]:{f}}" if n > 1 else " (1 seed)")
+
+
+def _paired(v, n: int, metric: str) -> str:
+    if not v:
+        return "–"
+    out = _ms(v, n, metric, "+")
+    return f"**{out}**" if v[2] else out
+
+
+def model_tables(results: list[dict], level: str = "##") -> list[str]:
+    """Per model: the cut / recon table, the recovery table, the adaptive choices."""
+    lines = []
     for res in results:
         metric = "accuracy" if res["task"] == "classification" else "perplexity"
+        lm = res["task"] == "causal-lm"
         dense = res["dense"][metric]
         case = res["case"]
-        lines += [f"## {res['model']}", "",
+        lines += [f"{level} {res['model']}", "",
                   f"Dense {metric} {dense:.4g}" + (f", IMDB perplexity {res['dense']['perplexity_imdb']:.4g}"
                                                     if "perplexity_imdb" in res["dense"] else "")
                   + f". Seeds {case['seeds']}, {case['samples']} calibration samples, test "
-                  + (f"{case['test_n']:,} BBC tokens + {case['other_n']:,} IMDB tokens" if res["task"] == "causal-lm"
+                  + (f"{case['test_n']:,} BBC tokens + {case['other_n']:,} IMDB tokens" if lm
                      else f"{case['test_n'] or 'all'} examples") + "."
-                  + (f" Adaptive uses fixed {case['fixed']} (not chosen on val)." if case["fixed"] else ""), ""]
-        head = "| budget | method | seeds | removed | cut | recon | recon / dense |" + (" IMDB ppl |" if res["task"] == "causal-lm" else "") \
+                  + (f" Adaptive uses fixed {case['fixed']} (not chosen on val)." if case.get("fixed") else ""), ""]
+        head = "| budget | method | seeds | removed | cut | recon | recon / dense |" + (" IMDB ppl |" if lm else "") \
             + " vs uniform | analysis s | recon s |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for d in summarise(res):
-            def ms(v, sign=""):  # one seed: no spread to show
-                if v is None:
-                    return "–"
-                f = ".4f" if metric == "accuracy" else ".2f"
-                return f"{v[0]:{sign}{f}}" + (f" ± {v[1]:{f}}" if d["n"] > 1 else " (1 seed)")
+        summary = summarise(res)
+        for d in summary:
             rel = d["recon"][0] / dense if d["recon"] else float("nan")
-            vs = d.get("vs_uniform")
-            vs_s = "–" if not vs else ms(vs, "+")
-            if vs and vs[2]:
-                vs_s = f"**{vs_s}**"
-            row = f"| {d['budget']:.0%} | {d['method']} | {d['n']} | {d['params_removed']:.1%} | {ms(d['cut'])} | {ms(d['recon'])} | {rel:.3f}x |"
-            if res["task"] == "causal-lm":
+            row = (f"| {d['budget']:.0%} | {d['method']} | {d['n']} | {d['params_removed']:.1%} | "
+                   f"{_ms(d['cut'], d['n'], metric)} | {_ms(d['recon'], d['n'], metric)} | {rel:.3f}x |")
+            if lm:
                 row += f" {d['imdb']:.2f} |" if d.get("imdb") else " – |"
-            row += f" {vs_s} | {d['analysis_seconds']:.0f} | {d['recon_seconds']:.1f} |"
+            row += f" {_paired(d.get('vs_uniform'), d['n'], metric)} | {d['analysis_seconds']:.0f} | {d['recon_seconds']:.1f} |"
             lines.append(row)
+        rec = [d for d in summary if d.get("recovered")]
+        if rec:
+            r = case.get("recovery") or {}
+            lines += ["", f"Recovery ({r.get('recovery')}, {r.get('recovery_steps')} steps, lr {r.get('lr')}, batch "
+                      f"{r.get('train_batch_size')}, kd_alpha {r.get('kd_alpha')}, T {r.get('kd_temperature')}"
+                      + (f", at most {case['recovery_cap_s']:.0f} s a run" if case.get("recovery_cap_s") else "")
+                      + "):", "",
+                      "| budget | method | seeds | recon | recovered | recovered / dense | gain (paired) | steps | train s |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for d in rec:
+                lines.append(f"| {d['budget']:.0%} | {d['method']} | {d['n']} | {_ms(d['recon'], d['n'], metric)} | "
+                             f"{_ms(d['recovered'], d['n'], metric)} | {d['recovered'][0] / dense:.3f}x | "
+                             f"{_paired(d['recovery_gain'], d['n'], metric)} | {d['recovery_steps']:.0f} | "
+                             f"{d['recovery_seconds']:.0f} |")
         chosen = sorted({(r["budget"], r["seed"], r.get("amplitude"), r.get("normalization"))
                          for r in res["rows"] if r["method"] == "adaptive"})
         lines += ["", "Adaptive choices (budget, seed, A, normalisation): "
                   + ", ".join(f"({b:.0%}, {s}, {a:g}, {n})" for b, s, a, n in chosen), ""]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def merge_rows(old: dict | None, new: dict) -> dict:
@@ -325,7 +401,7 @@ def merge_rows(old: dict | None, new: dict) -> dict:
     key = lambda r: (r["method"], r["budget"], r["seed"])  # noqa: E731
     fresh_keys = {key(r) for r in new["rows"]}
     rows = [r for r in old["rows"] if key(r) not in fresh_keys] + new["rows"]
-    case = dict(old["case"])
+    case = {**old["case"], **new["case"]}  # the newest settings (e.g. a recovery recipe), every seed and budget
     case["seeds"] = sorted({r["seed"] for r in rows})
     case["budgets"] = sorted({r["budget"] for r in rows})
     case["extra_budgets"] = []
@@ -335,7 +411,7 @@ def merge_rows(old: dict | None, new: dict) -> dict:
 def main(argv=None) -> int:
     import torch
     ap = argparse.ArgumentParser(prog="python -m bench.recon")
-    ap.add_argument("--mode", choices=sorted(PRESETS), default="quick")
+    ap.add_argument("--mode", choices=sorted(PRESETS), default="long")
     ap.add_argument("--out", default="bench")
     ap.add_argument("--models", default=None)
     ap.add_argument("--render-only", action="store_true", help="rewrite RECON.md from the existing recon.json")

@@ -65,9 +65,9 @@ def _table(header: list[str], rows: list[list]) -> str:
 def _models(results: dict) -> list[str]:
     """Models in the preset's order (minilm-rt first), then any others found."""
     seen = [m["name"] for m in results.get("meta", {}).get("config", {}).get("models", [])]
-    found = {r["model"] for sec in ("quality", "speed", "analysis_cost") for r in results.get(sec, [])}
+    found = {r["model"] for sec in ("recon", "quality", "speed", "analysis_cost") for r in results.get(sec, [])}
     seen = [m for m in seen if m in found]
-    for sec in ("quality", "speed", "analysis_cost"):
+    for sec in ("recon", "quality", "speed", "analysis_cost"):
         for r in results.get(sec, []):
             if r["model"] not in seen:
                 seen.append(r["model"])
@@ -111,6 +111,7 @@ def targets(results: dict) -> list[dict]:
                             "detail": f"{_fmt(metric, ad['mean'])} vs {_fmt(metric, o['mean'])} "
                                       f"({'+' if diff >= 0 else '−'}{_fmt(metric, abs(diff))}"
                                       f"{'; seed spread ' + _fmt(metric, noise) if noise else ''})"})
+    out += recon_targets(results)
     for r in results.get("speed", []):
         out.append({"target": "speed-up ≥ 85 % of the same-width limit", "model": r["model"], "budget": r["budget"],
                     "method": r["method"], "ok": r["fraction_of_limit"] >= TARGET_FRACTION_OF_LIMIT,
@@ -122,6 +123,92 @@ def targets(results: dict) -> list[dict]:
                     "detail": f"{r['samples']} samples: {r['analysis_s']:.2f} s vs {r['forward_backward_s']:.2f} s = "
                               f"{r['ratio']:.2f}x"})
     return out
+
+
+# The issue's goals for the recon section: (model, budget) -> (phase, bound, higher is better), quality
+# relative to dense; and seconds of one reconstructed stage (analysis + refit).
+RECON_GOALS = {("smollm2-135m", 0.2): [("recon", 1.30, False), ("recovered", 1.15, False)],
+               ("minilm-rt", 0.4): [("best", 0.99, True)], ("minilm-rt", 0.6): [("best", 0.97, True)]}
+STAGE_SECONDS_GOAL = {"minilm-rt": 10.0, "smollm2-135m": 60.0}
+
+
+def recon_targets(results: dict) -> list[dict]:
+    """Adaptive against every baseline (paired over seeds, after reconstruction), and the goals."""
+    from .recon import summarise
+    out = []
+    for res in results.get("recon", []):
+        metric = "accuracy" if res["task"] == "classification" else "perplexity"
+        hib, dense, model = _higher(metric), res["dense"][metric], res["model"]
+        summary = summarise(res)
+        for budget in sorted({d["budget"] for d in summary}):
+            at = {d["method"]: d for d in summary if d["budget"] == budget}
+            ad = at.get("adaptive")
+            if not ad:
+                continue
+            seeds = {r["seed"]: r for r in res["rows"] if r["method"] == "adaptive" and r["budget"] == budget}
+            for other in ("uniform", "torch-pruning", "flap", "flap+refit"):
+                diffs = [seeds[r["seed"]]["recon"][metric] - r["recon"][metric] for r in res["rows"]
+                         if r["method"] == other and r["budget"] == budget and r["seed"] in seeds]
+                if not diffs:
+                    continue
+                m = sum(diffs) / len(diffs)
+                sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else float("nan")
+                ok = m >= 0 if hib else m <= 0
+                inside = not (len(diffs) > 1 and abs(m) > sd)
+                out.append({"target": f"adaptive ≥ {other} (reconstructed)", "model": model, "budget": budget,
+                            "ok": ok, "tie": len(diffs) > 1 and inside, "detail": f"{_fmt_raw(metric, ad['recon'][0])} vs "
+                                                f"{_fmt_raw(metric, at[other]['recon'][0])}; paired {m:+.4g}"
+                                                + (f" ± {sd:.2g} over {len(diffs)} seeds"
+                                                   + (" (inside the spread)" if inside else "")
+                                                   if len(diffs) > 1 else " (1 seed)")})
+            for phase, bound, higher in RECON_GOALS.get((model, budget), []):
+                vals = [v for v in (ad.get("recon"), ad.get("recovered")) if v] if phase == "best" else \
+                    [ad[phase]] if ad.get(phase) else []
+                if not vals:
+                    continue
+                v = (max if hib else min)(x[0] for x in vals)
+                rel = v / dense
+                out.append({"target": f"adaptive {'≥' if higher else '≤'} {bound:.2f}x dense "
+                                      f"({'reconstruction' if phase == 'recon' else 'reconstruction + recovery' if phase == 'recovered' else 'best of recon / recovered'})",
+                            "model": model, "budget": budget, "ok": rel >= bound if higher else rel <= bound,
+                            "detail": f"{_fmt_raw(metric, v)} = {rel:.3f}x dense {_fmt_raw(metric, dense)}"})
+        goal = STAGE_SECONDS_GOAL.get(model)
+        rows = [r for r in res["rows"] if r["method"] == "adaptive"]
+        if goal and rows:
+            secs = sorted(r["analysis_seconds"] + r["recon_seconds"] for r in rows)
+            med = secs[len(secs) // 2]
+            out.append({"target": f"a reconstructed stage (analysis + refit) ≤ {goal:.0f} s", "model": model,
+                        "budget": None, "ok": med <= goal,
+                        "detail": f"median {med:.1f} s over {len(secs)} adaptive rows (range {secs[0]:.1f}–"
+                                  f"{secs[-1]:.1f} s; {results.get('meta', {}).get('machine', {}).get('torch_threads')}"
+                                  " torch threads)"})
+    return out
+
+
+def _fmt_raw(metric: str, v) -> str:
+    return f"{v:.4f}" if metric == "accuracy" else f"{v:.2f}"
+
+
+def recon_headline(results: dict) -> list[str]:
+    from .recon import EXPLAIN, model_tables
+    if not results.get("recon"):
+        return []
+    return ["## Headline: methods at equal parameters, cut → reconstructed → recovered", "",
+            "Budget = fraction of the transformer-block parameters removed, in one stage. " + EXPLAIN
+            + " The same tables for longer runs (SmolLM2 at 30 / 40 %, 16,384 BBC tokens) are bench/RECON.md "
+            "(`python -m bench.recon`).", ""] + model_tables(results["recon"], level="###")
+
+
+def _recon_settings(results: dict) -> list[str]:
+    L = []
+    for res in results.get("recon", []):
+        c = res["case"]
+        L.append(f"- **{res['model']}** (recon): budgets {c['budgets']}, seeds {c['seeds']}, {c['samples']} "
+                 f"calibration samples (analysis and refit), A over {c['amplitudes']} × normalisation "
+                 f"{c['normalizations']} chosen on {c['val_n'] or 'all'} val "
+                 + ("tokens" if res["task"] == "causal-lm" else "examples")
+                 + f"; recovery rows at {c.get('recovery_budgets')}: {c.get('recovery')}.")
+    return L
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -182,20 +269,22 @@ def render(results: dict) -> str:
     for mf in meta.get("merged_from", []):
         L += [f"- merged in from a run started {mf.get('date')} (load average at start/end {mf.get('load_average')}): "
               + "; ".join(f"`{c}`" for c in mf.get("commands") or []), ""]
-    L += ["## Headline (quality at equal parameters, same recovery budget)", "",
-          "Budget = fraction of the transformer-block parameters removed. `adaptive` is ours (Adapt-Pruner "
-          "allocation, exact budget, K stages; A picked on the val split, test reported), `uniform` the same "
-          "pipeline with S_L = S_base, `torch-pruning` the external baseline (Torch-Pruning's GroupTaylor "
-          "importance and BasePruner, uniform, same K stages and recovery), `one-shot` = adaptive with K = 1 "
-          "and the same total recovery steps.", "", headline(results), ""]
+    L += recon_headline(results)
+    if results.get("quality"):
+        L += ["## K-stage runs (quality at equal parameters, same recovery budget)", "",
+              "Budget = fraction of the transformer-block parameters removed. `adaptive` is ours (Adapt-Pruner "
+              "allocation, exact budget, K stages; A picked on the val split, test reported), `uniform` the same "
+              "pipeline with S_L = S_base, `torch-pruning` the external baseline (Torch-Pruning's GroupTaylor "
+              "importance and BasePruner, uniform, same K stages and recovery), `one-shot` = adaptive with K = 1 "
+              "and the same total recovery steps.", "", headline(results), ""]
     L += _targets_section(results)
     L += _quality_section(results)
     L += _speed_section(results)
     L += _cost_section(results)
     L += _ui_section(results)
     L += _methods_section(results)
-    L += ["## Settings", ""]
-    for mb in cfg.get("models", []):
+    L += ["## Settings", ""] + _recon_settings(results)
+    for mb in (cfg.get("models", []) if results.get("quality") else []):
         L.append(f"- **{mb['name']}**: budgets {mb['budgets']}, seeds {mb['seeds']}, A swept over {mb['amplitudes']} "
                  f"({'every seed' if mb['sweep_all_seeds'] else 'first seed; other seeds use the chosen A'}), "
                  f"K = {mb['stages']} stages x {mb['steps_per_stage']} {mb['recovery']} recovery steps of batch "
@@ -207,8 +296,18 @@ def render(results: dict) -> str:
                  + f"; latency batch {mb['speed_batch']} x {mb['speed_seq']}, {mb['speed_repeats']} repeats.")
     if meta.get("quick_cuts"):
         L += ["", "### What quick mode cuts", "", meta["quick_cuts"]]
-    L += ["", "## Method notes", "",
-          "- Every pruned model starts from the same dense weights and gets the same recovery (LoRA, merged back "
+    L += ["", "## Method notes", ""]
+    if results.get("recon"):
+        L += ["- Recon section: every method starts from the same dense weights and the same calibration samples "
+              "per seed (`TextData.calibration(n, 1, seed)`); the plan's units are removed in one stage and the "
+              "output projections refit layer by layer (`explorer.reconstruct`). Torch-Pruning scores units with "
+              "its own GroupTaylorImportance (heads + FFN channels on BERT, FFN channels only on GQA models, where "
+              "its head pruning would cut query heads inside KV groups); FLAP is implemented from its paper "
+              "(bench/recon.py: fluctuation metric, standardised global widths, bias compensation). Speed rows "
+              "time these plans' architectures."]
+    if not results.get("quality"):
+        return "\n".join(L + [""]) + "\n"
+    L += ["- Every pruned model starts from the same dense weights and gets the same recovery (LoRA, merged back "
           "after each stage) and the same number of optimiser steps; calibration samples differ per stage and "
           "per seed (`TextData.calibration(n, stage, seed)`); the seed also sets the recovery batches.",
           "- Torch-Pruning is given the per-layer counts of the uniform allocation, so on MiniLM `uniform` and "
@@ -279,10 +378,13 @@ def _targets_section(results) -> list[str]:
     summary = []
     for name, items in groups.items():
         n_ok = sum(1 for t in items if t["ok"])
-        summary.append([name, f"{n_ok} / {len(items)}", "**pass**" if n_ok == len(items) else "**FAIL**"])
-    L += [_table(["target", "rows passing", "verdict"], summary), ""]
+        ties = sum(1 for t in items if t.get("tie"))
+        summary.append([name, f"{n_ok} / {len(items)}" + (f" ({ties} inside the seed spread)" if ties else ""),
+                        "**pass**" if n_ok == len(items) else "**FAIL**"])
+    L += ["A comparison whose paired difference is inside the seed spread says so: its sign is not a result.", "",
+          _table(["target", "rows passing", "verdict"], summary), ""]
     rows = [[t["target"], t["model"], f"{t['budget']:.0%}" if t["budget"] is not None else "–", t["detail"],
-             _pf(t["ok"])] for t in ts]
+             _pf(t["ok"]) + (" (tie)" if t.get("tie") else "")] for t in ts]
     L += ["<details><summary>every row</summary>", "", _table(["target", "model", "budget", "measured", "verdict"], rows),
           "", "</details>", ""]
     return L

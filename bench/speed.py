@@ -33,6 +33,19 @@ def widths_from_runs(runs: list[dict], model: str, seed) -> dict[tuple, list[dic
     return out
 
 
+def widths_from_recon(recon: list[dict], model: str) -> dict[tuple, list[dict]]:
+    """(budget, method) -> widths of the recon section's first seed (the refit keeps the plan's counts)."""
+    out = {}
+    for res in recon:
+        if res["model"] != model:
+            continue
+        first = min(r["seed"] for r in res["rows"])
+        for r in res["rows"]:
+            if r["seed"] == first and r.get("widths") and r["method"] != "flap+refit":  # flap's plan, once
+                out.setdefault((r["budget"], r["method"]), r["widths"])
+    return out
+
+
 def widths_by_allocation(base, data, mb: ModelBench) -> dict[tuple, list[dict]]:
     """Without quality runs: one analysis, then the uniform and adaptive one-shot plans."""
     from explorer.pruning import apply_allocation

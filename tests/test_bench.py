@@ -26,7 +26,7 @@ def run_bench(module: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = run_bench("bench", "--smoke", "--out", str(out))
+    proc = run_bench("bench", "--smoke", "--out", str(out), "--only", "recon,quality,speed,analysis,ui,methods")
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
 
@@ -44,9 +44,18 @@ def test_results_schema(smoke):
     for model in {r["model"] for r in res["quality"]}:
         methods = {r["method"] for r in res["quality"] if r["model"] == model}
         assert {"dense", "uniform", "adaptive", "torch-pruning", "one-shot"} <= methods
+    recon_methods = {"uniform", "adaptive", "flap", "flap+refit", "torch-pruning"}
+    assert {r["model"] for r in res["recon"]} == {"tiny-bert", "tiny-llama"}
+    for model in res["recon"]:
+        assert {r["method"] for r in model["rows"]} == recon_methods
+        for r in model["rows"]:
+            assert {"cut", "recon", "widths", "block_params"} <= set(r)
+            # one recovery row per method (FLAP's is trained from its refit plan), at the recovery budget
+            assert ("recovered" in r) == (r["method"] != "flap" and r["budget"] in model["case"]["recovery_budgets"])
     for r in res["speed"]:
         assert {"model", "budget", "method", "speedup", "limit_speedup"} <= set(r)
-        assert r["method"] in allowed and r["speedup"] > 0 and r["limit_speedup"] > 0
+        assert r["widths_from"].startswith("recon")  # the speed rows time the recon section's plans
+        assert r["method"] in allowed | recon_methods and r["speedup"] > 0 and r["limit_speedup"] > 0
     for r in res["analysis_cost"]:
         assert {"model", "samples", "ratio"} <= set(r) and r["ratio"] > 0
     assert res["ui"] and all({"action", "server_ms"} <= set(r) for r in res["ui"])
@@ -74,12 +83,41 @@ def test_equal_parameters(smoke):
 def test_report_written(smoke):
     out, res, stdout = smoke
     report = (out / "REPORT.md").read_text()
-    for part in ("## Machine and commands", "## Headline", "## Targets", "## Speed", "## Cost of analysis",
-                 "## UI server time", "## All methods", "python -m bench --smoke"):
+    for part in ("## Machine and commands", "## Headline: methods at equal parameters", "### tiny-llama",
+                 "Recovery (reconstruct+kd", "## K-stage runs", "## Targets", "adaptive ≥ flap+refit (reconstructed)",
+                 "## Speed", "## Cost of analysis", "## UI server time", "## All methods", "python -m bench --smoke"):
         assert part in report, part
     assert res["meta"]["machine"]["cpu"] in report
     assert (out / "plots.html").stat().st_size > 1000
-    assert "== quality" in stdout  # figures are printed as it goes
+    assert "== recon" in stdout and "== quality" in stdout  # figures are printed as it goes
+
+
+def test_recon_targets_paired_and_goals():
+    """Adaptive against a baseline is judged on the paired difference per seed (a tie when inside the
+    spread); the issue's goals read the recon / recovered columns relative to dense."""
+    from bench.report import recon_targets
+
+    def row(method, seed, ppl, rec=None):
+        r = {"method": method, "budget": 0.2, "seed": seed, "recon": {"perplexity": ppl}, "cut": {"perplexity": 99.0},
+             "recon_seconds": 30.0, "analysis_seconds": 20.0, "block_params": 80}
+        if rec is not None:
+            r["recovered"], r["recovery"] = {"perplexity": rec}, {"seconds": 1.0, "steps": 4}
+        return r
+    rows = [row("adaptive", 0, 12.0, 11.0), row("adaptive", 1, 12.2, 11.1), row("adaptive", 2, 11.8, 10.9),
+            row("uniform", 0, 13.0), row("uniform", 1, 13.1), row("uniform", 2, 12.9),  # always worse: a result
+            row("torch-pruning", 0, 11.0), row("torch-pruning", 1, 13.5), row("torch-pruning", 2, 12.0)]  # noisy
+    res = {"recon": [{"model": "smollm2-135m", "task": "causal-lm", "dense": {"perplexity": 10.0}, "rows": rows,
+                      "block_params_dense": 100, "case": {}}], "meta": {}}
+    got = {t["target"]: t for t in recon_targets(res)}
+    assert got["adaptive ≥ uniform (reconstructed)"]["ok"] and not got["adaptive ≥ uniform (reconstructed)"]["tie"]
+    tp = got["adaptive ≥ torch-pruning (reconstructed)"]
+    assert tp["tie"] and "inside the spread" in tp["detail"]
+    assert got["adaptive ≤ 1.30x dense (reconstruction)"]["ok"]  # 12.0 / 10 = 1.2
+    assert got["adaptive ≤ 1.15x dense (reconstruction + recovery)"]["ok"]  # mean 11.0 / 10
+    res["recon"][0]["dense"]["perplexity"] = 9.0
+    got = {t["target"]: t for t in recon_targets(res)}
+    assert not got["adaptive ≤ 1.30x dense (reconstruction)"]["ok"]  # 12.0 / 9 = 1.33
+    assert got["a reconstructed stage (analysis + refit) ≤ 60 s"]["ok"]  # 20 + 30 s
 
 
 def test_targets_pass_fail():
