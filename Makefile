@@ -7,6 +7,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
+# `make bench`: a fresh quick run (~30 min on 2 cores); e.g. BENCH_ARGS="--full" or "--only speed"
+BENCH_ARGS ?= --fresh
 
 .PHONY: setup setup-test run test test-fast bench bench-bigmodel clean
 
