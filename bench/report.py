@@ -512,6 +512,30 @@ def _methods_section(results) -> list[str]:
 
 # --- plots --------------------------------------------------------------------------------------
 
+def _recon_figure(res: dict):
+    """Test quality against parameters removed, one line per (method, phase), ± the seed spread."""
+    import plotly.graph_objects as go
+
+    from .recon import METHODS, summarise
+    metric = "accuracy" if res["task"] == "classification" else "perplexity"
+    summary = summarise(res)
+    fig = go.Figure()
+    for method in METHODS:
+        ds = sorted((d for d in summary if d["method"] == method), key=lambda d: d["budget"])
+        for phase, dash in (("recon", None), ("cut", "dot"), ("recovered", "dash")):
+            pts = [d for d in ds if d.get(phase)]
+            if pts:
+                fig.add_scatter(x=[100 * d["budget"] for d in pts], y=[d[phase][0] for d in pts],
+                                error_y=dict(type="data", array=[d[phase][1] for d in pts]),
+                                mode="lines+markers", line=dict(dash=dash), name=f"{method} ({phase})",
+                                visible=True if phase != "cut" else "legendonly")
+    fig.add_hline(y=res["dense"][metric], line=dict(dash="dash", color="grey"), annotation_text="dense")
+    fig.update_layout(title=f"{res['model']}: test {metric} vs block parameters removed (one stage; ± seed std)",
+                      xaxis_title="% of block parameters removed", yaxis_title=metric,
+                      yaxis_type="log" if metric == "perplexity" else None, template="plotly_white")
+    return fig
+
+
 def plots_html(results: dict) -> str:
     import plotly.graph_objects as go
     try:
@@ -519,6 +543,8 @@ def plots_html(results: dict) -> str:
     except ImportError:
         charts_html = None
     figs = {}
+    for res in results.get("recon", []):
+        figs[f"Reconstruction: {res['model']}"] = _recon_figure(res)
     for model in _models(results):
         rows = [r for r in results.get("quality", []) if r["model"] == model]
         if rows:
