@@ -388,8 +388,11 @@ def model_tables(results: list[dict], level: str = "##") -> list[str]:
                              f"{d['recovery_seconds']:.0f} |")
         chosen = sorted({(r["budget"], r["seed"], r.get("amplitude"), r.get("normalization"))
                          for r in res["rows"] if r["method"] == "adaptive"})
+        picks = [("A = 0 (uniform)" if not a else n) for _, _, a, n in chosen]
         lines += ["", "Adaptive choices (budget, seed, A, normalisation): "
-                  + ", ".join(f"({b:.0%}, {s}, {a:g}, {n})" for b, s, a, n in chosen), ""]
+                  + ", ".join(f"({b:.0%}, {s}, {a:g}, {n})" for b, s, a, n in chosen)
+                  + ". Chosen on val: " + ", ".join(f"{k} {picks.count(k)} of {len(picks)}" for k in
+                                                    sorted(set(picks), key=lambda k: -picks.count(k))) + ".", ""]
     return lines
 
 
