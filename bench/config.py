@@ -125,12 +125,13 @@ def with_models(cfg: BenchConfig, names: list[str]) -> BenchConfig:
 
 QUICK_CUTS = """\
 Quick mode (`make bench`, about 30 min on 2 CPU cores) against full mode (`--full`; hours on 2 cores):
-- recon, minilm-rt: 20 / 40 / 60 %, 3 seeds, 128 calibration samples (full 512), A in {0, 0.05, 0.15} with
-  rank normalisation (full: also maxabs) chosen on 500 val sentences, all 1,000 test sentences; recovery rows at
-  40 % (as full).
+- recon, minilm-rt: 40 / 60 % (full adds 20 %), 3 seeds, 128 calibration samples (full 512), A in {0, 0.05, 0.15}
+  with rank normalisation (full: also maxabs) chosen on 500 val sentences, all 1,000 test sentences; recovery rows
+  at 40 % (as full).
 - recon, smollm2-135m: 20 % only (full: 20 / 30 / 40 %), 1 seed (full 3), 16 calibration samples (full 32), A in
-  {0, 0.15} with rank normalisation (full: also maxabs) on 1,024 val tokens (full 2,048), test 4,096 BBC + 1,024
-  IMDB tokens (full 16,384 + 4,096), recovery 4 distillation steps (full: the recipe's 40, at most 10 min a run).
+  {0, 0.15} with rank normalisation (full: also maxabs) on 1,024 val tokens (full 2,048), test 2,048 BBC + 512
+  IMDB tokens (full 16,384 + 4,096); no recovery rows (full: the recipe's 40 distillation steps, at most 10 min a
+  run; a step takes about 16 s on 2 cores).
 - speed: the recon plans of the first seed, 5 (minilm-rt) / 3 (smollm2-135m) interleaved repeats (full 20 / 10).
 - analysis cost: MiniLM 32/64/128 samples x 2 alternating repeats (full 5); SmolLM2 8 samples x 128 tokens x 2
   repeats (full: 32/64/128 x 256 tokens x 5).
