@@ -157,8 +157,9 @@ def recon_targets(results: dict) -> list[dict]:
                 inside = not (len(diffs) > 1 and abs(m) > sd)
                 out.append({"target": f"adaptive ≥ {other} (reconstructed)", "model": model, "budget": budget,
                             "ok": ok, "tie": len(diffs) > 1 and inside, "detail": f"{_fmt_raw(metric, ad['recon'][0])} vs "
-                                                f"{_fmt_raw(metric, at[other]['recon'][0])}; paired {m:+.4g}"
-                                                + (f" ± {sd:.2g} over {len(diffs)} seeds"
+                                                f"{_fmt_raw(metric, at[other]['recon'][0])}; paired "
+                                                f"{'+' if m >= 0 else ''}{_fmt_raw(metric, m)}"
+                                                + (f" ± {_fmt_raw(metric, sd)} over {len(diffs)} seeds"
                                                    + (" (inside the spread)" if inside else "")
                                                    if len(diffs) > 1 else " (1 seed)")})
             for phase, bound, higher in RECON_GOALS.get((model, budget), []):
