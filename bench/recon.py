@@ -61,7 +61,7 @@ class Case:
 # Recovery rows: each model's recipe (explorer/recipes.py) where it trains; MiniLM-RT's recipe trains
 # nothing (reconstruction alone is best on val), so its row is the best distillation on val (EXTRA).
 MINILM_RECOVERY = {**EXTRA["minilm-rt"]["kd_fallback"], "recovery_steps": 20}
-SMOLLM2_RECOVERY = {k: v for k, v in RECIPES["smollm2-135m"].items()}
+SMOLLM2_RECOVERY = dict(RECIPES["smollm2-135m"])
 
 
 PRESETS = {
