@@ -392,7 +392,7 @@ def model_tables(results: list[dict], level: str = "##") -> list[str]:
         lines += ["", "Adaptive choices (budget, seed, A, normalisation): "
                   + ", ".join(f"({b:.0%}, {s}, {a:g}, {n})" for b, s, a, n in chosen)
                   + ". Chosen on val: " + ", ".join(f"{k} {picks.count(k)} of {len(picks)}" for k in
-                                                    sorted(set(picks), key=lambda k: -picks.count(k))) + ".", ""]
+                                                    sorted(set(picks), key=lambda k: (-picks.count(k), k))) + ".", ""]
     return lines
 
 
