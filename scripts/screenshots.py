@@ -129,12 +129,20 @@ class Driver:
             arg=[elem_id, predicate_js])
         return self.plot(elem_id)
 
-    def set_number(self, elem_id: str, value) -> None:
-        """Type into a slider's or number box's input and commit it."""
+    def set_number(self, elem_id: str, value, tries: int = 5) -> None:
+        """Type into a slider's or number box's input and commit it. A box inside an accordion that
+        has just opened can be re-rendered with its old value after the first fill, so the value is
+        read back (after a moment) and typed again until it holds."""
         box = self.page.locator(f"#{elem_id} input[type=number]")
-        box.fill(str(value))
-        box.press("Enter")
-        box.blur()
+        box.wait_for(state="visible")
+        for _ in range(tries):
+            box.fill(str(value))
+            box.press("Enter")
+            box.blur()
+            self.page.wait_for_timeout(300)
+            if float(box.input_value() or "nan") == float(value):
+                return
+        raise AssertionError(f"#{elem_id} did not keep the value {value} (shows {box.input_value()!r})")
 
     def choose(self, elem_id: str, option: str) -> None:
         self.page.locator(f"#{elem_id} label", has_text=option).first.click()
