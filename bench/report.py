@@ -519,21 +519,30 @@ def _recon_figure(res: dict):
 
     from .recon import METHODS, summarise
     metric = "accuracy" if res["task"] == "classification" else "perplexity"
+    import plotly.colors
+
     summary = summarise(res)
+    palette = plotly.colors.qualitative.Plotly
     fig = go.Figure()
-    for method in METHODS:
+    shown = [res["dense"][metric]]  # the values on visible traces, for a log axis' range
+    for k, method in enumerate(METHODS):  # one colour per method; the phase is the line style
         ds = sorted((d for d in summary if d["method"] == method), key=lambda d: d["budget"])
-        for phase, dash in (("recon", None), ("cut", "dot"), ("recovered", "dash")):
+        for phase, dash in (("recon", "solid"), ("cut", "dot"), ("recovered", "dash")):
             pts = [d for d in ds if d.get(phase)]
             if pts:
                 fig.add_scatter(x=[100 * d["budget"] for d in pts], y=[d[phase][0] for d in pts],
-                                error_y=dict(type="data", array=[d[phase][1] for d in pts]),
-                                mode="lines+markers", line=dict(dash=dash), name=f"{method} ({phase})",
-                                visible=True if phase != "cut" else "legendonly")
+                                error_y=dict(type="data", array=[d[phase][1] for d in pts]), mode="lines+markers",
+                                line=dict(dash=dash, color=palette[k % len(palette)]), name=f"{method} ({phase})",
+                                legendgroup=method, visible=True if phase != "cut" else "legendonly")
+                shown += [d[phase][0] for d in pts] if phase != "cut" else []
     fig.add_hline(y=res["dense"][metric], line=dict(dash="dash", color="grey"), annotation_text="dense")
+    log = metric == "perplexity"
     fig.update_layout(title=f"{res['model']}: test {metric} vs block parameters removed (one stage; ± seed std)",
-                      xaxis_title="% of block parameters removed", yaxis_title=metric,
-                      yaxis_type="log" if metric == "perplexity" else None, template="plotly_white")
+                      xaxis_title="% of block parameters removed", yaxis_title=metric + (" (log)" if log else ""),
+                      yaxis_type="log" if log else None, template="plotly_white")
+    if log:  # plotly's log autorange is thrown by zero-width error bars; the visible values decide
+        import math
+        fig.update_yaxes(range=[math.log10(min(shown)) - 0.1, math.log10(max(shown)) + 0.1])
     return fig
 
 
