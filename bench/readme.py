@@ -43,14 +43,8 @@ def make_bench_block(results: dict) -> str:
 
 
 def recon_long_block(recon: dict) -> str:
-    from .common import generated_line
-    from .recon import _first, model_tables
-    meta = recon["meta"]
-    head = generated_line(f"python -m bench.recon --mode {meta['mode']}", meta)
-    if meta.get("earlier"):
-        head += (f" Incremental (`--merge`): rows of earlier runs are kept (the first generated "
-                 f"{_first(meta)['date']}); bench/recon.json keeps every run's machine, load and time.")
-    return "\n".join([head, ""] + model_tables(recon["results"], level="####")).strip() + "\n"
+    from .recon import header, model_tables
+    return "\n".join([header(recon["meta"]), ""] + model_tables(recon["results"], level="####")).strip() + "\n"
 
 
 def blocks(root: Path = ROOT) -> dict[str, str]:

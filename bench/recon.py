@@ -268,6 +268,19 @@ def _other_corpus(case: Case) -> list[str] | None:
     return reviews[-400:]  # a fixed tail, far from anything else the bench reads
 
 
+def paired(diffs: list[float]) -> tuple[float, float, bool, int]:
+    """Per-seed differences -> (mean, std, whether |mean| exceeds the std, seeds); one seed has no
+    spread (std nan, never beyond it)."""
+    m = statistics.mean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+    return m, sd, len(diffs) > 1 and abs(m) > sd, len(diffs)
+
+
+def fmt_value(metric: str, v: float, sign: str = "") -> str:
+    """A figure at its metric's precision: accuracy to 4 decimals, perplexity to 2."""
+    return f"{v:{sign}{'.4f' if metric == 'accuracy' else '.2f'}}"
+
+
 def summarise(res: dict) -> list[dict]:
     """Mean ± std over seeds per (budget, method, phase), and paired differences vs uniform."""
     metric = "accuracy" if res["task"] == "classification" else "perplexity"
@@ -283,8 +296,7 @@ def summarise(res: dict) -> list[dict]:
             d[phase] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else None
         gains = [r["recovered"][metric] - r["recon"][metric] for r in rs if "recovered" in r]
         if gains:  # what the recovery adds to the same seed's reconstruction
-            m, sd = statistics.mean(gains), (statistics.stdev(gains) if len(gains) > 1 else float("nan"))
-            d["recovery_gain"] = (m, sd, len(gains) > 1 and abs(m) > sd)
+            d["recovery_gain"] = paired(gains)
             d["recovery_seconds"] = statistics.mean(r["recovery"]["seconds"] for r in rs if "recovered" in r)
             d["recovery_steps"] = statistics.mean(r["recovery"]["steps"] for r in rs if "recovered" in r)
         if res["task"] == "causal-lm":
@@ -293,11 +305,14 @@ def summarise(res: dict) -> list[dict]:
         d["recon_seconds"] = statistics.mean(r["recon_seconds"] for r in rs)
         d["analysis_seconds"] = statistics.mean(r["analysis_seconds"] for r in rs)
         d["params_removed"] = 1 - statistics.mean(r["block_params"] for r in rs) / res["block_params_dense"]
-        uni = {r["seed"]: r["recon"][metric] for r in by.get((budget, "uniform"), [])}
-        diffs = [r["recon"][metric] - uni[r["seed"]] for r in rs if r["seed"] in uni]
-        if method != "uniform" and diffs:
-            m, s = statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else float("nan"))
-            d["vs_uniform"] = (m, s, len(diffs) > 1 and abs(m) > s)
+        d["paired"] = {}  # other method -> this minus it after reconstruction, seed by seed
+        for other in METHODS:
+            theirs = {r["seed"]: r["recon"][metric] for r in by.get((budget, other), [])}
+            diffs = [r["recon"][metric] - theirs[r["seed"]] for r in rs if r["seed"] in theirs]
+            if other != method and diffs:
+                d["paired"][other] = paired(diffs)
+        if "uniform" in d["paired"]:
+            d["vs_uniform"] = d["paired"]["uniform"]
         out.append(d)
     return out
 
@@ -321,12 +336,15 @@ EXPLAIN = ("One-shot cuts at equal block parameters. *cut*: the plan's units (ta
            "model as teacher; *gain* is the paired difference recovered − recon per seed.")
 
 
+def header(meta: dict) -> str:
+    """When, how and under which load the runs behind recon.json ran."""
+    return generated_line(f"python -m bench.recon --mode {meta['mode']}", meta) + (
+        f" Incremental (`--merge`): this run added rows to those of earlier runs (the first generated "
+        f"{_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier") else "")
+
+
 def render(results: list[dict], meta: dict) -> str:
-    lines = ["# Reconstruction benchmark (`python -m bench.recon`)", "",
-             generated_line(f"python -m bench.recon --mode {meta['mode']}", meta)
-             + (f" Incremental (`--merge`): this run added rows to those of earlier runs (the first generated "
-                f"{_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier")
-                else ""), "", EXPLAIN, ""]
+    lines = ["# Reconstruction benchmark (`python -m bench.recon`)", "", header(meta), "", EXPLAIN, ""]
     return "\n".join(lines + model_tables(results)) + "\n"
 
 
@@ -334,8 +352,7 @@ def _ms(v, n: int, metric: str, sign: str = "") -> str:
     """mean ± std (or the one seed's value)."""
     if v is None:
         return "–"
-    f = ".4f" if metric == "accuracy" else ".2f"
-    return f"{v[0]:{sign}{f}}" + (f" ± {v[1]:{f}}" if n > 1 else " (1 seed)")
+    return fmt_value(metric, v[0], sign) + (f" ± {fmt_value(metric, v[1])}" if n > 1 else " (1 seed)")
 
 
 def _paired(v, n: int, metric: str) -> str:

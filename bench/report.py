@@ -134,7 +134,7 @@ STAGE_SECONDS_GOAL = {"minilm-rt": 10.0, "smollm2-135m": 60.0}
 
 def recon_targets(results: dict) -> list[dict]:
     """Adaptive against every baseline (paired over seeds, after reconstruction), and the goals."""
-    from .recon import summarise
+    from .recon import fmt_value, summarise
     out = []
     for res in results.get("recon", []):
         metric = "accuracy" if res["task"] == "classification" else "perplexity"
@@ -145,23 +145,16 @@ def recon_targets(results: dict) -> list[dict]:
             ad = at.get("adaptive")
             if not ad:
                 continue
-            seeds = {r["seed"]: r for r in res["rows"] if r["method"] == "adaptive" and r["budget"] == budget}
             for other in ("uniform", "torch-pruning", "flap", "flap+refit"):
-                diffs = [seeds[r["seed"]]["recon"][metric] - r["recon"][metric] for r in res["rows"]
-                         if r["method"] == other and r["budget"] == budget and r["seed"] in seeds]
-                if not diffs:
+                if other not in ad["paired"]:
                     continue
-                m = sum(diffs) / len(diffs)
-                sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else float("nan")
-                ok = m >= 0 if hib else m <= 0
-                inside = not (len(diffs) > 1 and abs(m) > sd)
+                m, sd, beyond, n = ad["paired"][other]  # adaptive minus it, seed by seed
                 out.append({"target": f"adaptive ≥ {other} (reconstructed)", "model": model, "budget": budget,
-                            "ok": ok, "tie": len(diffs) > 1 and inside, "detail": f"{_fmt_raw(metric, ad['recon'][0])} vs "
-                                                f"{_fmt_raw(metric, at[other]['recon'][0])}; paired "
-                                                f"{'+' if m >= 0 else ''}{_fmt_raw(metric, m)}"
-                                                + (f" ± {_fmt_raw(metric, sd)} over {len(diffs)} seeds"
-                                                   + (" (inside the spread)" if inside else "")
-                                                   if len(diffs) > 1 else " (1 seed)")})
+                            "ok": m >= 0 if hib else m <= 0, "tie": n > 1 and not beyond,
+                            "detail": f"{fmt_value(metric, ad['recon'][0])} vs {fmt_value(metric, at[other]['recon'][0])}"
+                                      f"; paired {fmt_value(metric, m, '+')}"
+                                      + (f" ± {fmt_value(metric, sd)} over {n} seeds"
+                                         + ("" if beyond else " (inside the spread)") if n > 1 else " (1 seed)")})
             for phase, bound, higher in RECON_GOALS.get((model, budget), []):
                 vals = [v for v in (ad.get("recon"), ad.get("recovered")) if v] if phase == "best" else \
                     [ad[phase]] if ad.get(phase) else []
@@ -172,7 +165,7 @@ def recon_targets(results: dict) -> list[dict]:
                 out.append({"target": f"adaptive {'≥' if higher else '≤'} {bound:.2f}x dense "
                                       f"({'reconstruction' if phase == 'recon' else 'reconstruction + recovery' if phase == 'recovered' else 'best of recon / recovered'})",
                             "model": model, "budget": budget, "ok": rel >= bound if higher else rel <= bound,
-                            "detail": f"{_fmt_raw(metric, v)} = {rel:.3f}x dense {_fmt_raw(metric, dense)}"})
+                            "detail": f"{fmt_value(metric, v)} = {rel:.3f}x dense {fmt_value(metric, dense)}"})
         goal = STAGE_SECONDS_GOAL.get(model)
         rows = [r for r in res["rows"] if r["method"] == "adaptive"]
         if goal and rows:
@@ -184,10 +177,6 @@ def recon_targets(results: dict) -> list[dict]:
                                   f"{secs[-1]:.1f} s; {results.get('meta', {}).get('machine', {}).get('torch_threads')}"
                                   " torch threads)"})
     return out
-
-
-def _fmt_raw(metric: str, v) -> str:
-    return f"{v:.4f}" if metric == "accuracy" else f"{v:.2f}"
 
 
 def recon_headline(results: dict) -> list[str]:
@@ -517,10 +506,10 @@ def _recon_figure(res: dict):
     """Test quality against parameters removed, one line per (method, phase), ± the seed spread."""
     import plotly.graph_objects as go
 
-    from .recon import METHODS, summarise
-    metric = "accuracy" if res["task"] == "classification" else "perplexity"
     import plotly.colors
 
+    from .recon import METHODS, summarise
+    metric = "accuracy" if res["task"] == "classification" else "perplexity"
     summary = summarise(res)
     palette = plotly.colors.qualitative.Plotly
     fig = go.Figure()
@@ -541,7 +530,6 @@ def _recon_figure(res: dict):
                       xaxis_title="% of block parameters removed", yaxis_title=metric + (" (log)" if log else ""),
                       yaxis_type="log" if log else None, template="plotly_white")
     if log:  # plotly's log autorange is thrown by zero-width error bars; the visible values decide
-        import math
         fig.update_yaxes(range=[math.log10(min(shown)) - 0.1, math.log10(max(shown)) + 0.1])
     return fig
 
