@@ -338,7 +338,9 @@ EXPLAIN = ("One-shot cuts at equal block parameters. *cut*: the plan's units (ta
 
 def header(meta: dict) -> str:
     """When, how and under which load the runs behind recon.json ran."""
-    return generated_line(f"python -m bench.recon --mode {meta['mode']}", meta) + (
+    ran_as = (f" It ran as `--mode {meta['ran_as']}`, the name these settings had before the quick preset was cut "
+              "down for `make bench`." if meta.get("ran_as") else "")
+    return generated_line(f"python -m bench.recon --mode {meta['mode']}", meta) + ran_as + (
         f" Incremental (`--merge`): this run added rows to those of earlier runs (the first generated "
         f"{_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier") else "")
 
