@@ -309,7 +309,7 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
 
     page.imp_btn.click(app.on_importance, [page.metric_in, page.samples_in, page.batch_in, *alloc_in],
                        outputs(page, ImportanceOut), api_name="analyze")
-    page.imp_stop_btn.click(app.on_stop, None, page.imp_status, **quiet)
+    page.imp_stop_btn.click(app.on_stop_button, None, None, **quiet)
     gr.api(app.analysis_json, api_name="analysis_json")
 
     for comp in alloc_six + [page.speedup_in]:
@@ -330,8 +330,8 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
                                     page.metric_in, page.samples_in, page.eval_in, page.timing_in, *alloc_more,
                                     *page.adv_in, *page.opt_in],
                        outputs(page, RunOut), show_progress="minimal", api_name="run")
-    page.stop_btn.click(app.on_stop, None, page.run_status, concurrency_limit=None, show_progress="hidden",
-                        api_name="stop")
+    page.stop_btn.click(app.on_stop_button, None, None, **quiet)
+    gr.api(app.on_stop, api_name="stop")  # the same, answering in words
     page.test_btn.click(app.on_test, None, page.run_status, api_name="test")
 
     page.export_tab.select(app.on_export_tab, None, page.run_in, **private)

@@ -113,6 +113,7 @@ def test_load_importance_allocation_run_and_stop(driver):
     d.run(4, "none", wait=False)
     d.wait_text("run-status", "Stage 1/4")
     d.page.locator("#stop-btn").click()
+    d.page.locator(".toast-body", has_text="Stopping after the current step").wait_for()
     assert "Stopped" in d.wait_text("run-status", "Stopped")
     runs = [t["name"] for t in d.wait_plot("history-plot", "data.length == 4")]
     assert runs[3].startswith("#4 ") and runs[3].endswith("(stopped)"), runs
@@ -178,8 +179,9 @@ def test_stop_during_the_importance_analysis(driver):
     d.set_number("batch-input", 1)
     before = d.text("importance-status")
     d.page.locator("#importance-btn").click()
-    d.page.get_by_text("calibration batches").first.wait_for()  # the analysis is under way
+    d.page.locator("#importance-status", has_text="calibration batches").wait_for()  # the analysis is under way
     d.page.locator("#importance-stop-btn").click()
+    d.page.locator(".toast-body", has_text="Stopping the importance analysis after the current batch").wait_for()
     status = d.wait_text("importance-status", "Stopped: the analysis was cancelled")
     assert "the previous importance and allocation stay" in status and status != before
     assert d.plot("layer-importance-plot")  # the last heatmaps stay

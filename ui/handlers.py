@@ -460,6 +460,11 @@ class ExplorerApp:
             return f"Stopping {job} after the current batch…"
         return f"{job[0].upper()}{job[1:]} cannot be stopped; it finishes on its own."
 
+    def on_stop_button(self, request: gr.Request) -> None:
+        """A Stop button's click: `on_stop`'s answer as a toast. Not written to the job's status line,
+        where it could arrive after (and overwrite) the job's own last line ("Stopped: …")."""
+        gr.Info(self.on_stop(request), duration=15)
+
     # tab 5
     def on_prune_plan(self, method, target, amplitude, mode, max_sparsity, round_to, split,
                       request: gr.Request, normalization="maxabs", budget="params", speedup=0.0) -> str:
