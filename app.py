@@ -331,7 +331,7 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
                                     *page.adv_in, *page.opt_in],
                        outputs(page, RunOut), show_progress="minimal", api_name="run")
     page.stop_btn.click(app.on_stop_button, None, None, **quiet)
-    gr.api(app.on_stop, api_name="stop")  # the same, answering in words
+    gr.api(app.on_stop, api_name="stop", concurrency_limit=None)  # the same, answering in words, never queued
     page.test_btn.click(app.on_test, None, page.run_status, api_name="test")
 
     page.export_tab.select(app.on_export_tab, None, page.run_in, **private)
