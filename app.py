@@ -20,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import gradio as gr  # noqa: E402
 
-from explorer.config import (METRICS, AllocationConfig, AnalysisConfig, PruneConfig, choices_of,  # noqa: E402
-                             default_of, help_of)
+from explorer.config import (METRICS, AllocationConfig, AnalysisConfig, PruneConfig, SearchConfig,  # noqa: E402
+                             choices_of, default_of, help_of)
 from explorer.data import BUILTIN_DATA  # noqa: E402
 from explorer.config import METHOD_OPTIONS  # noqa: E402
 from explorer.methods import METHODS  # noqa: E402
@@ -29,7 +29,7 @@ from explorer.models import BUILTIN_MODELS, DEFAULT_MODEL, TASKS  # noqa: E402
 from explorer.sessions import KEEP_RUNS  # noqa: E402
 from ui.handlers import ExplorerApp  # noqa: E402,F401  (tests and bench import it from here)
 from ui.outputs import (AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut,  # noqa: E402
-                        NormalizationOut, RunOut)
+                        NormalizationOut, PredictOut, RunOut)
 from ui.views import (ADVANCED, EDITABLE, EVAL_EXAMPLES, EVAL_TOKENS, EXPORT_FORMATS, EXPORT_ZIP,  # noqa: E402,F401
                       METHOD_OPTION_CLASSES, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, TABLE_COLUMNS, fresh_views, is_loopback, loading_status,
                       model_summary, task_defaults)
@@ -84,6 +84,18 @@ neurons. Either way *actual* differs slightly from $S_L$.
 $\pm 1$ and squeezes the others towards 0); **rank** (ranks spread evenly over $[-1, 1]$) and **zscore**
 ($\frac{I_L - \bar I}{2\sigma}$ clipped to $[-1, 1]$) are departures that spread the layers.
 Edit the **sparsity** column to set a layer by hand (the other layers make up the budget in exact mode).
+"""
+
+PREDICT_HELP = r"""
+**Measure predictor** cuts every layer *alone* to a few levels with the run's own cut and reconstruction
+(the Prune tab's recovery) and scores the model on a fixed slice of val; a plan's quality is then predicted
+additively, $\log \widehat{ppl} = \log ppl_{dense} + \alpha \sum_L \Delta_L(s_L)$ (accuracy: the same sum
+of drops), with $\Delta_L$ interpolated between the measured levels and $\alpha$ fitted on whole check plans
+run through the pipeline; its measured error is shown beside the prediction. Measured once per model, data,
+metric and recovery, then read from the disk cache. **Search plan** runs an EvoPress-style (1 + λ) search:
+level switches between layers at a fixed parameter total, offspring ranked on a few hundred val tokens with the
+removed units zeroed in place, the best re-scored on more; Stop keeps the best plan so far, which lands in the
+table (mode *search*).
 """
 
 CSS = """
@@ -173,7 +185,8 @@ def allocation_tab(page, fresh: dict):
             page.target_in = slider(A, "target", 0, 0.9, 0.01, "Target S_base", "target-slider")
             page.amp_in = slider(A, "amplitude", 0, 0.5, 0.01, "Amplitude A", "amplitude-slider")
             page.mode_in = radio(A, "mode", "Mode", "mode-input", info="exact: the budget is met exactly "
-                                 "(our default); reference: clip only; uniform: S_L = S_base in every layer")
+                                 "(our default); reference: clip only; uniform: S_L = S_base in every layer; "
+                                 "search: the plan found by Search plan (below)")
             page.split_in = radio(A, "split", "Attention / FFN split", "split-input")
             page.norm_in = radio(A, "normalization", "Layer normalisation", "normalization-input")
         with gr.Row():
@@ -193,6 +206,21 @@ def allocation_tab(page, fresh: dict):
                                         interactive=True, elem_id="allocation-table", max_height=420,
                                         static_columns=[i for i in range(len(TABLE_COLUMNS)) if i != EDITABLE])
         page.reset_btn = gr.Button("Reset hand edits", size="sm")
+        with gr.Accordion("Predicted quality and plan search", open=True, elem_id="predict-section"):
+            gr.Markdown(PREDICT_HELP, latex_delimiters=LATEX)
+            with gr.Row(equal_height=True):
+                page.predict_btn = gr.Button("Measure predictor", variant="primary", elem_id="predict-btn")
+                page.search_btn = gr.Button("Search plan", elem_id="search-btn")
+                page.gens_in = gr.Number(default_of(SearchConfig, "generations"), precision=0, minimum=1,
+                                         maximum=10_000, label="Search generations", elem_id="generations-input",
+                                         info=help_of(SearchConfig, "generations"))
+                page.predict_stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="predict-stop-btn")
+            page.predict_status = gr.Markdown(fresh["predict_status"], elem_classes="status-line",
+                                              elem_id="predict-status")
+            with gr.Row():
+                page.predict_plot = gr.Plot(fresh["predict_plot"], label="Predicted quality", elem_id="predict-plot")
+                page.plan_search_plot = gr.Plot(fresh["plan_search_plot"], label="Search curve",
+                                                elem_id="plan-search-plot")
         gr.Markdown(ALLOCATION_HELP, latex_delimiters=LATEX)
 
 
@@ -319,6 +347,11 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
     page.norm_in.change(app.on_normalization, alloc_in, outputs(page, NormalizationOut), **quiet)
     page.alloc_table.input(app.on_table_edit, [page.alloc_table, *alloc_in], outputs(page, AllocationOut), **quiet)
     page.reset_btn.click(app.on_reset_manual, alloc_in, outputs(page, AllocationOut), **quiet)
+    page.predict_btn.click(app.on_predict, [page.recovery_in, *alloc_in], outputs(page, PredictOut),
+                           show_progress="minimal", api_name="predict")
+    page.search_btn.click(app.on_search, [*alloc_six, page.gens_in, *alloc_more], outputs(page, PredictOut),
+                          show_progress="minimal", api_name="search")
+    page.predict_stop_btn.click(app.on_stop_button, None, None, **quiet)
     gr.api(app.plan_json, api_name="plan_json")
     gr.api(app.allocate_json, api_name="allocate")
 

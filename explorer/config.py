@@ -41,8 +41,10 @@ class AllocationConfig:
     target: float = opt(0.3, "S_base: fraction of the prunable-block parameters to remove, in [0, 1)")
     amplitude: float = opt(0.05, "A: shifts sparsity from important to unimportant layers, S_L = S_base - A*Î_L")
     mode: str = opt("exact", "exact: redistribute what clipping removed so the budget is met exactly "
-                    "(our default, a departure from the reference); reference: clip only; uniform: S_L = S_base",
-                    ("exact", "reference", "uniform"))
+                    "(our default, a departure from the reference); reference: clip only; uniform: S_L = S_base; "
+                    "search: per-layer levels chosen by an evolutionary search on the real model's val loss "
+                    "(explorer.search; the CLI runs it, the app's Search button fills the table)",
+                    ("exact", "reference", "uniform", "search"))
     max_sparsity: float = opt(0.95, "S_max: no layer is pruned more than this")
     round_to: int = opt(1, "round kept neuron counts to a multiple of this (e.g. 8) for faster kernels")
     split: str = opt("salience", "how a layer's cut is shared between attention and FFN: proportional "
@@ -117,6 +119,41 @@ class PruneConfig:
                              "ms; encoders: latency at 1 x 128 and 32 x 128), after one warm-up; each repeat costs "
                              "about 2 s for SmolLM2 on 2 cores; 0: skip them", min=0, max=100)
     seed: int = opt(0, "random seed for recovery and sampling")
+
+
+@dataclass
+class PredictConfig:
+    """How the plan predictor (explorer.predict) is measured: each layer cut alone at a few levels with
+    the run's own cut and reconstruction, scored on a fixed slice of the val split."""
+    levels: str = opt("0.25,0.5,0.75", "comma-separated per-layer sparsity levels each layer is cut to alone "
+                      "(between them the response is interpolated linearly, beyond the last extrapolated)")
+    tokens: int = opt(1024, "val tokens the predictor scores on (language models; rows of seq_len tokens)", min=64)
+    examples: int = opt(512, "val examples the predictor scores on (classifiers)", min=16)
+    seq_len: int = opt(128, "tokens per row when scoring a language model", min=16, max=4096)
+    checks: int = opt(2, "whole plans run through the pipeline after the per-layer sweep (uniform at the middle "
+                      "level, then random plans), to measure the predictor's error and fit its interaction "
+                      "correction", min=0, max=20)
+    seed: int = opt(0, "seed of the random check plans")
+
+
+@dataclass
+class SearchConfig:
+    """The per-layer allocation search (explorer.search): a (1 + λ) evolutionary search in the style of
+    EvoPress, with level-switch mutations at a fixed total and multi-step selection."""
+    generations: int = opt(40, "generations of the (1 + λ) search (each: λ offspring, the best few re-scored)",
+                           min=1, max=100_000)
+    offspring: int = opt(8, "λ: offspring per generation", min=1, max=256)
+    survivors: int = opt(2, "offspring re-scored on the larger token set each generation", min=1, max=64)
+    step: float = opt(0.05, "size of one sparsity level: a mutation moves this much sparsity from one layer "
+                      "to another", min=0.005, max=0.5)
+    max_moves: int = opt(3, "level switches per offspring, at most (1 to this, uniformly)", min=1, max=64)
+    small: int = opt(256, "val tokens (LMs) / examples (classifiers) that rank the offspring", min=8)
+    large: int = opt(1024, "val tokens / examples that rank the survivors against the parent", min=8)
+    max_seconds: float = opt(300.0, "stop after this many seconds (0: no limit); the best plan so far is kept",
+                             min=0)
+    prescreen: bool = opt(True, "with a measured predictor, draw 3λ candidates and score only the λ it "
+                          "predicts best")
+    seed: int = opt(0, "seed of the mutations")
 
 
 def validate(cfg) -> None:

@@ -439,3 +439,29 @@ def sensitivity_figure(result: Mapping) -> go.Figure:
     fig.update_xaxes(title_text="sparsity of that layer alone", tickformat=".0%")
     fig.update_yaxes(title_text=_quality_axis(metric))
     return _layout(fig, "Sensitivity: one layer pruned at a time")
+
+
+def prediction_front(points: Sequence[Mapping], current: Mapping | None, searched: Mapping | None,
+                     dense: float, metric: str, cost_label: str) -> go.Figure:
+    """Predicted val quality against predicted cost (speed-up or parameters kept) of uniform, the adaptive
+    plans over an A sweep (a line), the plan on screen and the searched plan (explorer.predict.front)."""
+    fig = _figure()
+    sweep = [p for p in points if p["name"] != "uniform"]
+    if sweep:
+        fig.add_scatter(x=[p["cost"] for p in sweep], y=[p["quality"] for p in sweep], mode="lines+markers",
+                        name="adaptive, A sweep", text=[p["name"] for p in sweep],
+                        line=dict(color=BLUE), marker=dict(size=7),
+                        hovertemplate="%{text}<br>%{x:.3f}<br>%{y:.4g}<extra></extra>")
+    for name, pts, colour, symbol in (("uniform", [p for p in points if p["name"] == "uniform"], GREY, "square"),
+                                      ("searched", [searched] if searched else [], GREEN, "star"),
+                                      ("this plan", [current] if current else [], ORANGE, "diamond")):
+        if pts:
+            fig.add_scatter(x=[p["cost"] for p in pts], y=[p["quality"] for p in pts], mode="markers", name=name,
+                            marker=dict(size=14 if name != "uniform" else 11, color=colour, symbol=symbol,
+                                        line=dict(width=1, color="white")),
+                            hovertemplate=name + "<br>%{x:.3f}<br>%{y:.4g}<extra></extra>")
+    fig.add_hline(y=dense, line=dict(color=GREY, dash="dot"), annotation_text="dense",
+                  annotation_position="bottom right")
+    fig.update_xaxes(title_text=cost_label)
+    fig.update_yaxes(title_text=f"predicted val {metric}" + (" (lower is better)" if metric == "perplexity" else ""))
+    return _layout(fig, "Predicted quality of plans at this budget", legend_below=True)

@@ -70,6 +70,9 @@ class Session:
     manual: dict[int, float] = field(default_factory=dict)  # layer -> sparsity set by hand in the table
     last_edit: list[str] | None = None  # the sparsity column of the last table edit (to drop repeats)
     allocation: Allocation | None = None  # the plan currently shown (formula + manual overrides)
+    predictor: object | None = None  # explorer.predict.Predictor measured on the loaded model (Allocation tab)
+    searched: list[float] | None = None  # per-layer levels of the last searched plan (allocation mode "search")
+    search_curve: list[dict] = field(default_factory=list)  # the last search's best loss after each generation
     run: PruningRun | None = None  # the run in progress or the last one
     kept: dict[str, LoadedModel] = field(default_factory=dict)  # run label -> its final model (last KEEP_RUNS)
     history: list[dict] = field(default_factory=list)  # reports of finished runs, oldest first
@@ -131,6 +134,7 @@ class Session:
         self.loaded = loaded
         self.importance, self.allocation, self.run = None, None, None
         self.manual, self.last_edit = {}, None
+        self.predictor, self.searched, self.search_curve = None, None, []
         self.figures = {}
 
     @property

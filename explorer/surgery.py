@@ -6,6 +6,8 @@ architecture; adapters then refresh the attributes that cache widths.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -92,3 +94,34 @@ def reshape_to(adapter: Adapter, model: nn.Module, layer_widths: list[dict]) -> 
     assert len(layer_widths) == len(adapter.layers(model)), "plan and model disagree on depth"
     for i, w in enumerate(layer_widths):
         prune_block(adapter, model, i, list(range(w["groups"])), list(range(w["neurons"])))
+
+
+@contextmanager
+def zeroed_units(lm, keeps: list[tuple[list[int], list[int]]]) -> Iterator:
+    """The model as if the units outside `keeps` (per layer: attention units, neurons) were
+    removed, without a copy: the removed units' input channels of each block's output projection
+    (o_proj / down_proj ...) are zeroed, which makes their contribution exactly zero, as a cut
+    does; the saved channels (a slice per projection, never a model) are put back on exit."""
+    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []  # (weight, dim, channels, old values)
+    try:
+        with torch.no_grad():
+            for block, keep in zip(lm.adapter.blocks(lm.model), keeps):
+                for group, kept in zip((block.attn, block.mlp), keep):
+                    if kept is None:
+                        continue
+                    gone = sorted(set(range(group.n_units)) - set(kept))
+                    if not gone:
+                        continue
+                    u = group.act_unit_size
+                    ch = torch.tensor([c for g in gone for c in range(g * u, (g + 1) * u)],
+                                      device=group.out_module.weight.device)  # (removed channels,)
+                    w = group.out_module.weight
+                    dim = 1 if isinstance(group.out_module, torch.nn.Linear) else 0  # Linear (out, in); Conv1D (in, out)
+                    assert w.shape[dim] == group.n_units * u, "unit channels do not match the output projection"
+                    saved.append((w, dim, ch, w.index_select(dim, ch).clone()))
+                    w.index_fill_(dim, ch, 0.0)
+        yield lm
+    finally:
+        with torch.no_grad():
+            for w, dim, ch, old in reversed(saved):
+                w.index_copy_(dim, ch, old)

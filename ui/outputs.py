@@ -21,6 +21,7 @@ class AllocationOut(NamedTuple):
     alloc_plot: Any = SKIP
     alloc_table: Any = SKIP
     alloc_md: Any = SKIP
+    predict_plot: Any = SKIP  # predicted quality against predicted speed-up (uniform, A sweep, this plan, searched)
 
 
 def combined(name: str, doc: str, *parts) -> type:
@@ -39,6 +40,10 @@ ImportanceOut = combined("ImportanceOut", "Compute importance: the Importance ta
                          "allocation they feed.", "layer_plot", "heads_plot", "neurons_plot", "imp_status",
                          AllocationOut)
 
+PredictOut = combined("PredictOut", "Measure the predictor, or search a plan: the status, the search curve, the "
+                      "mode (a finished search switches to it) and the allocation.", "predict_status",
+                      "plan_search_plot", "mode_in", AllocationOut)
+
 
 class RunOut(NamedTuple):
     """One update of a pruning run (the Prune & recover tab)."""
@@ -54,7 +59,8 @@ class RunOut(NamedTuple):
 
 LoadOut = combined("LoadOut", "A Load: the model tab, the task's defaults, and fresh contents for everything "
                    "that depended on the previous model (see `views.fresh_views`).",
-                   "summary", "load_status", "metric_in", "recovery_in", ImportanceOut, RunOut)
+                   "summary", "load_status", "metric_in", "recovery_in", "predict_status", "plan_search_plot",
+                   ImportanceOut, RunOut)
 
 
 class ExportOut(NamedTuple):

@@ -113,14 +113,17 @@ def plan_flops(alloc: Allocation, structure: list[dict], head_dim: int, seq_len:
 
 
 def budget_plan(norm, structure: list[dict], cfg: AllocationConfig, scores, manual: dict, head_dim: int,
-                latency=None) -> Allocation:
+                latency=None, base=None) -> Allocation:
     """The plan for the Allocation tab's settings under its budget: parameters (with the table's hand
-    edits), a FLOPs cut, or a predicted speed-up (`latency`: the cost model)."""
+    edits), a FLOPs cut, or a predicted speed-up (`latency`: the cost model). Mode "search": `base`, the
+    searched levels, under the params budget."""
+    if cfg.mode == "search" and cfg.budget != "params":
+        raise ExplorerError("the searched plan meets a params budget: choose budget params (or another mode)")
     if cfg.budget == "latency":
         return allocate_latency(norm, structure, cfg, latency, cfg.speedup, scores)
     if cfg.budget == "flops":
         return allocate_flops(norm, structure, cfg, FlopsModel.from_structure(structure[0], head_dim), scores)
-    return allocate(norm, structure, cfg, manual=manual, scores=scores)
+    return allocate(norm, structure, cfg, manual=manual, scores=scores, base=base)
 
 
 def predicted_speedup(cost, alloc: Allocation) -> float:
@@ -400,6 +403,9 @@ def fresh_views() -> dict:
             "imp_status": "Compute importance for this model.",
             "alloc_plot": plots.empty("Compute importance first (Importance tab)"), "alloc_table": empty_table(),
             "alloc_md": "Compute importance first (Importance tab).",
+            "predict_plot": plots.empty("Measure the predictor to see each plan's predicted quality"),
+            "predict_status": "Predicted quality: measure the predictor once for this model (then cached).",
+            "plan_search_plot": plots.search_curve([]),
             "quality_plot": plots.empty("Run pruning to see quality against parameters removed"),
             "loss_plot": plots.empty("Recovery loss"), "cost_plot": plots.empty("Size and latency per stage"),
             "stages_table": stage_table([], ""), "run_status": "Ready to run.",
