@@ -77,15 +77,18 @@ def main(argv=None) -> int:
     results = {"recon": [], "quality": [], "speed": [], "analysis_cost": [], "ui": [], "methods": [], "runs": [],
                "meta": {}}
     old_path = out / "results.json"
+    earlier = []  # the documents whose rows this one keeps: their commits go into its provenance
     if old_path.exists() and not args.fresh:
         try:
             old = json.loads(old_path.read_text())
             if old.get("meta", {}).get("mode") == args.mode:
                 results.update({k: v for k, v in old.items() if k in results})
+                earlier.append(old)
         except (OSError, ValueError):
             pass
     if args.merge:
         other = json.loads(Path(args.merge).read_text())
+        earlier.append(other)
         if other.get("meta", {}).get("mode") != args.mode:
             raise SystemExit(f"{args.merge} is a {other.get('meta', {}).get('mode')} run, not {args.mode}")
         om = other["meta"]
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
         common.log(f"== {name}: {meta['section_seconds'][name]:.0f} s")
         meta["load_average_end"] = common.load_average()
         meta["total_seconds"] = round(sum(v for k, v in meta["section_seconds"].items() if "parallel" not in k), 1)
-        write_outputs(results, out)  # after every section: a crash later keeps what was measured
+        write_outputs(results, out, earlier)  # after every section: a crash later keeps what was measured
 
     def do_recon():
         from .recon import PRESETS, run_case
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             results["recon"].append(run_case(case, loaded=get(case.model)))
             meta.setdefault("recon_seconds_by_model", {})[case.model] = round(time.perf_counter() - t, 1)
-            write_outputs(results, out)
+            write_outputs(results, out, earlier)
             gc.collect()
 
     def do_quality():
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
             meta.setdefault("quality_seconds_by_model", {})[mb.name] = round(time.perf_counter() - t, 1)
             results["quality"] += rows
             results["runs"] += runs
-            write_outputs(results, out)
+            write_outputs(results, out, earlier)
             gc.collect()
 
     def per_model(key: str, rows_for) -> None:
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
     section("analysis", do_analysis)
     section("ui", do_ui)
     section("methods", do_methods)
-    write_outputs(results, out)
+    write_outputs(results, out, earlier)
     common.log(f"\nwrote {out / 'results.json'}, {out / 'REPORT.md'}, {out / 'plots.html'} "
                f"in {time.perf_counter() - t_all:.0f} s")
     return 0

@@ -11,13 +11,12 @@ Writes app_memory.json and APP_MEMORY.md in --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from . import common
-from .common import generated_line, log, machine
+from .common import generated_line, log, machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_GB = 1.5
@@ -79,9 +78,9 @@ def main(argv=None) -> int:
     res = {"meta": meta, "steps": [{"step": s, "rss_gb": r, "peak_gb": p} for s, r, p in steps],
            "growth_gb": final - loaded, "goal_gb": GOAL_GB, "ok": final - loaded <= GOAL_GB}
     out = Path(args.out)
-    (out / "app_memory.json").write_text(json.dumps(res, indent=1))
+    prov = write_json(out / "app_memory.json", res)
     lines = ["# The app's memory across tabs (`python -m bench.app_memory`)", "",
-             generated_line(f"python -m bench.app_memory --model {args.model} --tabs {args.tabs}", meta), "",
+             generated_line(f"python -m bench.app_memory --model {args.model} --tabs {args.tabs}", meta, prov), "",
              f"The app's handlers in one process: `{args.model}` preloaded (as `make run`), then {args.tabs} tabs one "
              f"after another, each computing importance ({args.samples} calibration samples), pruning one stage at "
              f"S_base 0.2 with `reconstruct` ({args.eval_n} val tokens per evaluation, no timing) and closing. "

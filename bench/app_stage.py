@@ -10,13 +10,12 @@ Writes app_stage.json and APP_STAGE.md in --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from . import common  # noqa: F401  (offline environment first)
-from .common import ROOT, log, machine
+from .common import ROOT, log, machine, provenance_text, write_json
 
 
 class _Request:
@@ -64,10 +63,11 @@ def main(argv=None) -> int:
             log(f"  run {i}: {t:6.1f} s  {st[:140]}")
     meta["load_after"] = common.load_average()
     out = Path(args.out)
-    (out / "app_stage.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    prov = write_json(out / "app_stage.json", {"meta": meta, "runs": runs})
     lines = ["# One stage in the app (`python -m bench.app_stage`)", "",
              f"Generated {meta['date']} on {meta['machine'].get('cpu', '?')}, {meta['machine'].get('torch_threads')} "
              f"torch threads, load average before/after {meta['load_before']} / {meta['load_after']}. "
+             + provenance_text(prov) + " "
              f"`{args.model}` loaded in {meta['load_seconds']:.0f} s (before the first click). The Run handler with the "
              f"Prune tab's quick-look settings: 1 stage, S_base 0.2, A 0.05, recovery `{args.recovery}`, 64 calibration "
              "samples, default evaluation size on val, timing on. Seconds from the click to each status line.", ""]

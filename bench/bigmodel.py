@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from . import common  # noqa: F401  (offline environment first)
-from .common import generated_line, load_average, log, machine
+from .common import generated_line, load_average, log, machine, write_json
 
 ONE_B = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)  # TinyLlama-1.1B
 SMOKE = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256)
@@ -339,7 +339,7 @@ def write_report(out: Path, data: dict) -> None:
     shape, rows = data["shape"], data["runs"]
     cmd = "python -m bench.bigmodel" + (" --smoke" if a["smoke"] else "")
     L = [f"# Big models: layer-streamed and whole-model analysis on a {data['params'] / 1e9:.2f} B LLaMA",
-         "", generated_line(cmd, meta)
+         "", generated_line(cmd, meta, data.get("provenance"))
          + (f" Estimates recomputed from bigmodel.json on {meta['rewritten']} (`python -m bench.bigmodel --rewrite`)."
             if meta.get("rewritten") else ""), "",
          f"Model: LLaMA architecture from a config, random weights built directly in bfloat16 (no float32 copy at any "
@@ -560,7 +560,7 @@ def main(argv=None) -> int:
     return 0 if all("error" not in r for r in runs) else 1
 
 
-def finish(out: Path, meta: dict, args: dict, shape: dict, runs: list[dict]) -> None:
+def finish(out: Path, meta: dict, args: dict, shape: dict, runs: list[dict], earlier=()) -> None:
     """Estimates next to the measurements, extrapolations of the shortened runs, the files."""
     from explorer.stream import llama_params
     a = _ns(args)
@@ -574,7 +574,7 @@ def finish(out: Path, meta: dict, args: dict, shape: dict, runs: list[dict]) -> 
     data = {"meta": meta, "args": args, "shape": shape, "params": p["total"], "weight_bytes": p["total"] * 2,
             "runs": runs, "estimates_full": {m: estimate(shape, a, m) for m in MODES}, "estimates": estimate_table(a)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bigmodel.json").write_text(json.dumps(data, indent=1, default=float))
+    write_json(out / "bigmodel.json", data, earlier, default=float)  # sets data["provenance"]
     write_report(out, data)
 
 
@@ -583,7 +583,7 @@ def rewrite(out: Path) -> int:
     of the formula) and rewrite both files; the measurements and their date stay as they were."""
     data = json.loads((out / "bigmodel.json").read_text())
     meta = {**data["meta"], "rewritten": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    finish(out, meta, data["args"], data["shape"], data["runs"])
+    finish(out, meta, data["args"], data["shape"], data["runs"], [data])  # the measurements' commit stays
     log(f"rewrote {out / 'bigmodel.json'} and {out / 'BIGMODEL.md'} from the measurements of {meta['date']}")
     return 0
 

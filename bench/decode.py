@@ -14,7 +14,6 @@ Median and [min, max] over the repeats. Writes decode.json and DECODE.md in --ou
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import common  # noqa: F401  (offline environment first)
-from .common import generated_line, load, log, machine, with_widths
+from .common import generated_line, load, log, machine, with_widths, write_json
 
 
 @dataclass
@@ -83,9 +82,9 @@ FIGS = {"causal-lm": [("decode_tokens_per_s", "decode tok/s b1"), ("decode_token
         "classification": [("latency_b1x128_ms", "latency ms 1×128"), ("latency_b32x128_ms", "latency ms 32×128")]}
 
 
-def render(results: list[dict], meta: dict) -> str:
+def render(results: list[dict], meta: dict, prov: dict | None = None) -> str:
     lines = ["# Speed as users feel it (`python -m bench.decode`)", "",
-             generated_line(f"python -m bench.decode --mode {meta['mode']}", meta), "",
+             generated_line(f"python -m bench.decode --mode {meta['mode']}", meta, prov), "",
              "Dense and the uniform plans (proportional split) timed interleaved in one process: each repeat "
              "measures every model once in turn; median [min–max] over the repeats, speed-up of the medians over "
              "dense. LMs: greedy decode with the KV cache after a 32-token random prompt, 16 new tokens; prefill = "
@@ -129,8 +128,8 @@ def main(argv=None) -> int:
     meta.update(seconds=time.perf_counter() - t0, load_after=common.load_average())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
-    (out / "DECODE.md").write_text(render(results, meta))
+    prov = write_json(out / "decode.json", {"meta": meta, "results": results})
+    (out / "DECODE.md").write_text(render(results, meta, prov))
     log(f"wrote {out / 'DECODE.md'}")
     return 0
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import common  # noqa: F401  (offline environment first)
-from .common import fresh, generated_line, load, log, machine, quality
+from .common import fresh, generated_line, load, log, machine, quality, write_json
 
 DEFAULT_RUNS = ("adaptive@0.3,adaptive@0.5,apt@0.5,adapruner@0.3,lora-before@0.3,lora-after@0.3,"
                 "lora-prune-ft@0.3")
@@ -119,7 +119,7 @@ def render(res: dict) -> str:
     dense = meta.get("dense")
     r0 = next((r for r in rows if not r.get("error")), {})
     L = ["# Methods against their papers' claims (`python -m bench.methods_goals`)", "",
-         generated_line(meta.get("command", "python -m bench.methods_goals"), meta)
+         generated_line(meta.get("command", "python -m bench.methods_goals"), meta, res.get("provenance"))
          + "".join(f" Rows merged from an earlier run: {e['date']}, `{e['command']}`, {e['seconds'] / 60:.1f} min, load "
                    f"{e['load_before']} / {e['load_after']}." for e in _earlier(meta)), "",
          f"{meta.get('model')}: test accuracy on all {meta.get('test_examples')} test sentences (dense "
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                 f"{row['recovery_steps_run']} steps, {row['seconds']:.0f} s"))
             meta.update(load_after=common.load_average(), seconds=time.perf_counter() - t0)
             res = {"meta": meta, "rows": rows}
-            path.write_text(json.dumps(res, indent=1))
+            write_json(path, res, [prev] if prev else [])
             (out / "METHODS.md").write_text(render(res))
     return 0
 

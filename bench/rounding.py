@@ -13,7 +13,6 @@ Writes rounding.json and ROUNDING.md in --out.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from . import common
-from .common import generated_line, log, machine
+from .common import generated_line, log, machine, write_json
 
 SHAPES = {  # model: (hidden, dense FFN width, gated, tokens per call: encoder 32 x 128, LM decode batch 1)
     "minilm-rt (32 × 128 forward)": (384, 1536, False, 32 * 128),
@@ -96,9 +95,9 @@ def main(argv=None) -> int:
         log(f"{name}: " + ", ".join(f"{k} {v:.3f} µs" for k, v in results[name]["per_neuron_us"].items()))
     meta["load_after"], meta["seconds"] = common.load_average(), time.perf_counter() - t0
     out = Path(args.out)
-    (out / "rounding.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    prov = write_json(out / "rounding.json", {"meta": meta, "results": results})
     lines = ["# What rounding FFN widths buys (`python -m bench.rounding`)", "",
-             generated_line(f"python -m bench.rounding --rounds {args.rounds}", meta), "",
+             generated_line(f"python -m bench.rounding --rounds {args.rounds}", meta, prov), "",
              "One block's FFN timed at 32 consecutive widths around 60 % of the dense width, interleaved rounds, "
              "medians. Time per neuron (µs) of widths that are multiples of 16, of 8 only, and the others; "
              "*gain* is how much less a multiple of 16 costs per neuron than the others.", "",

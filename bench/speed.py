@@ -109,6 +109,7 @@ def run_speed(base, mb: ModelBench, plans: dict[tuple, list[dict]], source: str)
                "flops_per_token": flops_per_token(lm, T), "dense_flops_per_token": dense_flops,
                "flops_ratio": flops_per_token(lm, T) / dense_flops,
                "heads": [w["groups"] for w in ws], "neurons": [w["neurons"] for w in ws],
+               "own_reference": refs[k] == k,  # the same widths in every layer: 100 % of the limit by construction
                "widths_from": source}
         rows.append(row)
         log(f"  {base.name} {method:<13} budget {budget:.0%}: {ms:.0f} ms vs dense {dense_ms:.0f} ms -> "

@@ -302,6 +302,23 @@ def test_other_methods_run_from_the_ui(ready, method):
     outs = run_all(ready, req("methods-" + method), method=method, stages=1)
     status = outs[-1][4]
     assert "Done" in status, status
+    s = ready.registry.get("methods-" + method)
+    rep = s.history[-1]
+    assert rep["method"] == method and len(rep["stages"]) == 1 and rep["status"] == "done"
+    last = outs[-1]
+    assert list(last.stages_table["model"]) == ["dense", "stage 1"]  # the stage table and the charts: its stage
+    assert list(last.cost_plot.data[0].x) == ["dense", "stage 1"]
+    assert [t.name for t in last.history_plot.data] == [rep["label"]]
+    dense, pruned = s.loaded.lm, s.pruned
+    if method == "layer-drop":  # whole blocks gone: a shallower model
+        assert len(pruned.adapter.layers(pruned.model)) < len(dense.adapter.layers(dense.model))
+        assert pruned.block_params < dense.block_params
+    else:  # masks: the same shapes with the smallest block weights at zero
+        from explorer.methods.base import block_linear_weights
+        assert pruned.n_params == dense.n_params
+        ws = [w for block in block_linear_weights(pruned) for _, w, _ in block]
+        zeros = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+        assert zeros > 0.1 and zeros == pytest.approx(rep["stages"][0]["extra"]["sparsity_reached"], abs=0.05)
 
 
 def test_advanced_settings_reach_the_run_and_its_label(ready):

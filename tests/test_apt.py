@@ -131,12 +131,37 @@ def test_salience_ema_matches_a_hand_computation(monkeypatch):
             np.testing.assert_allclose(ema_seen[i][key], 0.9 * ema_seen[i - 1][key] + 0.1 * fresh_seen[i][key])
 
 
-def test_salience_scale_options_change_the_scores_not_the_run():
-    for scale in ("layer_mean", "first_order"):
+def test_salience_scale_options_change_the_scores_not_the_run(monkeypatch):
+    """The first estimate (calibration, the same model and samples for every option) under each scale:
+    layer_mean puts both Eq. 5 terms at mean 1 per layer (scores average 2); first_order rescales each
+    layer's Eq. 5 scores by one factor (the order within a layer stays, between layers it changes)."""
+    first = {}
+    real = APTRun._fresh_salience
+
+    def spy(self):
+        out = real(self)
+        first.setdefault(self.opts.salience_scale, out)
+        return out
+    monkeypatch.setattr(APTRun, "_fresh_salience", spy)
+    runs = {}
+    for scale in ("eq5", "layer_mean", "first_order"):
         lm, run = _make("gpt2", steps=2, salience_scale=scale)
         run.run()
         assert run.status == "done", run.error
         assert run.summary["salience_scale"] == scale
+        runs[scale] = run
+    eq5, mean, fo = first["eq5"], first["layer_mean"], first["first_order"]
+    assert eq5 and set(eq5) == set(mean) == set(fo)
+    factors = []
+    for key, s in eq5.items():
+        np.testing.assert_allclose(mean[key].mean(), 2.0)  # a/mean(a) + o/mean(o)
+        factors.append(fo[key].sum() / s.sum())
+        np.testing.assert_allclose(fo[key], s * factors[-1], rtol=1e-9)
+    assert any(not np.allclose(mean[k], eq5[k]) for k in eq5)
+    assert max(factors) > 1.01 * min(factors)  # layers rescaled differently: the global order changes
+    # the run is the same: its schedule, its steps and its budget
+    assert len({(len(r.records), r.records[-1].extra["optimizer_steps"]) for r in runs.values()}) == 1
+    assert all(0.4 <= r.records[-1].removed_fraction < 0.45 for r in runs.values())
 
 
 # --- schedule inside training, exact final removal ------------------------------------------------

@@ -56,6 +56,7 @@ def test_results_schema(smoke):
         assert {"model", "budget", "method", "speedup", "limit_speedup"} <= set(r)
         assert r["widths_from"].startswith("recon")  # the speed rows time the recon section's plans
         assert r["method"] in allowed | recon_methods and r["speedup"] > 0 and r["limit_speedup"] > 0
+        assert r["own_reference"] == (len(set(r["heads"])) == 1 and len(set(r["neurons"])) == 1)
     for r in res["analysis_cost"]:
         assert {"model", "samples", "ratio"} <= set(r) and r["ratio"] > 0
     assert res["ui"] and all({"action", "server_ms"} <= set(r) for r in res["ui"])
@@ -68,6 +69,7 @@ def test_results_schema(smoke):
     meta = res["meta"]
     assert meta["mode"] == "smoke" and meta["machine"]["cpu"] and meta["machine"]["torch"]
     assert meta["commands"] and meta["commands"][-1].startswith("python -m bench")
+    assert len(res["provenance"]["commit"]) == 40 and isinstance(res["provenance"]["dirty"], bool)
 
 
 def test_equal_parameters(smoke):
@@ -88,6 +90,7 @@ def test_report_written(smoke):
                  "## Speed", "## Cost of analysis", "## UI server time", "## All methods", "python -m bench --smoke"):
         assert part in report, part
     assert res["meta"]["machine"]["cpu"] in report
+    assert f"- code: Commit `{res['provenance']['commit'][:12]}`" in report
     assert (out / "plots.html").stat().st_size > 1000
     assert "== recon" in stdout and "== quality" in stdout  # figures are printed as it goes
 
@@ -140,6 +143,121 @@ def test_targets_pass_fail():
     assert got[("analysis ≤ 1.5x forward+backward", "m")] is True
 
 
+def _speed_row(method, heads, neurons, fraction):
+    return {"model": "m", "budget": 0.4, "method": method, "speedup": 1.5 * fraction, "limit_speedup": 1.5,
+            "fraction_of_limit": fraction, "heads": heads, "neurons": neurons}
+
+
+def test_speed_target_does_not_count_plans_that_are_their_own_reference():
+    """A plan with the same widths in every layer (Torch-Pruning's) is timed against itself: 100 % by
+    construction. It is set aside, so a target made of such rows alone cannot pass."""
+    from bench.report import _targets_section, targets
+    name = "speed-up ≥ 85 % of the same-width limit"
+    own = _speed_row("torch-pruning", [2, 2, 2], [40, 40, 40], 1.0)
+    got = targets({"speed": [own]})
+    assert [(t["ok"], t["by_construction"]) for t in got] == [(None, 1)]
+    assert "its own reference" in got[0]["detail"]
+    summary = "\n".join(_targets_section({"speed": [own]}))
+    assert f"| {name} | 0 / 0; 1 tied by construction, not counted | – (nothing to judge) |" in summary
+    # a non-uniform plan below 85 % fails the target; the own-reference row does not dilute it
+    slow = _speed_row("adaptive", [1, 3, 2], [30, 50, 40], 0.8)
+    got = targets({"speed": [own, slow]})
+    assert [t["ok"] for t in got] == [None, False]
+    assert f"| {name} | 0 / 1; 1 tied by construction, not counted | **FAIL** |" in "\n".join(
+        _targets_section({"speed": [own, slow]}))
+    # the flag bench.speed records wins over the widths (rows of earlier runs have only the widths)
+    assert targets({"speed": [{**slow, "own_reference": True}]})[0]["ok"] is None
+    assert targets({"speed": [{**own, "own_reference": False}]})[0]["ok"] is True
+
+
+def _recon_res(rows):
+    return {"recon": [{"model": "minilm-rt", "task": "classification", "dense": {"accuracy": 0.83}, "rows": rows,
+                       "block_params_dense": 100, "case": {}}], "meta": {}}
+
+
+def _recon_row(method, seed, acc, amplitude=None):
+    r = {"method": method, "budget": 0.6, "seed": seed, "recon": {"accuracy": acc}, "cut": {"accuracy": 0.5},
+         "recon_seconds": 1.0, "analysis_seconds": 1.0, "block_params": 40}
+    if amplitude is not None:
+        r["amplitude"] = amplitude
+    return r
+
+
+def test_adaptive_vs_uniform_sets_aside_the_seeds_where_val_chose_uniform():
+    """Where val chose A = 0, adaptive is the uniform plan itself (the same accuracy): "val chose uniform",
+    tied by construction, never a pass."""
+    from bench.report import _targets_section, recon_targets
+    name = "adaptive ≥ uniform (reconstructed)"
+    uni = [_recon_row("uniform", s, a) for s, a in ((0, 0.80), (1, 0.81), (2, 0.79))]
+    every = [_recon_row("adaptive", s, a, 0.0) for s, a in ((0, 0.80), (1, 0.81), (2, 0.79))]
+    got = [t for t in recon_targets(_recon_res(uni + every)) if t["target"] == name]
+    assert [(t["ok"], t["by_construction"]) for t in got] == [(None, 3)]
+    assert "val chose uniform (A = 0) on seeds 0, 1, 2" in got[0]["detail"]
+    summary = "\n".join(_targets_section(_recon_res(uni + every)))
+    assert f"| {name} | 0 / 0; 3 tied by construction, not counted | – (nothing to judge) |" in summary
+    # seeds 0 and 2 chose uniform; seed 1 chose A = 0.1 and lost: the target fails on that seed alone
+    mixed = [every[0], _recon_row("adaptive", 1, 0.80, 0.1), every[2]]
+    t = next(t for t in recon_targets(_recon_res(uni + mixed)) if t["target"] == name)
+    assert t["ok"] is False and t["by_construction"] == 2 and "(1 seed)" in t["detail"]
+    assert t["detail"].startswith("0.8000 vs 0.8100; paired -0.0100")
+    # the other baselines are compared on every seed, A = 0 or not
+    tp = [_recon_row("torch-pruning", s, 0.7) for s in (0, 1, 2)]
+    t = next(t for t in recon_targets(_recon_res(uni + mixed + tp)) if t["target"] == "adaptive ≥ torch-pruning "
+             "(reconstructed)")
+    assert t["ok"] is True and t["by_construction"] == 0 and "over 3 seeds" in t["detail"]
+
+
+def test_k_stage_adaptive_vs_uniform_where_val_chose_uniform():
+    from bench.report import targets
+
+    def q(method, mean, **kw):
+        return {"model": "m", "budget": 0.2, "method": method, "metric": "accuracy", "mean": mean, "std": 0.0,
+                "seeds": [0, 1], **kw}
+    got = {t["target"]: t for t in targets({"quality": [q("adaptive", 0.8, amplitude=0.0), q("uniform", 0.8),
+                                                        q("torch-pruning", 0.9)]})}
+    assert got["adaptive ≥ uniform"]["ok"] is None and got["adaptive ≥ uniform"]["by_construction"] == 2
+    assert got["adaptive ≥ Torch-Pruning"]["ok"] is False
+    got = {t["target"]: t for t in targets({"quality": [q("adaptive", 0.7, amplitude=0.05), q("uniform", 0.8)]})}
+    assert got["adaptive ≥ uniform"]["ok"] is False
+
+
+def test_write_json_records_the_commit(tmp_path):
+    """Every bench JSON goes through bench.common.write_json, which records the commit it ran on."""
+    from bench import common
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    doc = {"meta": {"x": 1}}
+    prov = common.write_json(tmp_path / "x.json", doc)
+    saved = json.loads((tmp_path / "x.json").read_text())
+    assert saved["meta"] == {"x": 1} and saved["provenance"] == prov == doc["provenance"]
+    assert prov["commit"] == head and isinstance(prov["dirty"], bool)
+    assert prov["ran_at"].endswith("+00:00") and prov["ran_at"][:4].isdigit()
+    assert prov["machine_load"] is None or len(prov["machine_load"]) == 3
+    assert "merged" not in prov
+    assert f"Commit `{head[:12]}`" in common.provenance_text(prov)
+    meta = {"date": "d", "seconds": 60, "machine": {"cpu": "c"}, "load_before": [1], "load_after": [2]}
+    assert head[:12] in common.generated_line("python -m bench.x", meta, prov)
+    assert "Commit" not in common.generated_line("python -m bench.x", meta)  # an old JSON: as before
+    # rows kept from earlier documents keep their commits: an old file without provenance is "unrecorded"
+    older = {"provenance": {"commit": "a" * 40, "dirty": False, "ran_at": "2020-01-01T00:00:00+00:00"}}
+    prov = common.write_json(tmp_path / "x.json", {}, earlier=[{"rows": []}, older, {"provenance": prov}])
+    assert [r["commit"] for r in prov["merged"]] == [None, "a" * 40]
+    assert "an unrecorded commit, `aaaaaaaaaaaa`" in common.provenance_text(prov)
+    again = common.write_json(tmp_path / "y.json", {}, earlier=[json.loads((tmp_path / "x.json").read_text())])
+    assert again["merged"] == prov["merged"]  # a merge of a merge keeps every run
+
+
+def test_every_bench_writer_goes_through_write_json():
+    """No bench module writes a JSON document of its own (the children's result file of bigmodel is a
+    pipe between processes, not a bench document)."""
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        if path.name == "common.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if ("write_text(json.dumps" in line or "json.dump(" in line) and "a.result" not in line:
+                pytest.fail(f"{path.name}:{n} writes JSON without bench.common.write_json: {line.strip()}")
+
+
 def test_recon_bench_smoke(tmp_path):
     """`python -m bench.recon --mode smoke`: every method, both phases, seeds, paired differences."""
     run_bench("bench.recon", "--mode", "smoke", "--out", str(tmp_path))
@@ -159,6 +277,8 @@ def test_recon_bench_smoke(tmp_path):
     assert tp and all(r["units"] == "FFN channels only (GQA)" and "cut" in r and "recon" in r for r in tp)
     md = (tmp_path / "RECON.md").read_text()
     assert "## tiny-bert" in md and "| 30% | flap+refit | 2 |" in md and "vs uniform" in md
+    commit = res["provenance"]["commit"]
+    assert len(commit) == 40 and f"Commit `{commit[:12]}`" in md
     # an incremental run adds a seed's rows for one method and keeps the rest
     run_bench("bench.recon", "--mode", "smoke", "--models", "tiny-bert", "--methods", "torch-pruning",
               "--seeds", "5", "--merge", "--out", str(tmp_path))
@@ -166,6 +286,8 @@ def test_recon_bench_smoke(tmp_path):
     rows = next(r for r in merged if r["model"] == "tiny-bert")["rows"]
     assert len(rows) == len(bert["rows"]) + 1 and {r["seed"] for r in rows} == {0, 1, 5}
     assert [r["model"] for r in merged] == ["tiny-llama", "tiny-bert"]
+    prov = json.loads((tmp_path / "recon.json").read_text())["provenance"]
+    assert prov["commit"] == commit and "merged" not in prov  # both runs on the same commit and tree
 
 
 def test_recipe_bench_smoke(tmp_path):
@@ -175,7 +297,11 @@ def test_recipe_bench_smoke(tmp_path):
     assert len(res["grid"]) == 2 and set(res["recipe"]) == {"steps", "lr", "kd_hidden_weight"}
     for r in res["rows"]:
         assert {"cut", "reconstructed", "trained", "val"} <= set(r)
-    assert "after distillation" in (tmp_path / "RECIPE.md").read_text()
+    md = (tmp_path / "RECIPE.md").read_text()
+    assert "after distillation" in md
+    assert res["provenance"]["commit"] and all(r["meta"]["commit"] == res["provenance"]["commit"]
+                                               for r in res["results"])
+    assert md.count(f"Commit `{res['provenance']['commit'][:12]}`") == len(res["results"])
 
 
 def test_decode_bench_smoke(tmp_path):

@@ -115,12 +115,34 @@ def test_apt_masks_ramp_to_their_targets_within_the_run():
     assert run.status == "done" and 0.4 <= run.records[-1].removed_fraction < 0.4 + 0.05
 
 
-def test_salience_ema_momentum():
+def test_salience_ema_momentum(monkeypatch):
     assert ema_update(None, [1.0, 2.0]).tolist() == [1.0, 2.0]
     np.testing.assert_allclose(ema_update(np.array([1.0, 2.0]), [3.0, 0.0]), [1.2, 1.8])
-    lm, run = _make("apt", "bert", stages=2, steps=2)
+    np.testing.assert_allclose(ema_update(np.array([1.0, 2.0]), [3.0, 0.0], momentum=0.5), [2.0, 1.0])
+    # the run's EMA uses the momentum it is given (not the default 0.9): s = m*s + (1-m)*s_new, every update
+    from explorer.methods.apt import APTRun
+    fresh, ema = [], []
+    real_fresh, real_update = APTRun._fresh_salience, APTRun._update_salience
+
+    def spy_fresh(self):
+        fresh.append(real_fresh(self))
+        return fresh[-1]
+
+    def spy_update(self):
+        real_update(self)
+        ema.append({k: v.copy() for k, v in self.ema.items()})
+    monkeypatch.setattr(APTRun, "_fresh_salience", spy_fresh)
+    monkeypatch.setattr(APTRun, "_update_salience", spy_update)
+    lm, run = _make("apt", "bert", stages=2, steps=2, salience_momentum=0.5)
     run.run()
-    assert run.momentum == 0.9 and run.status == "done"  # the run-level EMA: tests/test_apt.py
+    assert run.status == "done", run.error
+    assert run.momentum == 0.5 and run.report()["summary"]["salience_momentum"] == 0.5
+    assert len(ema) == len(fresh) >= 3
+    for key in fresh[0]:
+        np.testing.assert_allclose(ema[0][key], fresh[0][key])
+        for i in range(1, len(fresh)):
+            np.testing.assert_allclose(ema[i][key], 0.5 * ema[i - 1][key] + 0.5 * fresh[i][key])
+    assert any(not np.allclose(ema[-1][k], fresh[-1][k]) for k in fresh[-1])  # the average is not the last estimate
 
 
 def test_apt_keeps_a_unit_per_layer_and_ends_without_hooks():
@@ -211,6 +233,8 @@ def test_adapruner_search_copies_no_model(monkeypatch):
     for ev in events:
         if ev["type"] == "trial" and ev["trial"] == 3:
             break
+    else:  # the run ended (a failure: run() catches it) before its third trial: nothing was shown
+        pytest.fail(f"the search never reached trial 3: {run.status} {run.error}")
     assert copies["n"] <= 1, f"{copies['n']} model copies during a 3-trial search"  # PruningRun's last-good copy
     events.close()
 
@@ -229,6 +253,7 @@ def test_fusion_weight_is_inverse_variance():
 def test_fusion_reports_weights_per_layer_and_kind():
     lm, run = _make("fusion", "llama", stages=1, steps=1)
     events = list(run.events())
+    assert run.status == "done", run.error
     an = next(e for e in events if e["type"] == "analysis")
     assert an["importance"].metric == "fused"
     w = an["fusion"]["w_coarse"]
@@ -306,9 +331,18 @@ def test_lottery_without_training_is_exactly_the_masked_initial_model():
     lm, run = _make("lottery", "gpt2", stages=2, recovery="none", target=0.5)
     init = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     run.run()
+    assert run.status == "done", run.error  # run() catches a failure: without this the loop below proves nothing
+    assert [r.extra["round"] for r in run.records] == [1, 2]
+    reached = [r.extra["sparsity_reached"] for r in run.records]
+    assert 0 < reached[0] < reached[1]
+    assert run.masks and all((~keep).any() for keep in run.masks.values())  # every block matrix lost weights
     for n, p in lm.model.named_parameters():
         expected = init[n] * run.masks[n] if n in run.masks else init[n]
         assert torch.equal(p.detach(), expected)
+    # untrained, every round ranks the initial weights again: the ticket keeps each matrix's largest |θ_0|
+    for n, keep in run.masks.items():
+        mag = init[n].abs()
+        assert mag[~keep].max() <= mag[keep].min(), n
 
 
 # --- layer drop, distillation, LoRA order --------------------------------------------------
@@ -334,16 +368,20 @@ def test_layer_drop_removes_the_lowest_cosine_blocks():
 
 def test_distill_baseline_is_uniform():
     lm, run = _make("distill-baseline", "llama", stages=2, steps=2)
+    dense = widths(lm.adapter, lm.model)
     events = list(run.events())
+    assert run.status == "done", run.error
     assert sum(e["type"] == "step" for e in events) == 4  # the whole recovery budget, in one go
     ws = widths(lm.adapter, lm.model)
-    assert len({(w["groups"], w["neurons"]) for w in ws}) == 1
+    assert len({(w["groups"], w["neurons"]) for w in ws}) == 1  # (the dense model is uniform too:)
+    assert ws[0]["neurons"] < dense[0]["neurons"] and 0.35 < run.records[-1].removed_fraction < 0.45  # it was cut
 
 
 @pytest.mark.parametrize("method", ["lora-before", "lora-after"])
 def test_lora_order_same_steps_and_both_numbers(method):
     lm, run = _make(method, "gpt2", stages=2, steps=2)
     events = list(run.events())
+    assert run.status == "done", run.error
     assert sum(e["type"] == "step" for e in events) == 4
     pipe = run.report()["summary"]["pipeline"]
     middle = "dense_after_lora" if method == "lora-before" else "pruned_before_lora"

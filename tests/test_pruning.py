@@ -54,11 +54,30 @@ def test_stage_records_reach_the_target(name):
 
 @pytest.mark.parametrize("recovery_", ["none", "full", "lora", "kd"])
 def test_every_recovery_method_runs_and_merges(recovery_):
-    lm, run = _run("llama", stages=2, recovery_=recovery_)
+    """Against the same cut with no recovery: each method trains (its steps, its losses), the training
+    reaches the model's own weights (LoRA merged into the linear layers, nothing of it left), and none
+    changes the widths."""
+    ref_lm, ref = _run("llama", stages=1, recovery_="none")
+    ref.run()
+    lm, run = _run("llama", stages=1, recovery_=recovery_)
     run.run()
-    assert run.status == "done"
+    assert run.status == "done" and ref.status == "done", (run.error, ref.error)
     assert type(lm.model).__name__ == "LlamaForCausalLM"  # LoRA merged away
-    assert not any("lora" in n for n, _ in lm.model.named_parameters())
+    assert widths(lm.adapter, lm.model) == widths(ref_lm.adapter, ref_lm.model)
+    ref_params = dict(ref_lm.model.named_parameters())
+    params = dict(lm.model.named_parameters())
+    assert params.keys() == ref_params.keys() and not any("lora" in n for n in params)
+    changed = {n for n, p in params.items() if not torch.equal(p, ref_params[n])}
+    losses = run.records[-1].losses
+    if recovery_ == "none":
+        assert not losses and not changed
+        return
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert changed, "the recovery left every weight as the cut made it"
+    if recovery_ == "lora":  # only the adapted (linear) weights move; norms and biases stay
+        assert all(ref_params[n].dim() == 2 for n in changed)
+    else:
+        assert any(ref_params[n].dim() == 1 for n in changed)  # every parameter trains
 
 
 def test_stop_during_recovery_keeps_last_completed_stage():

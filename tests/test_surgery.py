@@ -61,12 +61,20 @@ def test_gqa_groups_carry_their_query_heads(tiny):
 
 
 def test_drop_layers_keeps_model_working(tiny):
+    """Dropping block 1 gives exactly the model whose block 1 passes its input through unchanged."""
     name, model = tiny
     ad = adapter_for(model.config.model_type)
+    skipped = copy.deepcopy(model)
+
+    def identity(module, args, kwargs, out):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+    ad.layers(skipped)[1].register_forward_hook(identity, with_kwargs=True)
     drop_layers(ad, model, [1])
     assert len(ad.layers(model)) == 2 and model.config.num_hidden_layers == 2
     out = _logits(model, tiny_batch())
     assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, _logits(skipped, tiny_batch()), atol=1e-5, rtol=1e-4)
 
 
 def test_generate_after_pruning():
@@ -76,5 +84,13 @@ def test_generate_after_pruning():
     for i in range(3):
         prune_block(ad, model, i, [i % 3], list(range(10 + i)))
     drop_layers(ad, model, [0])
-    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)
-    assert out.shape == (1, 8)
+    prompt = torch.tensor([[5, 6, 7]])
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)  # with the KV cache of the pruned, shallower model
+    ids = prompt
+    with torch.no_grad():  # greedy decoding by hand, every step recomputed without a cache
+        for step in range(5):
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], logits, atol=1e-5, rtol=1e-4)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, ids)
