@@ -2,7 +2,9 @@
 and directories saved by the explorer after pruning (non-uniform widths + a plan file).
 
 Safety defaults: no `trust_remote_code`, safetensors only (pickle-based `.bin` weights need
-`allow_pickle=True`), local paths can be switched off for a shared server.
+`allow_pickle=True`), local paths can be switched off for a shared server. A saved directory
+that carries the explorer's own modeling code (hub_code: for plain transformers) is read here
+without running it, whatever `trust_remote_code` says: its plan rebuilds the widths.
 """
 from __future__ import annotations
 
@@ -197,6 +199,7 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
     plan: dict = {}
     default_data = None
     gguf = None
+    pruned_config = None
     if builtin:
         path = package_dir(builtin.package) / builtin.subdir
         task = task or builtin.task
@@ -223,11 +226,17 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
                 plan = json.loads((path / PLAN_FILE).read_text())
                 task = task or plan.get("task")
                 default_data = plan.get("data")
+            pruned_config = _pruned_config(path) if (path / "config.json").exists() else None
+            if pruned_config is not None and not plan:  # the Hub files without the plan file
+                from .hub_code import layers_from_config
+                plan = {"format": 1, **layers_from_config(path, pruned_config)}
         else:
             path = name  # hub id
     src = str(path)
     try:
-        if gguf:
+        if pruned_config is not None:  # its own modeling code is never run here: the plan rebuilds it
+            config = pruned_config
+        elif gguf:
             config = AutoConfig.from_pretrained(src, gguf_file=gguf, **kw)
         else:
             config = AutoConfig.from_pretrained(src, **kw)
@@ -259,7 +268,7 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
         as_dtype["device_map"] = device_map
     try:
         if plan:
-            model = _load_pruned(cls, Path(src), adapter, plan, kw, dtype)
+            model = _load_pruned(cls, Path(src), adapter, plan, pruned_config, kw, dtype)
         elif gguf:
             model = cls.from_pretrained(src, gguf_file=gguf, **kw, **extra, **as_dtype)
         elif builtin and builtin.lora_adapter:  # the head is missing on purpose: the adapter brings it
@@ -267,7 +276,10 @@ def load_model(name_or_path: str, *, task: str | None = None, device: str = "aut
                 model = cls.from_pretrained(src, **kw, **extra, **as_dtype)
         else:
             model = cls.from_pretrained(src, use_safetensors=not allow_pickle or None, **kw, **extra, **as_dtype)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf, **kw) if gguf else AutoTokenizer.from_pretrained(src, **kw)
+        if gguf:
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf, **kw)
+        else:  # the base config of a directory with its own code: transformers would not read it untrusted
+            tok = AutoTokenizer.from_pretrained(src, **kw, **({"config": config} if pruned_config is not None else {}))
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not load '{name}': {str(e).splitlines()[0][:300]}") from None
     if builtin and builtin.lora_adapter:
@@ -341,18 +353,30 @@ def _apply_bundled_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
     return merged
 
 
-def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, kw: dict,
+def _pruned_config(path: Path):
+    """The base architecture's config of a directory saved with its own modeling code (see
+    hub_code), read without running that code; None for any other directory."""
+    from .hub_code import base_config
+    try:
+        return base_config(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"could not read the config in '{path}': {str(e).splitlines()[0][:300]}") from None
+
+
+def _load_pruned(cls, path: Path, adapter: Adapter, plan: dict, config, kw: dict,
                  dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model saved with non-uniform widths: config -> dense skeleton -> widths
     from the plan -> saved weights. The skeleton is built in `dtype`, else in the saved
-    weights' dtype (a bfloat16 model reloads as bfloat16)."""
+    weights' dtype (a bfloat16 model reloads as bfloat16). `config`: the base config of a
+    directory with its own modeling code (`_pruned_config`), else None (read from config.json)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     from .hidden import build_skeleton
     from .surgery import reshape_to
 
-    config = AutoConfig.from_pretrained(str(path), **kw)
+    if config is None:
+        config = AutoConfig.from_pretrained(str(path), **kw)
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(f)))
@@ -389,10 +413,28 @@ def _update_config(lm: LoadedModel) -> bool:
     return False
 
 
+def _drop_foreign_code(directory: Path) -> None:
+    """Remove what `save_pretrained` copies from a model or tokenizer that was loaded with
+    `trust_remote_code` (its *.py files and the `auto_map` naming them): a saved directory
+    carries no code but the explorer's own (hub_code)."""
+    for f in directory.glob("*.py"):
+        f.unlink()
+    for name in ("config.json", "tokenizer_config.json"):
+        f = directory / name
+        if f.exists():
+            d = json.loads(f.read_text())
+            if isinstance(d, dict) and d.pop("auto_map", None) is not None:
+                f.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
 def save_model(lm: LoadedModel, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Save weights (safetensors, in the model's dtype), config, tokenizer, the plan file and a
     model card (README.md). Written to a temporary directory first and renamed, so a saved model
-    is never half-written."""
+    is never half-written. Widths that the config cannot express (they differ between layers, or
+    a head count BERT-like configs cannot say) get the explorer's own configuration / modeling
+    files, named in config.json's `auto_map`, so that plain transformers loads the directory with
+    `from_pretrained(dir, trust_remote_code=True)` (hub_code); otherwise config.json holds the
+    new widths and no code is written."""
     from .hidden import hidden_record, plain_loadable
     from .surgery import widths
 
@@ -404,10 +446,17 @@ def save_model(lm: LoadedModel, out_dir: str | Path, extra: dict | None = None) 
         hidden = hidden_record(lm)  # {"dense": H0, "size": h} once the hidden size is pruned
         lm.model.save_pretrained(str(tmp), safe_serialization=True)
         lm.tokenizer.save_pretrained(str(tmp))
+        _drop_foreign_code(tmp)
+        layers = widths(lm.adapter, lm.model)
+        remote = None
+        if not uniform_config:
+            from .hub_code import write_remote_code
+            remote = write_remote_code(tmp, lm, layers, hidden)
         plan = {"format": 1, "base": lm.plan.get("base", lm.name), "task": lm.task,
                 "model_type": lm.model.config.model_type, "data": lm.default_data,
                 "loads_with_plain_from_pretrained": uniform_config,
-                "layers": widths(lm.adapter, lm.model), **({"hidden": hidden} if hidden else {}),
+                "loads_with_remote_code": remote is not None, **({"remote_code": remote} if remote else {}),
+                "layers": layers, **({"hidden": hidden} if hidden else {}),
                 **(extra or {})}
         (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1, default=float))
         from .export import model_card
