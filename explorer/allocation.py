@@ -90,6 +90,50 @@ class Allocation:
                 "removed_fraction": self.removed_fraction,
                 "layers": [{**asdict(l), "actual_sparsity": l.actual_sparsity} for l in self.layers]}
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Allocation":
+        """A plan read back from `to_json()` (the app's plan JSON) or from the `allocate` command's
+        output (the analysis' layers with the plan's fields added and an "allocation" summary). Per
+        layer the kept widths (keep_groups, keep_neurons) and the level (sparsity) are read as
+        written; params_after is recomputed from the widths where the record has the per-unit
+        parameter counts (the `allocate` output), so an edited width counts. Whether the plan fits
+        a model is for the caller to check. Raises ExplorerError naming what is missing or wrong."""
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), list) or not d["layers"]:
+            raise ExplorerError("not a plan: expected a JSON object with a non-empty 'layers' list "
+                                "(the output of `allocate --json`)")
+        meta = d["allocation"] if isinstance(d.get("allocation"), dict) else d
+        layers = []
+        for i, l in enumerate(d["layers"]):
+            try:
+                if not isinstance(l, dict):
+                    raise TypeError("not an object")
+                index = int(l.get("index", i))
+                if index != i:
+                    raise ValueError(f"index {index} out of order")
+                g, n = int(l["keep_groups"]), int(l["keep_neurons"])
+                if g != l["keep_groups"] or n != l["keep_neurons"]:
+                    raise ValueError("keep_groups / keep_neurons must be whole numbers")
+                G = int(l["groups"])
+                N = int(l["n_neurons"] if "n_neurons" in l else l["neurons"])  # allocate's "neurons" are scores
+                before = int(l["block_params"] if "block_params" in l else l["params_before"])
+                if "group_params" in l and "neuron_params" in l:
+                    after = before - (G - g) * int(l["group_params"]) - (N - n) * int(l["neuron_params"])
+                else:
+                    after = int(l["params_after"])
+                level = float(l["sparsity"])
+                importance = float(l.get("importance", l.get("normalized_importance", 0.0)))
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                what = f"missing {e}" if isinstance(e, KeyError) else str(e)
+                raise ExplorerError(f"not a plan: layer {i}: {what}") from None
+            layers.append(LayerPlan(i, importance, level, bool(l.get("clipped", False)), bool(l.get("manual", False)),
+                                    g, n, G, N, before, after))
+        try:
+            return cls(layers, float(meta.get("target", 0.0)), float(meta.get("amplitude", 0.0)),
+                       str(meta.get("mode", "manual")), str(meta.get("split", "proportional")),
+                       str(meta.get("normalization", "maxabs")), str(meta.get("budget", "params")), meta.get("cost"))
+        except (TypeError, ValueError) as e:
+            raise ExplorerError(f"not a plan: its allocation summary: {e}") from None
+
 
 def validate(cfg: AllocationConfig) -> None:
     if not (isinstance(cfg.target, (int, float)) and math.isfinite(cfg.target) and 0 <= cfg.target < 1):
@@ -100,8 +144,8 @@ def validate(cfg: AllocationConfig) -> None:
         raise ExplorerError(f"S_max must be in (0, 1), got {cfg.max_sparsity}")
     if cfg.target > cfg.max_sparsity:
         raise ExplorerError(f"target {cfg.target} exceeds S_max {cfg.max_sparsity}")
-    if cfg.mode not in ("exact", "reference", "uniform"):
-        raise ExplorerError(f"unknown allocation mode '{cfg.mode}': use exact, reference or uniform")
+    if cfg.mode not in ("exact", "reference", "uniform", "search"):
+        raise ExplorerError(f"unknown allocation mode '{cfg.mode}': use exact, reference, uniform or search")
     if cfg.split not in ("proportional", "salience"):
         raise ExplorerError(f"unknown split '{cfg.split}': use proportional or salience")
     if cfg.normalization not in NORMALIZATIONS:
@@ -119,8 +163,9 @@ def validate(cfg: AllocationConfig) -> None:
 
 
 def layer_sparsities(norm_imp, weights, cfg: AllocationConfig,
-                     manual: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Continuous S_L per layer and whether the formula was clipped there."""
+                     manual: dict[int, float] | None = None, base=None) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous S_L per layer and whether the formula was clipped there. Mode "search": `base` (the
+    searched per-layer levels) takes the formula's place; hand edits and the exact shift apply as usual."""
     imp = np.asarray(norm_imp, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     manual = {int(k): float(v) for k, v in (manual or {}).items()}
@@ -129,10 +174,16 @@ def layer_sparsities(norm_imp, weights, cfg: AllocationConfig,
             raise ExplorerError(f"manual sparsity for layer {k}, but the model has layers 0..{len(imp) - 1}")
         if not (math.isfinite(v) and 0 <= v < 1):
             raise ExplorerError(f"manual sparsity for layer {k} must be in [0, 1), got {v}")
-    raw = np.full_like(imp, cfg.target) if cfg.mode == "uniform" else cfg.target - cfg.amplitude * imp
+    if cfg.mode == "search":
+        if base is None or len(base) != len(imp):
+            raise ExplorerError("mode 'search' needs a searched plan: run the search first (app: Search; "
+                                "CLI: allocate --mode search)")
+        raw = np.asarray(base, dtype=np.float64)
+    else:
+        raw = np.full_like(imp, cfg.target) if cfg.mode == "uniform" else cfg.target - cfg.amplitude * imp
     free = np.array([i not in manual for i in range(len(imp))])
     s = np.clip(raw, 0.0, cfg.max_sparsity)
-    if cfg.mode == "exact" and free.any():
+    if cfg.mode in ("exact", "search") and free.any():
         fixed = sum(w[i] * v for i, v in manual.items())
         goal = cfg.target * w.sum() - fixed
 
@@ -182,7 +233,7 @@ def groups_to_keep(sl: float, layer: dict, scores: tuple[np.ndarray, np.ndarray]
 
 def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
              manual: dict[int, float] | None = None,
-             scores: list[tuple[np.ndarray, np.ndarray]] | None = None) -> Allocation:
+             scores: list[tuple[np.ndarray, np.ndarray]] | None = None, base=None) -> Allocation:
     """`structure`: per layer {groups, n_neurons, group_params, neuron_params, block_params}
     (as recorded by importance analysis). `scores`: per layer (group scores, neuron scores),
     e.g. `Importance.unit_scores()`. Split "salience" uses them; without them (a plan from the
@@ -197,7 +248,8 @@ def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
     if not (cfg.split == "salience" and cfg.prune_attention and cfg.prune_mlp):
         scores = None
     P = np.array([l["block_params"] for l in structure], dtype=np.float64)
-    s, clipped = layer_sparsities(norm_imp, P, cfg, manual)
+    s, clipped = layer_sparsities(norm_imp, P, cfg, manual, base)
+    exact = cfg.mode in ("exact", "search")
     manual = manual or {}
     k = cfg.round_to
     keep_g, neuron_f = [], []
@@ -220,12 +272,12 @@ def allocate(norm_imp, structure: list[dict], cfg: AllocationConfig,
     widths_n = np.array([l["n_neurons"] for l in structure])
     units = np.array(neuron_f) / k
     max_units = np.ceil(widths_n / k)
-    n_units = np.clip(np.floor(units) if cfg.mode == "exact" else np.floor(units + 0.5), 1, max_units)
+    n_units = np.clip(np.floor(units) if exact else np.floor(units + 0.5), 1, max_units)
 
     def kept(u):
         return np.minimum(widths_n, u * k)
 
-    if cfg.mode == "exact" and cfg.prune_mlp:
+    if exact and cfg.prune_mlp:
         # largest remainder: add blocks where rounding down cost the most, until the total
         # neuron parameters are within half a block of what the budget leaves for neurons
         pn = np.array([l["neuron_params"] for l in structure], dtype=np.float64)

@@ -11,7 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import (METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PruneConfig, add_arguments, from_args,
+from .config import (METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PredictConfig, PruneConfig, SearchConfig,
+                     add_arguments, from_args,
                      option_fields, split_recovery,
                      validate)
 from .data import MAX_DATA_BYTES
@@ -49,8 +50,9 @@ def _load(args, need_data: bool = True):
     return lm, data
 
 
-def _add_model_args(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--model", required=True, help="built-in name (minilm-rt, smollm2-135m, minilm), HF id or directory")
+def _add_model_args(p: argparse.ArgumentParser, data: bool = True, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="built-in name (minilm-rt, smollm2-135m, minilm), HF id or "
+                                                      "directory" + ("" if required else " (for --mode search)"))
     if data:
         p.add_argument("--data", default=None, help="built-in data (rotten-tomatoes, imdb, bbc-news) or a CSV/JSONL/TXT "
                                                     "file (default: the model's own data set)")
@@ -97,7 +99,15 @@ def cmd_allocate(args) -> None:
     if args.uniform:
         cfg = replace(cfg, mode="uniform")
     manual = _parse_manual(args.manual)
-    alloc = _allocate_from_analysis(imp, analysis, cfg, manual)
+    if cfg.mode == "search":
+        if not args.model:
+            raise ExplorerError("--mode search scores plans on the real model: add --model (and --data)")
+        if cfg.budget != "params":
+            raise ExplorerError("--mode search meets a params budget: use --budget params")
+        lm, data = _load(args)
+        alloc = _search(lm, data, imp, cfg, manual, from_args(SearchConfig, args))
+    else:
+        alloc = _allocate_from_analysis(imp, analysis, cfg, manual)
     out = dict(analysis)
     for layer, lp in zip(out["layers"], alloc.layers):
         layer.update({"normalized_importance": lp.importance,  # Î_L by the plan's normalisation
@@ -108,6 +118,100 @@ def cmd_allocate(args) -> None:
     _write_json(out, args.json)
     print(f"allocated {alloc.removed_fraction:.4f} of block parameters (target {cfg.target}, A {cfg.amplitude}, "
           f"{cfg.mode}); clipped layers: {alloc.clipped_layers or 'none'}", file=sys.stderr)
+
+
+def _search(lm, data, imp, cfg: AllocationConfig, manual: dict[int, float], scfg, predictor=None):
+    """The searched plan (explorer.search), progress on stderr; hand edits (--manual) on top of it."""
+    from .allocation import allocate
+    from .search import PlanSearch
+    validate(scfg)
+    if imp.n_layers != len(lm.adapter.layers(lm.model)):
+        raise ExplorerError("the analysis does not fit the model: analyse this model first")
+    search = PlanSearch(lm, data, imp, replace(cfg, mode="exact"), scfg, predictor)
+    done = None
+    for ev in search.events():
+        if ev["type"] == "start":
+            print("search starts: " + ", ".join(f"{k} {v:.4f}" for k, v in ev["start"].items())
+                  + f" -> from {ev['chosen']}", file=sys.stderr)
+        elif ev["type"] == "generation":
+            print(f"generation {ev['generation']}/{ev['generations']}: best val loss {ev['loss']:.4f}, "
+                  f"{ev['trials_per_s']:.1f} trials/s, ETA {ev['eta_s']:.0f} s", file=sys.stderr)
+        else:
+            done = ev
+    print(f"search {done['reason']}: {done['trials']} trials in {done['seconds']:.0f} s, val loss "
+          f"{min(done['start'].values()):.4f} -> {done['loss']:.4f}", file=sys.stderr)
+    levels = [lp.sparsity for lp in done["allocation"].layers]
+    return allocate(imp.normalized_by(cfg.normalization), imp.params, replace(cfg, mode="search"), manual,
+                    scores=imp.unit_scores(), base=levels)
+
+
+def cmd_preview(args) -> None:
+    """Predicted val quality and speed-up of a plan, before running it (explorer.predict)."""
+    from .importance import analyze
+    from .latency import plan_flops, predict
+    from .predict import Recipe, measure, plan_sparsity
+    analysis = from_args(AnalysisConfig, args)
+    cfg = from_args(AllocationConfig, args)
+    prune = replace(PruneConfig(), recovery=args.recovery)
+    pcfg = from_args(PredictConfig, args)
+    for c in (analysis, prune, pcfg):
+        validate(c)
+    from .allocation import validate as validate_allocation
+    validate_allocation(cfg)
+    from .predict import parse_levels
+    parse_levels(pcfg.levels)
+    manual = _parse_manual(args.manual)
+    lm, data = _load(args)
+    n = len(lm.adapter.layers(lm.model))
+    for layer, level in manual.items():  # before any measurement
+        if not (0 <= layer < n):
+            raise ExplorerError(f"--manual names layer {layer}, but the model has layers 0..{n - 1}")
+        if not (0 <= level <= cfg.max_sparsity):
+            raise ExplorerError(f"--manual {layer}={level}: a level must be in [0, S_max = {cfg.max_sparsity}]")
+    if lm.task not in ("classification", "causal-lm"):
+        raise ExplorerError("preview predicts a quality: the model needs a task head (classification or causal LM)")
+    texts, labels = data.calibration(analysis.samples, stage=1, seed=analysis.seed)  # a run's first stage
+    imp = analyze(lm, texts, labels if lm.task == "classification" else None, analysis)
+    recipe = Recipe(analysis, replace(cfg, mode="exact" if cfg.mode == "search" else cfg.mode), prune, pcfg)
+
+    def tick(d):
+        print(f"predictor: {d['done']}/{d['total']} ({d['phase']}), ETA {d['eta_s']:.0f} s", file=sys.stderr)
+    pred = measure(lm, data, imp, recipe, progress=tick)
+    head_dim = lm.summary()["head_dim"]
+    if cfg.mode == "search":
+        alloc = _search(lm, data, imp, cfg, manual, from_args(SearchConfig, args), pred)
+    else:
+        alloc = _allocate_from_analysis(imp, {"summary": {"head_dim": head_dim}}, cfg, manual)
+    uniform = _allocate_from_analysis(imp, {"summary": {"head_dim": head_dim}}, replace(cfg, mode="uniform"), {})
+    if cfg.budget == "latency":
+        from .latency import cost_model
+        cost = cost_model(lm)
+
+        def speedup(a):
+            return predict(cost, [(lp.groups, lp.neurons) for lp in a.layers]) / predict(
+                cost, [(lp.keep_groups, lp.keep_neurons) for lp in a.layers])
+        speed_as = "latency cost model"
+    else:
+        def speedup(a):
+            f0, f1 = plan_flops(a, imp.params, head_dim)
+            return f0 / f1
+        speed_as = "block FLOPs"
+    quality = pred.predict(plan_sparsity(alloc))
+    out = {"predicted": {"metric": pred.metric, "split": "val", "quality": quality, "speedup": speedup(alloc),
+                         "speedup_as": speed_as, "uniform": {"quality": pred.predict(plan_sparsity(uniform)),
+                                                             "speedup": speedup(uniform)},
+                         "dense": pred.dense_quality, "error": pred.error(), "alpha": pred.alpha,
+                         "predictor": {"cached": pred.cached, "measured_at": pred.measured_at,
+                                       "seconds": pred.seconds, "recovery": pred.settings.get("recovery")}},
+           "plan": alloc.to_json()}
+    if args.json:
+        _write_json(out, args.json)
+    fmt = (lambda q: f"{q:.3f}") if pred.metric == "perplexity" else (lambda q: f"{q:.2%}")
+    err = pred.error()
+    print(f"predicted val {pred.metric}: {fmt(quality)} (uniform {fmt(out['predicted']['uniform']['quality'])}, "
+          f"dense {fmt(pred.dense_quality)}); predicted speed-up x{out['predicted']['speedup']:.2f} ({speed_as}); "
+          + (f"predictor error: median {err['median_share_of_gap']:.0%} of the gap on {err['plans']} check plan(s)"
+             if err else "predictor error not measured (--checks 0)"), file=sys.stderr)
 
 
 def _allocate_from_analysis(imp, analysis: dict, cfg: AllocationConfig, manual: dict[int, float]):
@@ -138,6 +242,121 @@ def _parse_manual(items: list[str] | None) -> dict[int, float]:
         except ValueError:
             raise ExplorerError(f"--manual expects LAYER=SPARSITY (e.g. 3=0.5), got '{item}'") from None
     return out
+
+
+def _read_hand_plan(args, cfg: AllocationConfig, prune: PruneConfig) -> dict | None:
+    """`prune --plan FILE` / `--manual L=S`: the file read and its levels checked (before the model is
+    loaded); None without either. Returns {"manual", "path", "data", "plan"} for `_hand_plan`."""
+    manual = _parse_manual(args.manual)
+    if args.plan is None and not manual:
+        return None
+    flags = " / ".join(f for f, on in (("--plan", args.plan is not None), ("--manual", bool(manual))) if on)
+    if cfg.budget != "params":
+        raise ExplorerError(f"{flags} set the per-layer table, a parameter plan: it does not combine with "
+                            f"--budget {cfg.budget} (which chooses the widths itself)")
+    if prune.layer_drop or prune.prune_hidden:
+        raise ExplorerError(f"{flags} fix the widths of every layer: they do not combine with --layer-drop or "
+                            "--prune-hidden")
+    for layer, level in manual.items():
+        _check_level(f"--manual {layer}={level:g}", level, cfg)
+    out = {"manual": manual, "path": args.plan, "data": None, "plan": None}
+    if args.plan is not None:
+        from .allocation import Allocation
+        try:
+            out["data"] = json.loads(Path(args.plan).read_text())
+        except (OSError, ValueError) as e:
+            raise ExplorerError(f"cannot read plan file '{args.plan}': {e}") from None
+        try:
+            out["plan"] = plan = Allocation.from_json(out["data"])
+        except ExplorerError as e:
+            raise ExplorerError(f"--plan {args.plan}: {e}") from None
+        for lp in plan.layers:
+            if lp.index not in manual:
+                _check_level(f"--plan {args.plan}: layer {lp.index}", lp.sparsity, cfg)
+    return out
+
+
+def _check_level(what: str, level: float, cfg: AllocationConfig) -> None:
+    if not (0 <= level <= cfg.max_sparsity):  # NaN fails too
+        raise ExplorerError(f"{what}: sparsity {level:g} is outside [0, S_max = {cfg.max_sparsity:g}]")
+
+
+def _hand_plan(lm, data, analysis_cfg: AnalysisConfig, cfg: AllocationConfig, hand: dict):
+    """The per-layer table a `prune` run prunes to, as the app's hand-edited table: (plan, allocation
+    config, description for the label).
+      --manual alone: the model is analysed now and allocated as `allocate --manual` would (those
+        layers at their levels, the others by the allocation, the budget redistributed in exact mode).
+      --plan FILE: every layer ends at the file's widths (keep_groups, keep_neurons). A layer whose
+        widths were edited keeps them (set by hand); a layer whose level (sparsity) was edited, or that
+        --manual names, gets the widths its level gives by the file's own analysis (the `allocate`
+        output holds it), the other layers keep theirs."""
+    from .allocation import Allocation, LayerPlan, allocate
+    from .methods.base import check_plan_fits, model_structure
+    manual, path, d, plan = hand["manual"], hand["path"], hand["data"], hand["plan"]
+    if plan is None:
+        from .importance import analyze
+        texts, labels = data.calibration(analysis_cfg.samples, seed=analysis_cfg.seed)
+        imp = analyze(lm, texts, None if lm.task == "encoder" else labels, analysis_cfg)
+        plan = _allocate_from_analysis(imp, {}, cfg, manual)
+        check_plan_fits(lm, plan)
+        return plan, cfg, f"table ({len(manual)} layer(s) by hand: {', '.join(map(str, sorted(manual)))})"
+    try:
+        check_plan_fits(lm, plan)
+    except ExplorerError as e:
+        raise ExplorerError(f"--plan {path}: {e}") from None
+    structure = model_structure(lm)
+
+    def after(st, g, n):
+        return st["block_params"] - (st["groups"] - g) * st["group_params"] - (st["n_neurons"] - n) * st["neuron_params"]
+    rows = d["layers"]
+    widths_edited = [i for i, (lp, st, row) in enumerate(zip(plan.layers, structure, rows))
+                     if "params_after" in row and row["params_after"] != after(st, lp.keep_groups, lp.keep_neurons)]
+    analysed = "metric" in d and all(isinstance(r.get("neurons"), list) and "cosine_importance" in r for r in rows)
+    levels_edited: list[int] = []
+    derived = None
+    if analysed:  # the layers' widths at their levels, from the file's own analysis and plan settings
+        from .importance import Importance
+        try:
+            imp = Importance.from_json(d)
+            mode = "exact" if plan.mode in ("exact", "search") else "reference"
+            levels = {lp.index: manual.get(lp.index, lp.sparsity) for lp in plan.layers}
+            derived = allocate(imp.normalized_by(plan.normalization), imp.params,
+                               replace(cfg, mode=mode, split=plan.split, normalization=plan.normalization),
+                               levels, scores=imp.unit_scores())
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExplorerError(f"--plan {path}: cannot read its analysis: {e}") from None
+        block = max(cfg.round_to, 1)
+        for lp, dp in zip(plan.layers, derived.layers):
+            grown = dp.keep_neurons <= lp.keep_neurons <= min(lp.neurons, dp.keep_neurons + 2 * block) \
+                if mode == "exact" else lp.keep_neurons == dp.keep_neurons
+            if lp.index not in widths_edited and not (lp.keep_groups == dp.keep_groups and grown):
+                levels_edited.append(lp.index)
+    elif manual:
+        raise ExplorerError(f"--manual with --plan re-allocates layers from the plan file's analysis, and "
+                            f"'{path}' has none: give the `allocate --json` output, or edit the widths in the file")
+    by_hand = sorted(set(widths_edited) | set(levels_edited) | set(manual))
+    layers = []
+    for lp, st in zip(plan.layers, structure):
+        g, n, level, hand_set = lp.keep_groups, lp.keep_neurons, lp.sparsity, lp.manual or lp.index in by_hand
+        if lp.index in manual or lp.index in levels_edited:  # re-allocated at the level
+            dp = derived.layers[lp.index]
+            g, n, level = dp.keep_groups, dp.keep_neurons, dp.sparsity
+        params_after = after(st, g, n)
+        if lp.index in widths_edited:
+            level = 1 - params_after / st["block_params"]
+            _check_level(f"--plan {path}: layer {lp.index} (its widths)", level, cfg)
+        layers.append(LayerPlan(lp.index, lp.importance, float(level), lp.clipped and not hand_set, hand_set, g, n,
+                                st["groups"], st["n_neurons"], int(st["block_params"]), int(params_after)))
+    out = Allocation(layers, plan.target, plan.amplitude, plan.mode, plan.split, plan.normalization, "params")
+    removed = min(max(out.removed_fraction, 0.0), cfg.max_sparsity)
+    marked = [l.index for l in layers if l.manual]
+    notes = [f"widths edited: {', '.join(map(str, widths_edited))}" if widths_edited else "",
+             f"levels edited: {', '.join(map(str, levels_edited))}" if levels_edited else "",
+             f"--manual: {', '.join(map(str, sorted(manual)))}" if manual else ""]
+    note = "; ".join(n for n in notes if n)
+    what = (f"plan {Path(path).name} ({len(marked)} layer(s) by hand" + (f": {', '.join(map(str, marked))}" if marked
+                                                                        else "") + (f"; {note}" if note else "") + ")")
+    return out, replace(cfg, target=round(removed, 6)), what
 
 
 def _progress(what: str):
@@ -171,7 +390,6 @@ def cmd_prune(args) -> None:
     from .models import save_model
     if args.method not in METHODS:
         raise ExplorerError(f"unknown method '{args.method}': use one of {', '.join(METHODS)}")
-    lm, data = _load(args)
     analysis = from_args(AnalysisConfig, args)
     alloc = from_args(AllocationConfig, args)
     method = args.method
@@ -193,8 +411,15 @@ def cmd_prune(args) -> None:
     validate(alloc)
     if alloc.budget != "params" and method not in ("adaptive", "uniform"):
         raise ExplorerError(f"--budget {alloc.budget} works with the adaptive and uniform methods, not '{method}'")
+    hand = _read_hand_plan(args, alloc, prune)  # checked before the model loads
+    lm, data = _load(args)
     options = {k: getattr(args, k) for k in option_fields() if getattr(args, k, None) is not None}
-    run = make_run(method, lm, data, analysis, alloc, prune, **options)
+    if hand is not None:  # the per-layer table: --plan FILE and/or --manual L=S
+        final_plan, alloc, what = _hand_plan(lm, data, analysis, alloc, hand)
+        options.update(final_plan=final_plan, label=f"{method}, {what}")
+    run = make_run(method, lm, data, analysis, alloc, prune, **options)  # a method that picks its widths refuses
+    if hand is not None:
+        print(f"plan: {what}", file=sys.stderr)
     total = prune.stages * (1 + max(prune.recovery_steps, 0) * (split_recovery(prune.recovery)[1] != "none"))
     bar = tqdm(total=total, desc="pruning", file=sys.stderr)
     m = None
@@ -433,13 +658,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="output file")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("allocate", help="per-layer sparsity from an analysis: S_L = S_base - A*Î_L")
+    p = sub.add_parser("allocate", help="per-layer sparsity from an analysis: S_L = S_base - A*Î_L "
+                       "(--mode search: searched on the real model, needs --model)")
     p.add_argument("--analysis", required=True, help="JSON written by `analyze`")
     add_arguments(p, AllocationConfig, rename={"amplitude": "amplitude"})
     p.add_argument("--uniform", action="store_true", help="uniform allocation (same as --mode uniform)")
     p.add_argument("--manual", nargs="*", metavar="L=S", help="per-layer overrides, e.g. 0=0.1 5=0.6")
     p.add_argument("--json", required=True, help="output file")
+    _add_model_args(p, required=False)
+    add_arguments(p, SearchConfig, rename={"seed": "search_seed", "step": "search_step"})
     p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("preview", help="predicted val quality and speed-up of a plan before running it (the "
+                       "predictor is measured once per model, data, metric and recovery, then cached)")
+    _add_model_args(p)
+    add_arguments(p, AnalysisConfig)
+    add_arguments(p, AllocationConfig)
+    p.add_argument("--manual", nargs="*", metavar="L=S", help="per-layer overrides, e.g. 0=0.1 5=0.6")
+    p.add_argument("--recovery", default="reconstruct", choices=["none", "reconstruct"],
+                   help="what the predicted stage does after its cut (default: reconstruct)")
+    add_arguments(p, PredictConfig, skip=("seed",))  # --seed (the calibration's) seeds the checks and the search
+    add_arguments(p, SearchConfig, skip=("seed",), rename={"step": "search_step"})
+    p.add_argument("--json", default=None, help='also write {"predicted": {...}, "plan": {...}} here')
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("prune", help="incremental structural pruning with recovery; saves the smaller model")
     _add_model_args(p)
@@ -454,6 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning method: adaptive (default), uniform, apt, adapruner, fusion, magnitude, wanda, "
                         "lottery, layer-drop, distill-baseline, lora-before, lora-after")
     add_method_options(p)
+    p.add_argument("--manual", nargs="*", metavar="L=S",
+                   help="per-layer sparsity set by hand, as `allocate --manual` (e.g. 0=0.1 5=0.6): the run prunes "
+                        "to that table (the other layers by the allocation; every method that takes per-layer "
+                        "widths follows it; params budget only); with --plan: those layers re-allocated at S")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="prune to the per-layer plan in FILE, the JSON `allocate --json` writes (or the app's plan "
+                        "JSON): each layer ends at its keep_groups / keep_neurons; edit those, or a layer's "
+                        "sparsity (re-allocated at that level from the file's analysis)")
     p.add_argument("--recipe", action="store_true", help="use the built-in model's recovery recipe (explorer/recipes.py: "
                    "chosen on val by bench.recipe) instead of the recovery flags")
     p.add_argument("--out", default=None, help="directory to save the pruned model")

@@ -631,3 +631,14 @@ def allocate_flops(norm_imp, structure: list[dict], cfg: AllocationConfig, flops
     alloc = allocate_to_cost(norm_imp, structure, cfg, flops, reference * (1 - removed), scores, reference, "flops")
     alloc.cost.update(removed_target=removed, removed_fraction=1 - alloc.cost["predicted"] / reference)
     return alloc
+
+
+def plan_flops(alloc, structure: list[dict], head_dim: int, seq_len: int = 128) -> tuple[int, int]:
+    """Forward FLOPs per token of the blocks before and after a plan, by the FLOPs budget's own model
+    (latency.FlopsModel.from_structure, layer by layer: 2 per weight plus attention scores and mixing)."""
+    before = after = 0.0
+    for lp, st in zip(alloc.layers, structure):
+        fm = FlopsModel.from_structure(st, head_dim, seq_len)
+        before += fm.block(lp.groups, lp.neurons)
+        after += fm.block(lp.keep_groups, lp.keep_neurons)
+    return int(before), int(after)

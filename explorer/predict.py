@@ -49,7 +49,7 @@ from .pruning import apply_allocation, cpu_snapshot, plan_keeps
 from .reconstruct import _forward_block, _refit_group, capture_inputs, reconstruct
 from .surgery import prune_block
 
-PREDICTOR_VERSION = 1
+PREDICTOR_VERSION = 2
 
 
 def parse_levels(text: str) -> list[float]:
@@ -160,6 +160,8 @@ class Predictor:
     levels: list[float]
     sparsity: list[list[float]]  # per layer: the actual parameter sparsity at each level (rounded counts)
     delta: list[list[float]]  # per layer: Δ objective at each level
+    loss_dense: float = 0.0  # mean val loss of the dense model (NLL per token, or cross-entropy)
+    loss_delta: list[list[float]] = field(default_factory=list)  # per layer: Δ loss at each level (ranks plans)
     settings: dict = field(default_factory=dict)
     key: str = ""
     measured_at: str = ""
@@ -172,22 +174,25 @@ class Predictor:
     def n_layers(self) -> int:
         return len(self.delta)
 
-    def layer_delta(self, i: int, s: float) -> float:
-        """Δ_L(s): piecewise linear through (0, 0) and the measured points, extrapolated beyond."""
+    def layer_delta(self, i: int, s: float, loss: bool = False) -> float:
+        """Δ_L(s) of the objective (or, `loss`, of the val loss): piecewise linear through (0, 0) and the
+        measured points, extrapolated beyond."""
         xs = np.array([0.0] + list(self.sparsity[i]))
-        ys = np.array([0.0] + list(self.delta[i]))
+        ys = np.array([0.0] + list((self.loss_delta if loss and self.loss_delta else self.delta)[i]))
         if s <= xs[-1]:
             return float(np.interp(s, xs, ys))
         x0, x1, y0, y1 = xs[-2], xs[-1], ys[-2], ys[-1]
         slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
         return float(y1 + slope * (s - x1))
 
-    def additive(self, sparsity) -> float:
-        """Σ_L Δ_L(s_L) (no interaction correction)."""
+    def additive(self, sparsity, loss: bool = False) -> float:
+        """Σ_L Δ_L(s_L) (no interaction correction); `loss`: of the val loss, which ranks plans more finely
+        than a classifier's accuracy (for language models the two are the same)."""
         s = list(sparsity)
         if len(s) != self.n_layers:
             raise ExplorerError(f"the plan has {len(s)} layers, the predictor was measured on {self.n_layers}")
-        return float(sum(self.layer_delta(i, float(v)) for i, v in enumerate(s)))
+        loss = loss and bool(self.loss_delta)
+        return float(sum(self.layer_delta(i, float(v), loss) for i, v in enumerate(s)))
 
     def objective(self, sparsity) -> float:
         return self.dense + self.alpha * self.additive(sparsity)
@@ -410,16 +415,17 @@ def measure(lm: LoadedModel, data: TextData, imp: Importance, recipe: Recipe,
         if should_stop and should_stop():
             raise Cancelled()
 
-    dense = scorer.score(lm)["objective"]
+    first = scorer.score(lm)
+    dense, dense_loss = first["objective"], first["loss"]
     texts = _recon_texts(data, recipe)
     model, layers = lm.model, lm.adapter.layers(lm.model)
-    sparsity, delta = [], []
+    sparsity, delta, loss_delta = [], [], []
     with torch.no_grad():
         inp = capture_inputs(lm, texts, recipe.analysis.batch_size, recipe.analysis.max_length or None) \
             if recipe.reconstructs else None
         for i in range(n_layers):
             original = layers[i]
-            xs, ds = [], []
+            xs, ds, ls = [], [], []
             try:
                 for s in levels:
                     stop()
@@ -433,17 +439,20 @@ def measure(lm: LoadedModel, data: TextData, imp: Importance, recipe: Recipe,
                     else:
                         prune_block(lm.adapter, model, i, *keep)
                     xs.append(plan.layers[i].actual_sparsity)
-                    ds.append(scorer.score(lm)["objective"] - dense)
+                    sc = scorer.score(lm)
+                    ds.append(sc["objective"] - dense)
+                    ls.append(sc["loss"] - dense_loss)
                     tick(f"layer {i} at {s:g}")
             finally:
                 layers[i] = original
                 lm.adapter.after_prune(lm.adapter.block(model, i))
             sparsity.append(xs)
             delta.append(ds)
+            loss_delta.append(ls)
             if inp is not None and i < n_layers - 1:
                 _forward_block(original, inp, update=True)  # the dense stream moves on to block i + 1
     del inp
-    pred = Predictor(scorer.metric, dense, levels, sparsity, delta, settings=sig, key=key_of(sig),
+    pred = Predictor(scorer.metric, dense, levels, sparsity, delta, dense_loss, loss_delta, settings=sig, key=key_of(sig),
                      measured_at=_dt.datetime.now().isoformat(timespec="seconds"))
     for name, s in check_plans(imp, recipe, levels, cfg.checks):
         stop()

@@ -31,7 +31,7 @@ from .importance import Importance, analyze
 from .models import LoadedModel
 from .reconstruct import reconstruct
 from .recovery import recover_steps
-from .surgery import drop_layers, prune_block, widths
+from .surgery import drop_layers, prune_block, widths, zeroed_units
 
 
 def choose_units(scores: np.ndarray, k: int) -> list[int]:
@@ -293,7 +293,7 @@ class PruningRun:
             self.original_structure = self.original_structure or imp.params
             yield {"type": "analysis", "stage": k, "importance": imp}
             alloc = plan(k, imp, stage_target)
-            phases, recon = yield from self._cut(k, imp, alloc, self._last_good)
+            phases, recon = yield from self._cut(k, imp, alloc)
             losses: list[float] = []
             yield from self._train(k, cfg, losses, teacher)
             if before_record is not None:
@@ -358,11 +358,12 @@ class PruningRun:
     def _trains(self) -> bool:
         return self.training != "none" and self.prune.recovery_steps > 0
 
-    def _cut(self, k: int, imp: Importance, alloc: Allocation, stage_start) -> Iterator[dict]:
-        """Remove the plan's units; with reconstruction, cut and refit layer by layer from
-        `stage_start` (a copy of the model before this cut). Yields "phase" events; returns
-        (phases, reconstruction report). With eval_phases the plain cut is evaluated first
-        (then thrown away), and the reconstructed model too when training follows."""
+    def _cut(self, k: int, imp: Importance, alloc: Allocation) -> Iterator[dict]:
+        """Remove the plan's units, once: with reconstruction, cut and refit layer by layer (the refit
+        may re-choose the units, keeping the plan's counts). Yields "phase" events; returns (phases,
+        reconstruction report). With eval_phases the plain cut is evaluated first, on the uncut model
+        with the removed units zeroed in place (exactly the cut's output, no copy), and the
+        reconstructed model too when training follows."""
         lm, cfg = self.lm, self.prune
         phases: dict = {}
 
@@ -370,13 +371,13 @@ class PruningRun:
             phases[name] = quality(lm, self.data, cfg.eval_samples, cfg.eval_split)
             return {"type": "phase", "stage": k, "phase": name, "quality": phases[name]}
 
-        if not self.reconstructs or cfg.eval_phases:
+        if cfg.eval_phases and (self.reconstructs or self._trains()):
+            with zeroed_units(lm, plan_keeps(imp, alloc)):
+                event = phase("cut")
+            yield event
+        if not self.reconstructs:
             apply_allocation(lm, imp, alloc)
-            if cfg.eval_phases and (self.reconstructs or self._trains()):
-                yield phase("cut")
-            if not self.reconstructs:
-                return phases, None
-            lm.model = copy.deepcopy(stage_start).to(lm.device)
+            return phases, None
         yield {"type": "reconstruct", "stage": k}
         texts, _ = (self.data.calibration(cfg.recon_samples, stage=k, seed=self.analysis.seed)
                     if cfg.recon_samples else self._calibration(k))
@@ -478,11 +479,31 @@ class PruningRun:
         budget = {"budget": self.allocation.budget}
         if self.cost is not None:
             budget.update(unit=self.cost.unit, reference=self.reference, **self._cost_brief())
+        # the plan actually used: where it came from (the table set by hand, the allocation or the method), the
+        # per-layer widths the run ended with and the last stage's per-layer sparsity (masks: reached)
+        fp, own = self.final_plan, getattr(self, "chooses_widths", "")
+        if fp is not None:
+            by_hand = [lp.index for lp in fp.layers if lp.manual]
+            plan = {"source": "table", "by_hand": by_hand,
+                    "description": f"the per-layer table ({len(by_hand)} layer(s) set by hand"
+                                   + (f": {', '.join(map(str, by_hand))})" if by_hand else ")"),
+                    "planned": [{"layer": lp.index, "sparsity": lp.sparsity, "groups": lp.keep_groups,
+                                 "neurons": lp.keep_neurons} for lp in fp.layers]}
+        elif own:
+            plan = {"source": "method", "by_hand": [], "description": f"chosen by the method: {own}"}
+        else:
+            a = self.allocation
+            plan = {"source": "allocation", "by_hand": [],
+                    "description": ("uniform" if a.mode == "uniform" else f"{a.mode} A={a.amplitude:g}")
+                                   + f" allocation, {a.budget} budget, target {a.target:g}"}
+        if self.records:
+            plan["widths"] = [{"groups": w["groups"], "neurons": w["neurons"]} for w in self.records[-1].widths]
+            plan["sparsity"] = list(self.records[-1].sparsity)
         return {"label": self.label, "model": self.lm.name, "data": self.data.name, "metric": m,
                 "eval_split": self.prune.eval_split,
                 "status": self.status, "error": self.error,
                 "config": {"analysis": asdict(self.analysis), "allocation": asdict(self.allocation),
                            "prune": asdict(self.prune)},
-                "dense": brief(self.dense), "final": final, "budget": budget,
+                "dense": brief(self.dense), "final": final, "budget": budget, "plan": plan,
                 **({"hidden": self.hidden} if self.hidden else {}),
                 "stages": [r.to_json() for r in self.records]}

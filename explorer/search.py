@@ -82,10 +82,10 @@ class Grid:
 
 def predicted_optimum(pred: Predictor, grid: Grid, start: np.ndarray, max_rounds: int = 2000) -> np.ndarray:
     """The predictor's best grid plan near `start`: greedy level switches, each the one that lowers the
-    predicted objective most (exact on the grid: Δ tabulated per layer and level), until none does."""
+    predicted val loss most (exact on the grid: Δ tabulated per layer and level), until none does."""
     L, K = len(grid.P), grid.kmax
-    sign = 1.0 if pred.metric == "perplexity" else -1.0  # the objective to lower: log ppl, or −accuracy
-    table = np.array([[sign * pred.layer_delta(i, j * grid.step) for j in range(K + 1)] for i in range(L)])  # (L, K+1)
+    table = np.array([[pred.layer_delta(i, j * grid.step, loss=True) for j in range(K + 1)]
+                      for i in range(L)])  # (L, K+1): Δ val loss, lower is better
     k = start.copy()
     same = np.abs(grid.P[:, None] - grid.P[None, :]) <= 1e-9 * grid.P.max()  # (L, L) layers of one size
     for _ in range(max_rounds):
@@ -225,8 +225,7 @@ class PlanSearch:
                 continue
             kids.append(k)
         if self.predictor is not None and cfg.prescreen and len(kids) > cfg.offspring:
-            sign = 1.0 if self.predictor.metric == "perplexity" else -1.0
-            kids.sort(key=lambda k: sign * self.predictor.additive(self.grid.sparsity(k)))
+            kids.sort(key=lambda k: self.predictor.additive(self.grid.sparsity(k), loss=True))
             kids = kids[: cfg.offspring]
         return kids
 

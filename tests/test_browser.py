@@ -127,6 +127,44 @@ def test_load_importance_allocation_run_and_stop(driver):
     assert "-run2-adaptive-S0.3.zip" in status, status
 
 
+def test_predicted_quality_follows_a_table_edit_and_the_search_fills_the_table(driver):
+    import re
+    d = driver
+    d.tab("importance")
+    assert "Importance from 32 calibration samples" in d.compute_importance(32)
+    d.tab("allocation")
+    d.choose("mode-input", "exact")
+    d.page.locator("#predict-btn").click()
+    d.wait_text("predict-status", "Predictor ", timeout_s=600)
+    assert "⚠️" not in d.text("predict-status"), d.text("predict-status")
+
+    def predicted():
+        m = re.search(r"this plan ([0-9.]+)%", d.text("allocation-summary"))
+        return float(m.group(1)) if m else None
+    d.wait_text("allocation-summary", "Predicted val accuracy")
+    before = predicted()
+    assert before is not None and {"uniform", "this plan"} <= {t["name"] for t in d.plot("predict-plot")}
+    d.edit_cell("allocation-table", 1, 2, "0.9")  # make layer 1 much sparser: the prediction moves
+    d.wait_text("allocation-summary", "Set by hand: layer(s) 1")
+    deadline = time.monotonic() + 30
+    while predicted() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert predicted() != before, d.text("allocation-summary")
+    d.page.get_by_role("button", name="Reset hand edits").click()
+
+    d.set_number("generations-input", 2)
+    d.page.locator("#search-btn").click()
+    status = d.wait_text("predict-status", "trials in", timeout_s=600)
+    assert status.startswith("Search "), status
+    curve = d.wait_plot("plan-search-plot", "data.length == 2")
+    assert len(curve[1]["x"]) >= 2  # the start and at least one generation
+    d.wait_plot("allocation-plot", "layout.title.text.includes('(search')")
+    d.edit_cell("allocation-table", 2, 2, "0.5")  # the searched plan stays editable
+    assert "Set by hand: layer(s) 2" in d.wait_text("allocation-summary", "Set by hand")
+    d.page.get_by_role("button", name="Reset hand edits").click()
+    d.choose("mode-input", "exact")
+
+
 def test_two_sessions_on_different_models_bad_input_and_a_closed_tab(driver, server, tmp_path):
     """A second browser (its own session) loads another model and feeds it bad input; the first
     browser sees none of it; closing the second tab frees its session on the server."""

@@ -158,3 +158,37 @@ def test_recipe_for_a_model_without_one_is_a_message(tiny_dirs, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "--recipe: there is no recipe for" in err and "smollm2-135m" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_preview_predicts_a_plan_and_search_allocates(tiny_dirs, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPLORER_CACHE_DIR", str(tmp_path / "cache"))
+    base = ["preview", "--model", tiny_dirs["llama"], "--data", tiny_dirs["txt"], "--samples", "8", "--tokens", "128",
+            "--seq-len", "16", "--checks", "1", "--target", "0.3"]
+    out = tmp_path / "p.json"
+    assert main(base + ["--json", str(out)]) == 0
+    assert "predicted val perplexity" in capsys.readouterr().err
+    d = json.loads(out.read_text())
+    assert d["predicted"]["metric"] == "perplexity" and d["predicted"]["quality"] > 1
+    assert d["predicted"]["speedup"] > 1 and len(d["plan"]["layers"]) == 3
+    assert d["predicted"]["predictor"]["cached"] is False
+    out2 = tmp_path / "p2.json"
+    assert main(base + ["--manual", "1=0.8", "--json", str(out2)]) == 0  # the cached predictor, another plan
+    d2 = json.loads(out2.read_text())
+    assert d2["predicted"]["predictor"]["cached"] is True and d2["plan"]["layers"][1]["sparsity"] == 0.8
+    assert d2["predicted"]["quality"] != d["predicted"]["quality"]
+    capsys.readouterr()
+    assert main(base + ["--manual", "7=0.5"]) == 2
+    assert "layers 0..2" in _err_line(capsys)
+    # allocate --mode search: scored on the real model, so it needs one
+    a = tmp_path / "a.json"
+    assert main(["analyze", "--model", tiny_dirs["llama"], "--data", tiny_dirs["txt"], "--samples", "8",
+                 "--json", str(a)]) == 0
+    capsys.readouterr()
+    assert main(["allocate", "--analysis", str(a), "--mode", "search", "--json", str(tmp_path / "s.json")]) == 2
+    assert "add --model" in _err_line(capsys)
+    assert main(["allocate", "--analysis", str(a), "--mode", "search", "--model", tiny_dirs["llama"], "--data",
+                 tiny_dirs["txt"], "--generations", "2", "--small", "32", "--large", "64",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["allocation"]["mode"] == "search" and abs(s["allocation"]["removed_fraction"] - 0.3) < 0.05
+    assert "search " in capsys.readouterr().err

@@ -244,3 +244,16 @@ def test_app_predict_needs_importance(app):
     from app_helpers import alloc_args, req
     out = app.on_predict("none", *alloc_args(), req("b"))
     assert "compute importance first" in out.predict_status
+
+
+def test_app_runs_the_searched_plan(ready):
+    from app_helpers import alloc_args, req, run_all
+    app = ready
+    list(app.on_search(*alloc_args(), 2, req("a")))
+    s = app.session(req("a"))
+    assert "the searched plan" in app.on_prune_plan("adaptive", *alloc_args(mode="search"), req("a"))
+    run_all(app, req("a"), mode="search", stages=1)
+    rep = s.history[-1]
+    assert rep["status"] == "done" and "searched plan" in rep["label"]
+    want = [(lp.keep_groups, lp.keep_neurons) for lp in s.allocation.layers]
+    assert [(w["groups"], w["neurons"]) for w in rep["plan"]["widths"]] == want

@@ -20,7 +20,8 @@ import gradio as gr
 import pandas as pd
 
 from explorer import plots
-from explorer.config import METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PruneConfig, default_of, validate
+from explorer.config import (METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PredictConfig, PruneConfig,
+                             SearchConfig, default_of, validate)
 from explorer.data import BUILTIN_DATA, load_data
 from explorer.errors import Cancelled, DataError, ExplorerError
 from explorer.evaluate import evaluate, metric_name, quality
@@ -30,13 +31,17 @@ from explorer.latency import cost_model
 from explorer.methods import make_run
 from explorer.models import load_model, save_model
 from explorer.pruning import PruningRun, check_pairing
+from explorer.latency import plan_flops
+from explorer.predict import Recipe, check_fits, front, measure, plan_sparsity
+from explorer.search import PlanSearch
 from explorer.sessions import KEEP_RUNS, Loaded, Session, SessionRegistry
 
-from .outputs import SKIP, AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut, NormalizationOut, RunOut
+from .outputs import (SKIP, AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut, NormalizationOut,
+                      PredictOut, RunOut)
 from .views import (ADVANCED, EDITABLE, budget_plan, latency_note, predicted_speedup, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs, method_values,
                     allocation_config, allocation_table, empty_table, eta, eval_size, evaluation_note, export_stem,
                     fresh_views, layer_figure, message, model_summary, normalization_choice, number,
-                    parse_manual, plan_flops, report_csv, report_rows, require_loaded, run_label, stage_table, task_defaults,
+                    parse_manual, report_csv, report_rows, require_loaded, run_label, stage_table, task_defaults,
                     try_model)
 
 ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a busy session says it does
@@ -184,7 +189,10 @@ class ExplorerApp:
         head_dim = loaded.lm.summary()["head_dim"]
         latency = self.latency_model(loaded) if cfg.budget == "latency" else loaded.costs.get("latency")
         manual = s.manual if cfg.budget == "params" else {}  # hand edits set parameters, not a speed
-        alloc = budget_plan(norm, imp.params, cfg, scores, manual, head_dim, latency)
+        if cfg.mode == "search" and s.searched is None:
+            raise ExplorerError("mode search shows the searched plan: press Search plan first (or choose another "
+                                "mode)")
+        alloc = budget_plan(norm, imp.params, cfg, scores, manual, head_dim, latency, base=s.searched)
         uniform = budget_plan(norm, imp.params, replace(cfg, mode="uniform"), scores, {}, head_dim, latency)
         s.allocation = alloc
         hpg = [p["heads_per_group"] for p in imp.params]
@@ -224,8 +232,157 @@ class ExplorerApp:
             lines.append(f"Set by hand: layer(s) {', '.join(map(str, sorted(s.manual)))} (Reset to drop them).")
         if note:
             lines.insert(0, note)
+        predicted, front_fig = self.prediction(s, cfg, alloc, uniform, head_dim, latency)
+        if predicted:
+            lines.insert(1, predicted)
         lines.append(f"<small>computed in {(time.perf_counter() - t0) * 1000:.0f} ms</small>")
-        return AllocationOut(fig, allocation_table(alloc, hpg), "\n\n".join(lines))
+        return AllocationOut(fig, allocation_table(alloc, hpg), "\n\n".join(lines), front_fig)
+
+    def prediction(self, s: Session, cfg: AllocationConfig, alloc, uniform, head_dim: int, latency):
+        """The predicted val quality of the plan on screen beside uniform's, with the predictor's measured
+        error, and the chart of predicted quality against predicted speed-up (or FLOPs) of uniform, the A
+        sweep, this plan and the searched plan. ('', SKIP) without a predictor for this model."""
+        pred = s.predictor
+        if pred is None:
+            return "", SKIP
+        try:
+            check_fits(pred, s.loaded.lm, s.loaded.data)
+        except ExplorerError as e:
+            return f"⚠️ {message(e)}", SKIP
+        imp = s.importance
+        if latency is not None:
+            def cost(a):
+                return predicted_speedup(latency, a)
+            label = "predicted speed-up (latency cost model)"
+        else:
+            def cost(a):
+                f0, f1 = plan_flops(a, imp.params, head_dim)
+                return f0 / f1
+            label = "FLOPs reduction (dense ÷ plan, blocks)"
+        here = pred.predict(plan_sparsity(alloc))
+        uni = pred.predict(plan_sparsity(uniform))
+        m = pred.metric
+        fmt = (lambda q: f"{q:.2f}") if m == "perplexity" else (lambda q: f"{q:.1%}")
+        err = pred.error()
+        err_text = (f"measured error: median {err['median_share_of_gap']:.0%} of the dense-to-plan gap on "
+                    f"{err['plans']} check plan(s), leave-one-out" if err else "no check plans measured")
+        text = (f"**Predicted val {m}** (one reconstructed stage{'' if pred.settings.get('recovery') == 'reconstruct' else ', no refit'}): "
+                f"this plan **{fmt(here)}**, uniform {fmt(uni)}, dense {fmt(pred.dense_quality)} "
+                f"<small>({err_text}; α = {pred.alpha:.2f})</small>")
+        points = front(pred, imp, replace(cfg, budget="params") if cfg.mode == "search" else cfg, cost)
+        current = {"quality": here, "cost": cost(alloc)}
+        searched = None
+        if s.searched is not None and cfg.budget == "params":
+            sa = budget_plan(imp.normalized_by(cfg.normalization), imp.params, replace(cfg, mode="search"),
+                             imp.unit_scores(), {}, head_dim, None, base=s.searched)
+            if abs(sa.target - alloc.target) < 1e-9:
+                searched = {"quality": pred.predict(plan_sparsity(sa)), "cost": cost(sa)}
+        return text, plots.prediction_front(points, current, searched, pred.dense_quality, m, label)
+
+    # --- the predictor and the plan search (Allocation tab) -----------------------------------------
+    def _recipe(self, s: Session, recovery, target, amplitude, mode, max_sparsity, round_to, split, normalization):
+        imp = s.importance
+        cfg = allocation_config(target, amplitude, "exact" if mode == "search" else mode, max_sparsity, round_to,
+                                split, normalization)
+        prune = replace(PruneConfig(), recovery=recovery or default_of(PruneConfig, "recovery"))
+        validate(prune)
+        analysis = AnalysisConfig(samples=imp.samples or AnalysisConfig().samples, metric=imp.metric)
+        return Recipe(analysis, cfg, prune, PredictConfig())
+
+    def on_predict(self, recovery, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
+                   normalization="maxabs", budget="params", speedup=0.0, progress=gr.Progress()):
+        """-> PredictOut: measure the plan predictor (or read it from the disk cache), then redraw the
+        allocation with every plan's predicted quality."""
+        s = self.session(request)
+        alloc_args = (target, amplitude, mode, max_sparsity, round_to, split)
+        try:
+            with s.busy("measuring the predictor"):
+                loaded = require_loaded(s)
+                if s.importance is None:
+                    raise ExplorerError("compute importance first (Importance tab): the predictor cuts the units "
+                                        "it ranks")
+                recipe = self._recipe(s, recovery, *alloc_args, normalization)
+                progress(0, desc="the dense model on val")
+
+                def tick(d):
+                    progress((d["done"], d["total"]), desc=f"{d['phase']} · ETA {eta(d['eta_s'])}")
+                with loaded.lock:  # layers are swapped in and out of the shared model
+                    pred = measure(loaded.lm, loaded.data, s.importance, recipe, progress=tick,
+                                   should_stop=s.stop_requested)
+                s.predictor = pred
+        except Cancelled:
+            return PredictOut(predict_status="Stopped: the predictor was not measured; the plan is unchanged.")
+        except Exception as e:
+            return PredictOut(predict_status=warn(message(e)))
+        err = pred.error()
+        status = (f"Predictor {'read from the cache (measured ' + pred.measured_at + ')' if pred.cached else 'measured'}"
+                  f" in {pred.seconds:.0f} s: {pred.n_layers} layers × {len(pred.levels)} levels, "
+                  f"recovery `{pred.settings.get('recovery')}`, on {recipe.predict.tokens if pred.metric == 'perplexity' else recipe.predict.examples} val "
+                  f"{'tokens' if pred.metric == 'perplexity' else 'examples'}"
+                  + (f"; error on {err['plans']} check plan(s): median {err['median_share_of_gap']:.0%} of the gap"
+                     if err else "") + ".")
+        out = self.allocation_outputs(s, *alloc_args, normalization=normalization, budget=budget, speedup=speedup)
+        return PredictOut(predict_status=status, **out._asdict())
+
+    def on_search(self, target, amplitude, mode, max_sparsity, round_to, split, generations, request: gr.Request,
+                  normalization="maxabs", budget="params", speedup=0.0):
+        """Generator -> PredictOut: the search curve after every generation; at the end (or on Stop, with the
+        best plan so far) the searched plan lands in the table (mode "search"), still editable."""
+        s = self.session(request)
+        try:
+            with s.busy("the plan search"):
+                loaded = require_loaded(s)
+                if s.importance is None:
+                    raise ExplorerError("compute importance first (Importance tab): the search cuts the units it "
+                                        "ranks")
+                cfg = allocation_config(target, amplitude, "exact", max_sparsity, round_to, split, normalization,
+                                        budget, speedup)
+                if cfg.budget != "params":
+                    raise ExplorerError("the search meets a params budget: choose budget params")
+                scfg = replace(SearchConfig(), generations=number(generations, "generations", int))
+                validate(scfg)
+                predictor = s.predictor
+                if predictor is not None:
+                    try:
+                        check_fits(predictor, loaded.lm, loaded.data)
+                    except ExplorerError:
+                        predictor = None
+                search = PlanSearch(loaded.lm, loaded.data, s.importance, cfg, scfg, predictor)
+                curve = []
+                with loaded.lock:  # units are zeroed in place in the shared model
+                    for ev in search.events():
+                        if s.stop_requested():
+                            search.stop()
+                        if ev["type"] == "start":
+                            curve.append({"trial": search.trials, "value": ev["loss"], "best_value": ev["loss"]})
+                            starts = ", ".join(f"{k} {v:.4f}" for k, v in ev["start"].items())
+                            yield PredictOut(predict_status=f"Search: starts scored ({starts}); from "
+                                             f"**{ev['chosen']}**.", plan_search_plot=plots.search_curve(curve))
+                        elif ev["type"] == "generation":
+                            curve.append({"trial": ev["trials"], "value": ev["loss"], "best_value": ev["loss"]})
+                            yield PredictOut(predict_status=(
+                                f"Search: generation {ev['generation']} of {ev['generations']}, best val loss "
+                                f"{ev['loss']:.4f}, {ev['trials_per_s']:.1f} trials/s, ETA {eta(ev['eta_s'])} "
+                                "(Stop keeps the best plan so far)."), plan_search_plot=plots.search_curve(curve))
+                        elif ev["type"] == "done":
+                            done = ev
+                s.searched = [lp.sparsity for lp in done["allocation"].layers]
+                s.search_curve, s.manual, s.last_edit = curve, {}, None
+        except Cancelled:
+            yield PredictOut(predict_status="Stopped before the first trial: the plan is unchanged.")
+            return
+        except Exception as e:
+            yield PredictOut(predict_status=warn(message(e)))
+            return
+        first = min(done["start"].values())
+        out = self.allocation_outputs(s, target, amplitude, "search", max_sparsity, round_to, split,
+                                      normalization=normalization, budget=budget, speedup=speedup)
+        yield PredictOut(predict_status=(
+            f"Search {done['reason']}: {done['trials']} trials in {done['seconds']:.0f} s; val loss "
+            f"{first:.4f} → **{done['loss']:.4f}** (zeroed units, {scfg.large} val "
+            f"{'tokens' if loaded.lm.task == 'causal-lm' else 'examples'}). The searched plan is in the table "
+            "(mode search), where you can still edit it."), plan_search_plot=plots.search_curve(curve),
+            mode_in=gr.update(value="search"), **out._asdict())
 
     def latency_model(self, loaded: Loaded):
         """The latency cost model of the loaded model on this device: read from the disk cache, or
@@ -309,7 +466,11 @@ class ExplorerApp:
                                           **adv[AnalysisConfig])
                 alloc_cfg = replace(allocation_config(target, amplitude, mode, max_sparsity, round_to, split,
                                                       normalization, budget, speedup), **adv[AllocationConfig])
-                final_plan = s.allocation if s.manual else None  # layers set by hand: prune to the table
+                if alloc_cfg.mode == "search" and (s.searched is None or s.allocation is None):
+                    raise ExplorerError("mode search prunes to the searched plan: press Search plan in the "
+                                        "Allocation tab first (or choose another mode)")
+                # layers set by hand, or the searched plan: prune to the table
+                final_plan = s.allocation if s.manual or alloc_cfg.mode == "search" else None
                 shown = {**adv, **({METHOD_OPTIONS[method]: options} if options else {})}
                 label = run_label(len(s.history) + 1, method, alloc_cfg, prune, shown, by_hand=sorted(s.manual))
                 with loaded.lock:  # the dense model (perhaps shared) stays intact for the next run
@@ -323,7 +484,7 @@ class ExplorerApp:
                                         "budgets parameters: set the Allocation tab's budget to params")
                 else:
                     run = make_run(method, lm, loaded.data, analysis, alloc_cfg, prune, timing=bool(timing),
-                                   label=label, **options)
+                                   label=label, final_plan=final_plan, **options)  # every method follows the table
                 run.dense_given = loaded.dense_runs.get(run.dense_settings())  # measured once per model and data
                 s.run = run
                 yield from self._stream(s, run, metric_name(lm), loaded)
@@ -475,7 +636,12 @@ class ExplorerApp:
                                     speedup)
         except ExplorerError as e:
             return warn(message(e))
-        if s.manual:
+        if cfg.mode == "search":
+            what = ("the searched plan in the Allocation tab's table" if s.searched is not None else
+                    "⚠️ mode search, but no plan has been searched yet: press Search plan in the Allocation tab")
+            if s.manual:
+                what += f" ({len(s.manual)} layer(s) set by hand: {', '.join(map(str, sorted(s.manual)))})"
+        elif s.manual:
             what = (f"the Allocation tab's table ({len(s.manual)} layer(s) set by hand: "
                     f"{', '.join(map(str, sorted(s.manual)))}; Reset hand edits there to drop them)")
         elif cfg.mode == "uniform":
@@ -594,8 +760,18 @@ class ExplorerApp:
                       speedup: float = default_of(AllocationConfig, "speedup"),
                       request: gr.Request = None) -> dict:
         """The plan for these Allocation settings (it becomes the session's plan, as moving the sliders
-        does), as JSON; hand edits of the table stay."""
+        does), as JSON; hand edits of the table stay. Mode "search" runs the plan search first (minutes;
+        SearchConfig's defaults). With a measured predictor the JSON carries the plan's predicted val
+        quality under "predicted"."""
         s = self.session(request)
+        if mode == "search":
+            last = None
+            for last in self.on_search(target, amplitude, mode, max_sparsity, round_to, split,
+                                       default_of(SearchConfig, "generations"), request, normalization, budget,
+                                       speedup):
+                pass
+            if last is None or last.mode_in is SKIP:
+                return {"error": str(getattr(last, "predict_status", "the search did not run")).strip("⚠️* ")}
         try:
             out = self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
                                           normalization=normalization, budget=budget, speedup=speedup)
@@ -603,7 +779,16 @@ class ExplorerApp:
             return {"error": str(e)}
         if s.importance is None:
             return {"error": out.alloc_md}
-        return s.allocation.to_json()
+        plan = s.allocation.to_json()
+        if s.predictor is not None:
+            try:
+                check_fits(s.predictor, s.loaded.lm, s.loaded.data)
+                plan["predicted"] = {"metric": s.predictor.metric, "split": "val",
+                                     "quality": s.predictor.predict(plan_sparsity(s.allocation)),
+                                     "error": s.predictor.error()}
+            except ExplorerError:
+                pass
+        return plan
 
     def analysis_json(self, request: gr.Request) -> dict:
         """The last importance analysis (per-layer importance, unit salience), as JSON."""

@@ -101,17 +101,6 @@ def model_summary(loaded: Loaded | None) -> str:
     return f"| model | `{lm.name}`{pruned} |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def plan_flops(alloc: Allocation, structure: list[dict], head_dim: int, seq_len: int = 128) -> tuple[int, int]:
-    """Forward FLOPs per token of the blocks before and after a plan, by the FLOPs budget's own model
-    (latency.FlopsModel.from_structure, layer by layer: 2 per weight plus attention scores and mixing)."""
-    before = after = 0.0
-    for lp, st in zip(alloc.layers, structure):
-        fm = FlopsModel.from_structure(st, head_dim, seq_len)
-        before += fm.block(lp.groups, lp.neurons)
-        after += fm.block(lp.keep_groups, lp.keep_neurons)
-    return int(before), int(after)
-
-
 def budget_plan(norm, structure: list[dict], cfg: AllocationConfig, scores, manual: dict, head_dim: int,
                 latency=None, base=None) -> Allocation:
     """The plan for the Allocation tab's settings under its budget: parameters (with the table's hand
@@ -309,7 +298,9 @@ def run_label(number: int, method: str, alloc: AllocationConfig, prune: PruneCon
               by_hand: list[int] = ()) -> str:
     """'#3 exact A=0.05, S=0.3, K=2, reconstruct+lora 10 steps, seed 0, lora_rank=16': every setting
     that tells two runs apart (the number keeps equal settings apart too)."""
-    if by_hand:
+    if alloc.mode == "search":
+        plan = "searched plan" + (f", {len(by_hand)} layer(s) by hand" if by_hand else "")
+    elif by_hand:
         plan = f"table ({len(by_hand)} layer(s) by hand)"
     elif alloc.mode == "uniform":
         plan = "uniform"

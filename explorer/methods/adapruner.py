@@ -220,6 +220,10 @@ class AdaPrunerRun(MethodRun):
         self._grams: dict[int, list] = {}
         self.best: dict | None = None
         self.stage_configs: list[dict] = []  # what each final stage used (for the report and tests)
+        if self.final_plan is not None and o.search_amplitude:
+            raise ExplorerError("search_amplitude searches the A of the per-layer allocation, but this run prunes "
+                                "to the per-layer table set by hand: turn search_amplitude off, or reset the hand "
+                                "edits / drop --plan")
 
     def _cleanup(self) -> None:
         self._imp.clear()
@@ -284,6 +288,9 @@ class AdaPrunerRun(MethodRun):
         return sp
 
     def _plan(self, imp: Importance, amplitude: float):
+        """A trial's one-shot plan: the allocation with `amplitude`, or the table set by hand."""
+        if self.final_plan is not None:
+            return self._one_shot_plan(imp)
         return allocate(imp.normalized_by(self.allocation.normalization), imp.params,
                         replace(self.allocation, amplitude=amplitude), scores=imp.unit_scores())
 

@@ -307,6 +307,7 @@ def masked_norm(module: nn.Module, x: torch.Tensor, m: torch.Tensor) -> torch.Te
 class APTRun(MethodRun):
     method = "apt"
     Options = APTOptions
+    chooses_widths = "its masks pick the units across all layers by salience during training"
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

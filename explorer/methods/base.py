@@ -11,7 +11,6 @@ last `_commit()`) is put back and "stopped"/"error" is yielded.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable, Iterator
 
@@ -19,13 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..allocation import allocate
+from ..allocation import Allocation, allocate
 from ..config import PruneConfig
 from ..errors import Cancelled, ExplorerError
-from ..evaluate import batched_logits, metric_name, perplexity
+from ..evaluate import batched_logits, perplexity
 from ..importance import Importance, analyze
 from ..models import LoadedModel
-from ..pruning import PruningRun
+from ..pruning import PruningRun, interpolate_plan
+from ..surgery import zeroed_units  # noqa: F401 (the methods' cheap cut, exported here too)
 
 
 class MethodRun(PruningRun):
@@ -36,13 +36,21 @@ class MethodRun(PruningRun):
     note: str = ""
     method: str = ""
     Options: type | None = None  # the method's options dataclass (explorer.config.opt fields), if it has one
+    chooses_widths: str = ""  # how a method that picks its own widths does it (it then refuses a hand plan)
 
     def __init__(self, lm, data, analysis=None, allocation=None, prune=None, *, opts=None, label: str = "",
-                 timing: bool = True, final_plan=None):
-        super().__init__(lm, data, analysis, allocation, prune, timing=timing, label=label or self.method)
-        # final_plan (a hand-edited plan) only applies to adaptive/uniform: ignored here
+                 timing: bool = True, final_plan: Allocation | None = None):
+        super().__init__(lm, data, analysis, allocation, prune, final_plan=final_plan, timing=timing,
+                         label=label or self.method)
         self.opts = opts if opts is not None or self.Options is None else self.Options()
         self.summary: dict = {}  # method-specific results for the report
+        self._plan_stages = self.prune.stages  # the stage count the hand plan is interpolated over
+        if final_plan is not None:  # the per-layer table set by hand: every stage moves towards it
+            if self.chooses_widths:
+                raise ExplorerError(f"{self.method} chooses its own widths ({self.chooses_widths}), so it cannot "
+                                    "prune to the per-layer table set by hand: reset the hand edits (app) or drop "
+                                    "--plan / --manual (CLI), or pick a method that follows the table")
+            check_plan_fits(lm, final_plan)
 
     def _dense_event(self) -> dict:
         ev = {**super()._dense_event(), "method": self.method}
@@ -71,11 +79,23 @@ class MethodRun(PruningRun):
                            before_record: Callable[[int, list], Iterator[dict]] | None = None) -> Iterator[dict]:
         """PruningRun's stage loop with the method's importance estimate (a per-(layer) allocation by
         self.allocation, adaptive or uniform, to k/K of the target; the cut; training with `cfg`)."""
+        self._plan_stages = stages or self.prune.stages
         return self._stages(importance, self._param_plan, cfg, teacher, stages, before_record)
 
     def _param_plan(self, k: int, imp: Importance, stage_target: float):
+        """Stage k's plan: the allocation at the stage's target, or, with a hand-edited plan, k/K of the
+        way from the original widths to the table's (as PruningRun._plan)."""
+        if self.final_plan is not None:
+            return interpolate_plan(self.final_plan, imp.params, self.original_structure or imp.params,
+                                    k / self._plan_stages, self.allocation)
         return allocate(imp.normalized_by(self.allocation.normalization), imp.params,
                         replace(self.allocation, target=stage_target), scores=imp.unit_scores())
+
+    def _one_shot_plan(self, imp: Importance) -> Allocation | None:
+        """The hand-edited plan for a one-shot cut of the model as it is now (None without one)."""
+        if self.final_plan is None:
+            return None
+        return interpolate_plan(self.final_plan, imp.params, imp.params, 1.0, self.allocation)
 
     def report(self) -> dict:
         rep = super().report()
@@ -101,36 +121,30 @@ def _jsonable(x):
 
 # --- helpers ------------------------------------------------------------------------------
 
-@contextmanager
-def zeroed_units(lm: LoadedModel, keeps: list[tuple[list[int], list[int]]]) -> Iterator[LoadedModel]:
-    """The model as if the units outside `keeps` (per layer: attention units, neurons) were
-    removed, without a copy: the removed units' input channels of each block's output projection
-    (o_proj / down_proj ...) are zeroed, which makes their contribution exactly zero, as a cut
-    does; the saved channels (a slice per projection, never a model) are put back on exit."""
-    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []  # (weight, dim, channels, old values)
-    try:
-        with torch.no_grad():
-            for block, keep in zip(lm.adapter.blocks(lm.model), keeps):
-                for group, kept in zip((block.attn, block.mlp), keep):
-                    if kept is None:
-                        continue
-                    gone = sorted(set(range(group.n_units)) - set(kept))
-                    if not gone:
-                        continue
-                    u = group.act_unit_size
-                    ch = torch.tensor([c for g in gone for c in range(g * u, (g + 1) * u)],
-                                      device=group.out_module.weight.device)  # (removed channels,)
-                    w = group.out_module.weight
-                    dim = 1 if isinstance(group.out_module, torch.nn.Linear) else 0  # Linear (out, in); Conv1D (in, out)
-                    assert w.shape[dim] == group.n_units * u, "unit channels do not match the output projection"
-                    saved.append((w, dim, ch, w.index_select(dim, ch).clone()))
-                    w.index_fill_(dim, ch, 0.0)
-        yield lm
-    finally:
-        with torch.no_grad():
-            for w, dim, ch, old in reversed(saved):
-                w.index_copy_(dim, ch, old)
+def model_structure(lm: LoadedModel) -> list[dict]:
+    """Per layer what an analysis records as `Importance.params`: groups, n_neurons, group_params,
+    neuron_params, block_params, heads_per_group (from the model as it is now)."""
+    return [{"group_params": b.attn.params_per_unit, "neuron_params": b.mlp.params_per_unit,
+             "block_params": b.params, "groups": b.attn.n_units, "heads_per_group": b.heads_per_group,
+             "n_neurons": b.mlp.n_units} for b in lm.adapter.blocks(lm.model)]
 
+
+def check_plan_fits(lm: LoadedModel, plan: Allocation) -> None:
+    """A hand-edited plan (the table) must be one of this model's: one entry per layer, each made
+    for the layer's current attention units and neurons, keeping between 1 and all of them."""
+    structure = model_structure(lm)
+    if len(plan.layers) != len(structure):
+        raise ExplorerError(f"the per-layer table (plan) has {len(plan.layers)} layer(s) but the model has "
+                            f"{len(structure)}: it was made for another model")
+    for lp, st in zip(plan.layers, structure):
+        if (lp.groups, lp.neurons) != (st["groups"], st["n_neurons"]):
+            raise ExplorerError(f"the per-layer table (plan), layer {lp.index}: made for {lp.groups} attention "
+                                f"unit(s) and {lp.neurons} neurons, but the model's layer has {st['groups']} and "
+                                f"{st['n_neurons']}: it was made for another model")
+        if not (1 <= lp.keep_groups <= lp.groups and 1 <= lp.keep_neurons <= lp.neurons):
+            raise ExplorerError(f"the per-layer table (plan), layer {lp.index}: keeps {lp.keep_groups} of "
+                                f"{lp.groups} attention unit(s) and {lp.keep_neurons} of {lp.neurons} neurons; "
+                                "a layer keeps at least 1 and at most all of each")
 
 def clone_lm(lm: LoadedModel) -> LoadedModel:
     """A LoadedModel around a deep copy of the model (tokenizer and adapter shared)."""
@@ -211,5 +225,5 @@ def total_steps(cfg: PruneConfig) -> int:
     return cfg.stages * max(cfg.recovery_steps, 0)
 
 
-__all__ = ["MethodRun", "clone_lm", "val_objective", "classification_loss",
+__all__ = ["MethodRun", "model_structure", "check_plan_fits", "clone_lm", "val_objective", "classification_loss",
            "normalized_scores", "add_metric", "mixed_importance", "block_linear_weights", "total_steps"]

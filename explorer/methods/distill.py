@@ -2,7 +2,7 @@
 distillation from the dense teacher.
 
 The student is the dense model pruned one-shot and *uniformly* (the same sparsity S_base in
-every layer, units chosen by `analysis.metric`), then trained for the same number of steps as
+every layer, units chosen by `analysis.metric`; or to the per-layer table when it was set by hand), then trained for the same number of steps as
 the other methods' whole recovery budget (stages x recovery_steps) with the distillation loss
 alone, as DistilBERT's recipe (Sanh et al. 2019) without its masked-LM term:
     KL(teacher || student) on logits softened by `kd_temperature`  (kd_alpha = 1, no task loss)
@@ -38,8 +38,9 @@ class DistillBaselineRun(MethodRun):
         texts, labels = self._calibration(1)
         imp = self._analyze(texts, labels, (self.analysis.metric,))
         yield {"type": "analysis", "stage": 1, "importance": imp}
-        alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
-                         replace(self.allocation, mode="uniform"), scores=imp.unit_scores())
+        alloc = self._one_shot_plan(imp) or allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                                                     replace(self.allocation, mode="uniform"),
+                                                     scores=imp.unit_scores())
         apply_allocation(lm, imp, alloc)
         steps = total_steps(self.prune)
         cfg = replace(self.prune, recovery="kd" if steps > 0 else "none", kd_alpha=1.0, recovery_steps=steps,
@@ -50,7 +51,9 @@ class DistillBaselineRun(MethodRun):
                                 distill_steps=steps, kd_temperature=self.prune.kd_temperature,
                                 hidden_weight=cfg.kd_hidden_weight, hidden_loss=cfg.kd_hidden_loss)
         yield self._stage_event(rec)
-        self.summary = {"student": "uniform one-shot prune of the dense model", "distill_steps": steps,
+        student = ("one-shot prune of the dense model to the per-layer table set by hand" if self.final_plan is not None
+                   else "uniform one-shot prune of the dense model")
+        self.summary = {"student": student, "distill_steps": steps,
                         "loss": "KL(teacher || student) on logits (kd_alpha = 1)"
                                 + (f" + {cfg.kd_hidden_weight:g} x {cfg.kd_hidden_loss} hidden-state loss every "
                                    f"{cfg.kd_hidden_every} blocks" if cfg.kd_hidden_weight > 0 else "")}

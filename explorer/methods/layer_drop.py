@@ -39,6 +39,7 @@ def blocks_to_drop(layer_cos, block_params, fraction: float, max_blocks: int | N
 
 class LayerDropRun(MethodRun):
     method = "layer-drop"
+    chooses_widths = "it removes whole blocks, the lowest cosine importance first"
 
     def _body(self) -> Iterator[dict]:
         lm = self.lm

@@ -92,7 +92,7 @@ class LotteryRun(UnstructuredRun):
         texts, labels = self._calibration(0)
         imp = self._analyze(texts, labels, ("magnitude_l1",))
         yield {"type": "analysis", "stage": 0, "importance": imp}
-        allocated, final_ws = self._weight_sparsity(imp, self.allocation.target)
+        allocated, final_ws = self._weight_sparsity(imp, 1, 1)
         for r in range(1, R + 1):
             t0 = time.perf_counter()
             weights = block_linear_weights(lm)

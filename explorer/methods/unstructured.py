@@ -130,6 +130,10 @@ class UnstructuredRun(MethodRun):
         self.score = score
         self.method = score
         self.pattern = parse_pattern(getattr(self.opts, "pattern", None))  # lottery has no pattern
+        if self.pattern and self.final_plan is not None:
+            raise ExplorerError(f"pattern {self.opts.pattern} fixes the sparsity of every layer "
+                                f"({1 - self.pattern[0] / self.pattern[1]:g}), so it cannot follow the per-layer "
+                                "table set by hand: use pattern none, or reset the hand edits / drop --plan")
         self.masks: dict[str, torch.Tensor] = {}
 
     # --- masks ----------------------------------------------------------------------------
@@ -184,16 +188,21 @@ class UnstructuredRun(MethodRun):
                              "pattern": rec.extra["pattern"], "score": self.score})
         return rec
 
-    def _weight_sparsity(self, imp, target: float) -> tuple[list[float], list[float]]:
-        """(S_L from the allocation, the Linear-weight sparsity that gives that block sparsity)."""
-        alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
-                         replace(self.allocation, target=target), scores=imp.unit_scores())
+    def _weight_sparsity(self, imp, k: int, K: int) -> tuple[list[float], list[float]]:
+        """(S_L at step k of K, the Linear-weight sparsity that gives that block sparsity). S_L: the
+        allocation at k/K of the target, or k/K of each layer's level in the hand-edited plan."""
+        if self.final_plan is not None:  # the table set by hand: each layer's level, reached linearly
+            levels = [lp.sparsity * k / K for lp in self.final_plan.layers]
+        else:
+            alloc = allocate(imp.normalized_by(self.allocation.normalization), imp.params,
+                             replace(self.allocation, target=self.allocation.target * k / K), scores=imp.unit_scores())
+            levels = [lp.sparsity for lp in alloc.layers]
         weights = block_linear_weights(self.lm)
         out = []
-        for lp, block in zip(alloc.layers, weights):
+        for s, st, block in zip(levels, imp.params, weights):
             W = sum(w.numel() for _, w, _ in block)
-            out.append(min(self.allocation.max_sparsity, lp.sparsity * lp.params_before / max(W, 1)))
-        return [lp.sparsity for lp in alloc.layers], out
+            out.append(min(self.allocation.max_sparsity, s * st["block_params"] / max(W, 1)))
+        return levels, out
 
     def _body(self) -> Iterator[dict]:
         lm, K = self.lm, self.prune.stages
@@ -211,7 +220,7 @@ class UnstructuredRun(MethodRun):
                     rec_norms.close()
             yield {"type": "analysis", "stage": k, "importance": imp}
             dense_imp = dense_imp or imp  # the allocation follows the dense model's Î_L (monotone over stages)
-            allocated, ws = self._weight_sparsity(dense_imp, self.allocation.target * k / K)
+            allocated, ws = self._weight_sparsity(dense_imp, k, K)
             self._prune_to(weights, ws, rec_norms.norms() if rec_norms else None)
             losses: list[float] = []
             yield from self._train_masked(k, self.prune, losses, teacher)
