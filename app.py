@@ -25,6 +25,7 @@ from explorer.config import (METRICS, AllocationConfig, AnalysisConfig, PruneCon
 from explorer.data import BUILTIN_DATA  # noqa: E402
 from explorer.config import METHOD_OPTIONS  # noqa: E402
 from explorer.methods import METHODS  # noqa: E402
+from explorer.recipes import allocation_defaults  # noqa: E402
 from explorer.models import BUILTIN_MODELS, DEFAULT_MODEL, TASKS  # noqa: E402
 from explorer.sessions import KEEP_RUNS  # noqa: E402
 from ui.handlers import ExplorerApp  # noqa: E402,F401  (tests and bench import it from here)
@@ -122,9 +123,10 @@ def config_control(cls, name: str, **over):
                      maximum=md.get("max"), **kw)
 
 
-def slider(cls, name: str, lo: float, hi: float, step: float, label: str, elem_id: str | None = None):
-    """A slider whose default and help are the config field's."""
-    return gr.Slider(lo, hi, value=default_of(cls, name), step=step, label=label, elem_id=elem_id,
+def slider(cls, name: str, lo: float, hi: float, step: float, label: str, elem_id: str | None = None, value=None):
+    """A slider whose default (unless `value`) and help are the config field's."""
+    return gr.Slider(lo, hi, value=default_of(cls, name) if value is None else value, step=step, label=label,
+                     elem_id=elem_id,
                      info=help_of(cls, name))
 
 
@@ -178,17 +180,20 @@ def importance_tab(page, fresh: dict, metric: str):
             gr.Markdown(IMPORTANCE_HELP, latex_delimiters=LATEX)
 
 
-def allocation_tab(page, fresh: dict):
+def allocation_tab(page, fresh: dict, own: dict):
+    """`own`: the start-up model's bench-chosen normalisation and A (explorer.recipes.allocation_defaults)."""
     A = AllocationConfig
     with gr.Tab("Allocation", id="allocation"):
         with gr.Row():
             page.target_in = slider(A, "target", 0, 0.9, 0.01, "Target S_base", "target-slider")
-            page.amp_in = slider(A, "amplitude", 0, 0.5, 0.01, "Amplitude A", "amplitude-slider")
+            page.amp_in = slider(A, "amplitude", 0, 0.5, 0.01, "Amplitude A", "amplitude-slider",
+                                 value=own.get("amplitude"))
             page.mode_in = radio(A, "mode", "Mode", "mode-input", info="exact: the budget is met exactly "
                                  "(our default); reference: clip only; uniform: S_L = S_base in every layer; "
                                  "search: the plan found by Search plan (below)")
             page.split_in = radio(A, "split", "Attention / FFN split", "split-input")
-            page.norm_in = radio(A, "normalization", "Layer normalisation", "normalization-input")
+            page.norm_in = radio(A, "normalization", "Layer normalisation", "normalization-input",
+                                 value=own.get("normalization"))
         with gr.Row():
             page.budget_in = radio(A, "budget", "Budget", "budget-input", info="params: S_base is the fraction of "
                                    "block parameters removed; flops: of the blocks' FLOPs per token; latency: reach "
@@ -387,7 +392,7 @@ def build_ui(app: ExplorerApp, default_model: str = DEFAULT_MODEL, default_data:
         with gr.Tabs():
             model_tab(page, loaded, default_model, default_data, default_task)
             importance_tab(page, fresh, metric)
-            allocation_tab(page, fresh)
+            allocation_tab(page, fresh, allocation_defaults(loaded.lm.name if loaded else default_model))
             prune_tab(page, fresh, recovery)
             export_tab(page)
         wire(app, page, demo)

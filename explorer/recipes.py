@@ -33,6 +33,22 @@ RECIPES: dict[str, dict] = {
                      "kd_alpha": 1.0, "kd_temperature": 1.0, "kd_hidden_weight": 0.0, "kd_hidden_loss": "cosine"},
 }
 
+# The Allocation tab's starting point per built-in model: the (normalisation, A) that val chose most
+# often after reconstruction in bench/RECON.md (2026-12-02, 3 seeds per budget): SmolLM2 rank / 0.15 at
+# every budget and seed (9 of 9; with maxabs, layer 0's outlier leaves the other 29 layers within ±0.1
+# of each other, so moving A changes almost nothing); MiniLM-RT maxabs / 0.05 (5 of 9, rank / 0.15 won
+# the 60 % budget). The salience metric stays taylor for both (the bench's metric).
+ALLOCATION_DEFAULTS: dict[str, dict] = {
+    "smollm2-135m": {"normalization": "rank", "amplitude": 0.15},
+    "minilm-rt": {"normalization": "maxabs", "amplitude": 0.05},
+}
+
+
+def allocation_defaults(model_name: str) -> dict:
+    """The Allocation tab's (normalisation, A) for a built-in model; {} for any other model."""
+    return dict(ALLOCATION_DEFAULTS.get((model_name or "").strip().lower(), {}))
+
+
 # Not defaults: the best distillation setting on val where the default trains nothing.
 EXTRA: dict[str, dict] = {
     "minilm-rt": {"kd_fallback": {"recovery": "reconstruct+kd", "recovery_steps": 40, "lr": 3e-5,
