@@ -148,8 +148,7 @@ def _search(lm, data, imp, cfg: AllocationConfig, manual: dict[int, float], scfg
 def cmd_preview(args) -> None:
     """Predicted val quality and speed-up of a plan, before running it (explorer.predict)."""
     from .importance import analyze
-    from .latency import plan_flops, predict
-    from .predict import Recipe, measure, plan_sparsity
+    from .predict import Recipe, measure, plan_sparsity, plan_speedup, speedup_label
     analysis = from_args(AnalysisConfig, args)
     cfg = from_args(AllocationConfig, args)
     prune = replace(PruneConfig(), recovery=args.recovery)
@@ -183,19 +182,14 @@ def cmd_preview(args) -> None:
     else:
         alloc = _allocate_from_analysis(imp, {"summary": {"head_dim": head_dim}}, cfg, manual)
     uniform = _allocate_from_analysis(imp, {"summary": {"head_dim": head_dim}}, replace(cfg, mode="uniform"), {})
+    latency = None
     if cfg.budget == "latency":
         from .latency import cost_model
-        cost = cost_model(lm)
+        latency = cost_model(lm)
 
-        def speedup(a):
-            return predict(cost, [(lp.groups, lp.neurons) for lp in a.layers]) / predict(
-                cost, [(lp.keep_groups, lp.keep_neurons) for lp in a.layers])
-        speed_as = "latency cost model"
-    else:
-        def speedup(a):
-            f0, f1 = plan_flops(a, imp.params, head_dim)
-            return f0 / f1
-        speed_as = "block FLOPs"
+    def speedup(a):
+        return plan_speedup(a, imp.params, head_dim, latency)
+    speed_as = speedup_label(latency)
     quality = pred.predict(plan_sparsity(alloc))
     out = {"predicted": {"metric": pred.metric, "split": "val", "quality": quality, "speedup": speedup(alloc),
                          "speedup_as": speed_as, "uniform": {"quality": pred.predict(plan_sparsity(uniform)),

@@ -513,6 +513,21 @@ def run_plan(lm: LoadedModel, data: TextData, imp: Importance, recipe: Recipe, l
 
 # --- what the Allocation tab and `preview` show ------------------------------------------------------------
 
+def plan_speedup(alloc: Allocation, structure: list[dict], head_dim: int, latency=None) -> float:
+    """A plan's predicted speed-up over its full widths: by the latency cost model when there is one
+    (explorer.latency.cost_model), else the blocks' forward FLOPs, dense ÷ plan."""
+    from .latency import plan_flops, predict
+    if latency is not None:
+        return predict(latency, [(lp.groups, lp.neurons) for lp in alloc.layers]) / predict(
+            latency, [(lp.keep_groups, lp.keep_neurons) for lp in alloc.layers])
+    before, after = plan_flops(alloc, structure, head_dim)
+    return before / after
+
+
+def speedup_label(latency) -> str:
+    return "predicted speed-up (latency cost model)" if latency is not None else "FLOPs reduction (blocks, dense ÷ plan)"
+
+
 def front(pred: Predictor, imp: Importance, cfg: AllocationConfig, cost: Callable[[Allocation], float],
           amplitudes=(0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)) -> list[dict]:
     """Predicted quality against predicted cost (speed-up or parameters) for uniform and the adaptive

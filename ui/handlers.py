@@ -33,7 +33,7 @@ from explorer.models import load_model, save_model
 from explorer.pruning import PruningRun, check_pairing
 from explorer.recipes import allocation_defaults
 from explorer.latency import plan_flops
-from explorer.predict import Recipe, check_fits, front, measure, plan_sparsity
+from explorer.predict import Recipe, check_fits, front, measure, plan_sparsity, plan_speedup, speedup_label
 from explorer.search import PlanSearch
 from explorer.sessions import KEEP_RUNS, Loaded, Session, SessionRegistry
 
@@ -42,7 +42,7 @@ from .outputs import (SKIP, AllocationOut, ExportOut, GenerateOut, ImportanceOut
 from .views import (ADVANCED, EDITABLE, budget_plan, latency_note, predicted_speedup, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs, method_values,
                     allocation_config, allocation_table, empty_table, eta, eval_size, evaluation_note, export_stem,
                     fresh_views, layer_figure, message, model_summary, normalization_choice, number,
-                    parse_manual, report_csv, report_rows, require_loaded, run_label, stage_table, task_defaults,
+                    parse_manual, report_csv, report_rows, require_importance, require_loaded, run_label, stage_table, task_defaults,
                     try_model)
 
 ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a busy session says it does
@@ -255,15 +255,10 @@ class ExplorerApp:
         except ExplorerError as e:
             return f"⚠️ {message(e)}", SKIP
         imp = s.importance
-        if latency is not None:
-            def cost(a):
-                return predicted_speedup(latency, a)
-            label = "predicted speed-up (latency cost model)"
-        else:
-            def cost(a):
-                f0, f1 = plan_flops(a, imp.params, head_dim)
-                return f0 / f1
-            label = "FLOPs reduction (dense ÷ plan, blocks)"
+
+        def cost(a):
+            return plan_speedup(a, imp.params, head_dim, latency)
+        label = speedup_label(latency)
         here = pred.predict(plan_sparsity(alloc))
         uni = pred.predict(plan_sparsity(uniform))
         m = pred.metric
@@ -302,10 +297,7 @@ class ExplorerApp:
         alloc_args = (target, amplitude, mode, max_sparsity, round_to, split)
         try:
             with s.busy("measuring the predictor"):
-                loaded = require_loaded(s)
-                if s.importance is None:
-                    raise ExplorerError("compute importance first (Importance tab): the predictor cuts the units "
-                                        "it ranks")
+                loaded = require_importance(s, "the predictor")
                 recipe = self._recipe(s, recovery, *alloc_args, normalization)
                 progress(0, desc="the dense model on val")
 
@@ -336,10 +328,7 @@ class ExplorerApp:
         s = self.session(request)
         try:
             with s.busy("the plan search"):
-                loaded = require_loaded(s)
-                if s.importance is None:
-                    raise ExplorerError("compute importance first (Importance tab): the search cuts the units it "
-                                        "ranks")
+                loaded = require_importance(s, "the search")
                 cfg = allocation_config(target, amplitude, "exact", max_sparsity, round_to, split, normalization,
                                         budget, speedup)
                 if cfg.budget != "params":

@@ -382,6 +382,15 @@ def require_loaded(s: Session) -> Loaded:
     return s.loaded
 
 
+def require_importance(s: Session, who: str) -> Loaded:
+    """The loaded model of a session whose importance is computed (the predictor and the search cut the
+    units it ranks)."""
+    loaded = require_loaded(s)
+    if s.importance is None:
+        raise ExplorerError(f"compute importance first (Importance tab): {who} cuts the units it ranks")
+    return loaded
+
+
 def empty_table() -> pd.DataFrame:
     return pd.DataFrame([], columns=TABLE_COLUMNS)
 
