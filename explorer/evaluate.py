@@ -203,13 +203,57 @@ def quality(lm: LoadedModel, data: TextData, eval_samples: int = 0, split: str =
     return {}
 
 
+def quality_settings(lm: LoadedModel, data: TextData, eval_samples: int, split: str) -> dict:
+    """What `quality` depends on (explorer.cache keys it by their hash): the model's fingerprint
+    (every weight's bytes), the tokenizer, the window (lm.max_length), the split's texts and labels,
+    how many examples / tokens are scored."""
+    from . import cache
+    labels = data.labels[split] if lm.task == "classification" and data.has_labels else None
+    return {"model": cache.model_fingerprint(lm), "tokenizer": cache.tokenizer_digest(lm.tokenizer),
+            "max_length": lm.max_length, "max_positions": lm.max_positions,
+            "data": cache.data_digest(data.texts[split], labels), "eval_samples": int(eval_samples or 0),
+            "split": split, **cache.versions()}
+
+
+def cached_quality(lm: LoadedModel, data: TextData, eval_samples: int = 0, split: str = "test",
+                   cache: bool = True) -> tuple[dict, bool]:
+    """(`quality(...)`, whether it was reused): the result of an earlier evaluation of the same
+    weights on the same data and settings when there is one (explorer.cache), else measured now
+    and stored. A model with hooks on it is always measured."""
+    from . import cache as C
+    key = settings = None
+    if split in ("val", "test") and lm.task in ("classification", "causal-lm") and C.enabled(cache):
+        try:
+            settings = quality_settings(lm, data, eval_samples, split)
+            key = C.make_key("quality", settings)
+        except Exception as e:  # noqa: BLE001 - Uncacheable (hooks on the model) or inputs we cannot fingerprint
+            C.skipped("quality", e)
+    if key is not None:
+        hit = C.get("quality", key, dict)
+        if hit is not None:
+            return hit, True
+    q = quality(lm, data, eval_samples, split)
+    if key is not None:
+        C.put("quality", key, q, dict, settings)
+    return q, False
+
+
 def evaluate(lm: LoadedModel, data: TextData, eval_samples: int = 0, timing: bool = True,
              batch_size: int = 32, seq_len: int = 128, speed_setup: SpeedSetup | None = None,
-             split: str = "test") -> dict:
+             split: str = "test", cache: bool = True) -> dict:
     """Everything the reports show for one model: quality, size, FLOPs; with `timing`, the
-    forward latency at batch_size x seq_len and, with a `speed_setup`, the speed figures."""
+    forward latency at batch_size x seq_len and, with a `speed_setup`, the speed figures.
+
+    The quality figure (accuracy / perplexity, the slow part) is reused when the same weights were
+    evaluated on the same data and settings before (explorer.cache; `cache=False` or
+    $EXPLORER_CACHE=0 always measures); the result then says `quality_cached: True`. Size and FLOPs
+    are computed, and timings always measured, now: a timing is a fact about this machine at this
+    moment, and reports compare it with other models timed in the same session."""
+    q, reused = cached_quality(lm, data, eval_samples, split, cache)
     out = {"params": lm.n_params, "block_params": lm.block_params, "weight_mb": weight_mb(lm),
-           "flops_per_token": flops_per_token(lm, seq_len), **quality(lm, data, eval_samples, split)}
+           "flops_per_token": flops_per_token(lm, seq_len), **q}
+    if reused:
+        out["quality_cached"] = True
     if timing:
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -114,6 +114,24 @@ class Importance:
     seconds: float = 0.0
     params: list[dict] = field(default_factory=list)  # per layer: params per group/neuron, totals
     batch_size: int = 0  # calibration samples per batch actually used (see analysis_batch_size)
+    cached: bool = False  # reused from the result cache (explorer.cache); `seconds` is then the original pass's
+
+    def to_cache(self) -> dict:
+        """Everything, as plain tensors / lists / dicts (explorer.cache stores it; `from_cache` reads it)."""
+        per = lambda d: {m: [np.asarray(v) for v in vs] for m, vs in d.items()}  # noqa: E731
+        return {"layer_cos": np.asarray(self.layer_cos), "attn_cos": np.asarray(self.attn_cos),
+                "mlp_cos": np.asarray(self.mlp_cos), "groups": per(self.groups), "heads": per(self.heads),
+                "neurons": per(self.neurons), "metric": self.metric, "samples": int(self.samples),
+                "tokens": int(self.tokens), "seconds": float(self.seconds), "params": self.params,
+                "batch_size": int(self.batch_size)}
+
+    @classmethod
+    def from_cache(cls, d: dict) -> "Importance":
+        arr = lambda t: t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)  # noqa: E731
+        per = lambda x: {str(m): [arr(v) for v in vs] for m, vs in x.items()}  # noqa: E731
+        return cls(arr(d["layer_cos"]), arr(d["attn_cos"]), arr(d["mlp_cos"]), per(d["groups"]), per(d["heads"]),
+                   per(d["neurons"]), str(d["metric"]), int(d["samples"]), int(d["tokens"]), float(d["seconds"]),
+                   [dict(p) for p in d["params"]], int(d["batch_size"]), cached=True)
 
     @property
     def normalized(self) -> np.ndarray:
@@ -383,9 +401,14 @@ def _batches(texts, labels, bs):
 def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
             cfg: AnalysisConfig | None = None, metrics: tuple[str, ...] | None = None,
             progress: Callable[[int, int], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> Importance:
+            should_stop: Callable[[], bool] | None = None, cache: bool = True) -> Importance:
     """One pass over `texts`: cosine importance per layer and salience per head / neuron
-    for every metric in `metrics` (default: all the task allows)."""
+    for every metric in `metrics` (default: all the task allows).
+
+    The result is reused when the same model (every weight's bytes), texts, labels, settings and
+    metrics were analysed before (explorer.cache: in memory, then on disk); a reused result has
+    `cached` set and the original pass's `seconds`. `cache=False` (or $EXPLORER_CACHE=0) always
+    computes; a model with hooks on it is always computed and never stored."""
     cfg = cfg or AnalysisConfig()
     if not texts:
         raise ExplorerError("no calibration texts")
@@ -393,9 +416,11 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
     if cfg.metric not in METRICS:
         raise ExplorerError(f"unknown metric '{cfg.metric}': use one of {', '.join(METRICS)}")
     if cfg.streamed:  # block by block on cached activations, forward-only metrics (explorer.stream)
-        from .stream import analyze_streamed, check_streamed_metrics
+        from .stream import STREAMED_METRICS, analyze_streamed, check_streamed_metrics
         check_streamed_metrics(cfg.metric, metrics)
-        return analyze_streamed(lm, texts, labels, cfg, progress=progress, should_stop=should_stop)
+        return _cached(lm, texts, labels, cfg, STREAMED_METRICS, cfg.batch_size, len(lm.adapter.layers(lm.model)),
+                       lambda: analyze_streamed(lm, texts, labels, cfg, progress=progress, should_stop=should_stop),
+                       progress, should_stop, cache)
     if cfg.metric not in LABEL_FREE_METRICS and not grads_ok:
         raise ExplorerError(f"metric '{cfg.metric}' needs gradients, which need a task head and labels; "
                             f"this {lm.task} model/data only supports {', '.join(LABEL_FREE_METRICS)} (and cosine)")
@@ -415,6 +440,52 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
         raise ExplorerError(f"metrics {', '.join(m for m in metrics if m in GRAD_METRICS)} need gradients, which "
                             f"need a task head and labels; use {', '.join(LABEL_FREE_METRICS)}")
     grads = grads_ok and any(m in GRAD_METRICS for m in metrics)
+    batch_size = analysis_batch_size(lm, cfg, grads)
+    return _cached(lm, texts, labels, cfg, metrics, batch_size, (len(texts) + batch_size - 1) // batch_size,
+                   lambda: _analyze_pass(lm, texts, labels, cfg, metrics, grads, batch_size, progress, should_stop),
+                   progress, should_stop, cache)
+
+
+def cache_settings(lm: LoadedModel, texts, labels, cfg: AnalysisConfig, metrics, batch_size: int) -> dict:
+    """What an analysis result depends on (explorer.cache keys it by their hash): the model's
+    fingerprint (every weight's bytes), the tokenizer, the tokens per sample, the texts and labels,
+    the batch size actually used, whole or streamed, the metrics asked for (in order)."""
+    from . import cache
+    return {"model": cache.model_fingerprint(lm), "tokenizer": cache.tokenizer_digest(lm.tokenizer),
+            "max_length": min(cfg.max_length or lm.max_length, lm.max_positions),
+            "data": cache.data_digest(texts, labels), "samples": len(texts), "batch_size": int(batch_size),
+            "streamed": bool(cfg.streamed), "metrics": list(metrics), **cache.versions()}
+
+
+def _cached(lm, texts, labels, cfg, metrics, batch_size, total, compute, progress, should_stop, use) -> Importance:
+    """compute(), or its earlier result for the same model, data and settings (explorer.cache)."""
+    from . import cache
+    key = settings = None
+    if cache.enabled(use):
+        try:
+            settings = cache_settings(lm, texts, labels, cfg, metrics, batch_size)
+            key = cache.make_key("importance", settings)
+        except Exception as e:  # noqa: BLE001 - Uncacheable (hooks on the model) or a model we cannot fingerprint
+            cache.skipped("importance", e)
+            key = None
+    if key is not None:
+        hit = cache.get("importance", key, Importance.from_cache)
+        if hit is not None:
+            if should_stop and should_stop():
+                raise Cancelled()
+            hit.metric, hit.cached = cfg.metric, True  # the metrics are the same; the one to show is the caller's
+            if progress:
+                progress(total, total)
+            return hit
+    imp = compute()
+    if key is not None:
+        cache.put("importance", key, imp, Importance.to_cache, settings)
+    return imp
+
+
+def _analyze_pass(lm: LoadedModel, texts, labels, cfg: AnalysisConfig, metrics: tuple[str, ...], grads: bool,
+                  batch_size: int, progress, should_stop) -> Importance:
+    """The whole-model pass of `analyze` (arguments checked there)."""
     model, adapter = lm.model, lm.adapter
     blocks = adapter.blocks(model)
     t0 = time.perf_counter()
@@ -430,7 +501,6 @@ def analyze(lm: LoadedModel, texts: list[str], labels: list[int] | None = None,
     gsum = {k: torch.zeros_like(p, dtype=acc_dtype(p.dtype)) for k, p in tracked.items()} if grads else {}
     fisher: dict[tuple[int, str], torch.Tensor | None] = {(b.index, g.kind): None for b in blocks for g in (b.attn, b.mlp)}
     rec = _Recorder(lm, blocks, grads, "apt" in metrics, "fluctuation" in metrics)
-    batch_size = analysis_batch_size(lm, cfg, grads)
     n_batches = (len(texts) + batch_size - 1) // batch_size
     try:
         for bi, (bt, bl) in enumerate(_batches(texts, labels, batch_size)):

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cache
 from .allocation import Allocation, allocate
 from .config import AllocationConfig, AnalysisConfig, PredictConfig, PruneConfig, split_recovery
 from .data import TextData
@@ -280,7 +281,9 @@ class Recipe:
         a, al, p = self.analysis, self.allocation, self.prune
         return {"model": lm.name, "task": lm.task, "dtype": str(next(lm.model.parameters()).dtype),
                 "widths": [[w["groups"], w["neurons"]] for w in widths(lm.adapter, lm.model)],
-                "params": lm.n_params, "data": data.name, "data_sizes": {k: len(v) for k, v in data.texts.items()},
+                "params": lm.n_params, "weights": cache.weights_digest(lm.model), "data": data.name,
+                "data_sizes": {k: len(v) for k, v in data.texts.items()},
+                "val": cache.data_digest(data.texts.get("val") or [], (data.labels or {}).get("val")),
                 "metric": a.metric, "samples": a.samples, "max_length": a.max_length, "calibration_seed": a.seed,
                 "split": al.split, "round_to": al.round_to, "prune_attention": al.prune_attention,
                 "prune_mlp": al.prune_mlp, "max_sparsity": al.max_sparsity,
@@ -291,10 +294,6 @@ class Recipe:
                 "predict": asdict(self.predict), "version": PREDICTOR_VERSION}
 
 
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("EXPLORER_CACHE_DIR") or pathlib.Path.home() / ".cache" / "pruning-explorer")
-
-
 def key_of(signature: dict) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -303,7 +302,7 @@ def load_cached(signature: dict) -> Predictor | None:
     """The cached predictor for exactly these settings, or None (a file written by another version,
     for other settings, or half-written is ignored and removed)."""
     key = key_of(signature)
-    path = cache_dir() / "predictors" / f"{key}.json"
+    path = cache.cache_dir() / "predictors" / f"{key}.json"
     try:
         d = json.loads(path.read_text())
         pred = Predictor.from_json(d)
@@ -323,7 +322,7 @@ def load_cached(signature: dict) -> Predictor | None:
 
 def save_cached(pred: Predictor) -> pathlib.Path | None:
     """Write atomically; a failing write (full disk, read-only folder) costs the cache, not the result."""
-    path = cache_dir() / "predictors" / f"{pred.key}.json"
+    path = cache.cache_dir() / "predictors" / f"{pred.key}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -389,6 +388,7 @@ def measure(lm: LoadedModel, data: TextData, imp: Importance, recipe: Recipe,
     from it, as a one-stage run does). `progress({"done", "total", "eta_s", "phase"})` after each
     measurement; `should_stop()` -> True raises Cancelled with the model untouched."""
     sig = recipe.signature(lm, data)
+    use_cache = use_cache and cache.mode() == "disk"  # $EXPLORER_CACHE: off / memory keep nothing on disk
     if use_cache:
         hit = load_cached(sig)
         if hit is not None:

@@ -14,6 +14,10 @@ fluctuation (FLAP, activation-based). The gradient metrics (taylor, fisher, act_
 taylor_vector) need the whole model's backward: whole-model `analyze()` offers them where the
 model fits.
 
+Results are reused through `importance.analyze(cfg.streamed=True)`, which keys them in
+explorer.cache like whole-model ones (streamed and whole analyses are separate entries: they agree
+only to float32 rounding); calling `analyze_streamed` directly always computes.
+
 `memory_estimate` is the formula the README's "GPU and big models" table is computed from:
 what each mode (streamed / whole) holds at its peak for a LLaMA-shaped config.
 """

@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Results are not reused between tests (tests/test_cache.py and test_predict.py switch the caches on for
+# themselves), and nothing is written to the user's ~/.cache.
+os.environ.setdefault("EXPLORER_CACHE", "0")
+os.environ.setdefault("EXPLORER_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="explorer-cache-tests-"))
 
 import pytest
 import torch

@@ -85,7 +85,7 @@ def test_uploaded_csv_with_custom_columns(app, tiny_dir, tmp_path):
 
 def test_importance_fills_plots_and_allocation(app):
     out = app.on_importance("fisher", 16, 8, *alloc_args(), req("a"))
-    layer, heads, neurons, status, alloc_fig, table, summary = out
+    layer, heads, neurons, status, alloc_fig, table, summary, _ = out  # the last: the predicted-quality chart
     assert "metric `fisher`" in status
     assert len(layer.data[0].y) == 3
     assert len(heads.data[0].z) == 3 and len(heads.data[0].z[0]) == 4  # layers x query heads
@@ -125,33 +125,33 @@ def test_a_metric_without_a_common_scale_gets_the_proportional_split(app):
 
 
 def test_allocation_before_importance_says_what_to_do(app):
-    fig, table, summary = app.on_allocation(*alloc_args(), req("fresh"))
+    fig, table, summary, _ = app.on_allocation(*alloc_args(), req("fresh"))
     assert "Compute importance first" in summary and table.empty
 
 
 def test_a_repeated_stale_edit_event_is_ignored(ready):
     """The browser fires `input` twice for one cell edit; the second copy predates the
     server's redistribution and must not turn every other layer into a hand-set one."""
-    _, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+    _, table, _, _ = ready.on_allocation(*alloc_args(), req("a"))
     t = table.astype(object)
     t.loc[1, "sparsity"] = "0.6"
     ready.on_table_edit(t, *alloc_args(), req("a"))
-    assert ready.on_table_edit(t, *alloc_args(), req("a")) == (A.gr.skip(),) * 3
+    assert ready.on_table_edit(t, *alloc_args(), req("a")) == (A.gr.skip(),) * 4
     assert ready.registry.get("a").manual == {1: 0.6}
 
 
 def test_clipping_is_flagged(ready):
-    fig, table, summary = ready.on_allocation(*alloc_args(target=0.1, amplitude=0.5), req("a"))
+    fig, table, summary, _ = ready.on_allocation(*alloc_args(target=0.1, amplitude=0.5), req("a"))
     assert "Clipped" in summary and "clipped" in list(table["note"])
     assert "clipped" in [t.name for t in fig.data]
 
 
 def test_bad_table_input_gives_a_message_not_a_crash(ready):
-    _, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+    _, table, _, _ = ready.on_allocation(*alloc_args(), req("a"))
     for bad, message in (("abc", "not a number"), ("1.5", "outside [0, 1)"), ("", "not a number")):
         t = table.astype(object)
         t.loc[1, "sparsity"] = bad
-        fig, new_table, summary = ready.on_table_edit(t, *alloc_args(), req("a"))
+        fig, new_table, summary, _ = ready.on_table_edit(t, *alloc_args(), req("a"))
         assert message in summary, summary
         assert ready.registry.get("a").manual == {}
         assert new_table["sparsity"].tolist() == table["sparsity"].tolist()  # the table is restored
@@ -159,14 +159,14 @@ def test_bad_table_input_gives_a_message_not_a_crash(ready):
 
 
 def test_table_edit_sets_a_layer_by_hand_and_the_chart_follows(ready):
-    _, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+    _, table, _, _ = ready.on_allocation(*alloc_args(), req("a"))
     t = table.copy()
     t.loc[0, "sparsity"] = 0.6
-    fig, new_table, summary = ready.on_table_edit(t, *alloc_args(), req("a"))
+    fig, new_table, summary, _ = ready.on_table_edit(t, *alloc_args(), req("a"))
     assert ready.registry.get("a").manual == {0: 0.6}
     assert fig.data[0].y[0] == pytest.approx(0.6) and "set by hand" in [d.name for d in fig.data]
     assert new_table.loc[0, "note"] == "set by hand" and "Set by hand: layer(s) 0" in summary
-    moved, moved_table, _ = ready.on_allocation(*alloc_args(amplitude=0.3), req("a"))  # a slider move keeps it
+    moved, moved_table, _, _ = ready.on_allocation(*alloc_args(amplitude=0.3), req("a"))  # a slider move keeps it
     assert moved.data[0].y[0] == pytest.approx(0.6)
     t2 = moved_table.astype(object)
     t2.loc[1, "sparsity"] = "40%"

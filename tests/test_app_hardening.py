@@ -29,7 +29,7 @@ def load_upload(app, model, path, text_col="text", label_col="label"):
 
 def assert_usable(app, session="a"):
     """The page still works: the allocation redraws and importance can be computed."""
-    fig, table, summary = app.on_allocation(*alloc_args(amplitude=0.1), req(session))
+    fig, table, summary, _ = app.on_allocation(*alloc_args(amplitude=0.1), req(session))
     assert "⚠️" not in summary and len(table) == 3
     assert "Importance from" in app.on_importance("taylor", 16, 8, *alloc_args(), req(session))[3]
 
@@ -116,7 +116,7 @@ def test_a_directory_that_is_not_a_model_and_an_unsupported_architecture(ready, 
     (dict(mode="wild"), "unknown allocation mode 'wild'"),
 ])
 def test_bad_allocation_numbers_are_messages_and_the_chart_stays(ready, kw, needle):
-    fig, table, summary = ready.on_allocation(*alloc_args(**kw), req("a"))
+    fig, table, summary, _ = ready.on_allocation(*alloc_args(**kw), req("a"))
     assert fig == A.gr.skip() and table == A.gr.skip()  # the last good chart and table stay
     assert summary.startswith("⚠️") and needle in summary, summary
     assert "⚠️" not in ready.on_allocation(*alloc_args(), req("a"))[2]
@@ -126,11 +126,11 @@ def test_bad_allocation_numbers_are_messages_and_the_chart_stays(ready, kw, need
                                           ("1.5", "outside [0, 1)"), ("-0.2", "outside [0, 1)"),
                                           ("nan", "outside [0, 1)"), ("1e400", "outside [0, 1)")])
 def test_non_numbers_in_the_table_keep_the_plan(ready, text, needle):
-    fig, table, _ = ready.on_allocation(*alloc_args(), req("a"))
+    fig, table, _, _ = ready.on_allocation(*alloc_args(), req("a"))
     before = list(table["sparsity"])
     table["sparsity"] = table["sparsity"].astype(object)  # the browser sends what was typed, as text
     table.loc[1, "sparsity"] = text
-    fig2, table2, summary = ready.on_table_edit(table, *alloc_args(), req("a"))
+    fig2, table2, summary, _ = ready.on_table_edit(table, *alloc_args(), req("a"))
     assert needle in summary and "⚠️" in summary, summary
     assert list(table2["sparsity"]) == before and not ready.registry.get("a").manual
 

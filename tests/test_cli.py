@@ -162,6 +162,7 @@ def test_recipe_for_a_model_without_one_is_a_message(tiny_dirs, tmp_path, capsys
 
 def test_preview_predicts_a_plan_and_search_allocates(tiny_dirs, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("EXPLORER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EXPLORER_CACHE", "1")
     base = ["preview", "--model", tiny_dirs["llama"], "--data", tiny_dirs["txt"], "--samples", "8", "--tokens", "128",
             "--seq-len", "16", "--checks", "1", "--target", "0.3"]
     out = tmp_path / "p.json"

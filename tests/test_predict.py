@@ -23,6 +23,7 @@ from explorer.search import Grid, PlanSearch, predicted_optimum
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("EXPLORER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EXPLORER_CACHE", "1")
     return tmp_path / "cache"
 
 

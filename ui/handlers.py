@@ -157,7 +157,8 @@ class ExplorerApp:
                 cfg = AnalysisConfig(samples=number(samples, "calibration samples", int),
                                      batch_size=number(batch_size, "batch size", int), metric=metric)
                 validate(cfg)
-                texts, labels = loaded.data.calibration(cfg.samples, stage=0, seed=cfg.seed)
+                # stage 1's samples: the first stage of a run analyses the same dense model on them, and reuses this
+                texts, labels = loaded.data.calibration(cfg.samples, stage=1, seed=cfg.seed)
                 progress(0, desc="calibration batches")
                 with loaded.lock:  # hooks on a model other sessions may share
                     imp = analyze(loaded.lm, texts, labels, cfg, should_stop=s.stop_requested,
@@ -175,9 +176,11 @@ class ExplorerApp:
         s.figures.update(figs)
         alloc = self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
                                         normalization=normalization, budget=budget, speedup=speedup)
+        took = (f"reused from the cache (computed earlier in {imp.seconds:.1f} s)" if getattr(imp, "cached", False)
+                else f"in {imp.seconds:.1f} s")
         return ImportanceOut(*figs.values(), imp_status=(
             f"Importance from {imp.samples} calibration samples ({imp.tokens:,} tokens), metric `{metric}`, "
-            f"in {imp.seconds:.1f} s. The Allocation tab now uses it."), **alloc._asdict())
+            f"{took}. The Allocation tab now uses it."), **alloc._asdict())
 
     # tab 3
     def allocation_outputs(self, s: Session, target, amplitude, mode, max_sparsity, round_to, split, note: str = "",
