@@ -20,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import gradio as gr  # noqa: E402
 
-from explorer.config import (METRICS, AllocationConfig, AnalysisConfig, PruneConfig, SearchConfig,  # noqa: E402
-                             choices_of, default_of, help_of)
+from explorer.config import (METRICS, AllocationConfig, AnalysisConfig, PredictConfig, PruneConfig,  # noqa: E402
+                             SearchConfig, choices_of, default_of, help_of)
 from explorer.data import BUILTIN_DATA  # noqa: E402
 from explorer.config import METHOD_OPTIONS  # noqa: E402
 from explorer.methods import METHODS  # noqa: E402
@@ -31,7 +31,7 @@ from explorer.sessions import KEEP_RUNS  # noqa: E402
 from ui.handlers import ExplorerApp  # noqa: E402,F401  (tests and bench import it from here)
 from ui.outputs import (AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut,  # noqa: E402
                         NormalizationOut, PredictOut, RunOut)
-from ui.views import (ADVANCED, EDITABLE, EVAL_EXAMPLES, EVAL_TOKENS, EXPORT_FORMATS, EXPORT_ZIP,  # noqa: E402,F401
+from ui.views import (ADVANCED, EDITABLE, PREDICT_FIELDS, SEARCH_FIELDS, EVAL_EXAMPLES, EVAL_TOKENS, EXPORT_FORMATS, EXPORT_ZIP,  # noqa: E402,F401
                       METHOD_OPTION_CLASSES, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, TABLE_COLUMNS, fresh_views, is_loopback, loading_status,
                       model_summary, task_defaults)
 
@@ -220,6 +220,11 @@ def allocation_tab(page, fresh: dict, own: dict):
                                          maximum=10_000, label="Search generations", elem_id="generations-input",
                                          info=help_of(SearchConfig, "generations"))
                 page.predict_stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="predict-stop-btn")
+            with gr.Accordion("Predictor and search settings", open=False):
+                with gr.Row():
+                    page.predict_cfg_in = [config_control(PredictConfig, n) for n in PREDICT_FIELDS]
+                with gr.Row():
+                    page.search_cfg_in = [config_control(SearchConfig, n) for n in SEARCH_FIELDS]
             page.predict_status = gr.Markdown(fresh["predict_status"], elem_classes="status-line",
                                               elem_id="predict-status")
             with gr.Row():
@@ -352,10 +357,10 @@ def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
     page.norm_in.change(app.on_normalization, alloc_in, outputs(page, NormalizationOut), **quiet)
     page.alloc_table.input(app.on_table_edit, [page.alloc_table, *alloc_in], outputs(page, AllocationOut), **quiet)
     page.reset_btn.click(app.on_reset_manual, alloc_in, outputs(page, AllocationOut), **quiet)
-    page.predict_btn.click(app.on_predict, [page.recovery_in, *alloc_in], outputs(page, PredictOut),
-                           show_progress="minimal", api_name="predict")
-    page.search_btn.click(app.on_search, [*alloc_six, page.gens_in, *alloc_more], outputs(page, PredictOut),
-                          show_progress="minimal", api_name="search")
+    page.predict_btn.click(app.on_predict, [page.recovery_in, *alloc_in, *page.predict_cfg_in],
+                           outputs(page, PredictOut), show_progress="minimal", api_name="predict")
+    page.search_btn.click(app.on_search, [*alloc_six, page.gens_in, *alloc_more, *page.search_cfg_in],
+                          outputs(page, PredictOut), show_progress="minimal", api_name="search")
     page.predict_stop_btn.click(app.on_stop_button, None, None, **quiet)
     gr.api(app.plan_json, api_name="plan_json")
     gr.api(app.allocate_json, api_name="allocate")

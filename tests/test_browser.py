@@ -134,6 +134,9 @@ def test_predicted_quality_follows_a_table_edit_and_the_search_fills_the_table(d
     assert "Importance from 32 calibration samples" in d.compute_importance(32)
     d.tab("allocation")
     d.choose("mode-input", "exact")
+    d.page.get_by_text("Predictor and search settings", exact=True).click()  # smaller than the defaults: a test
+    for elem, value in (("adv-examples", 128), ("adv-checks", 1), ("adv-small", 32), ("adv-large", 128)):
+        d.set_number(elem, value)
     d.page.locator("#predict-btn").click()
     d.wait_text("predict-status", "Predictor ", timeout_s=600)
     assert "⚠️" not in d.text("predict-status"), d.text("predict-status")

@@ -33,6 +33,7 @@ from explorer.models import load_model, save_model
 from explorer.pruning import PruningRun, check_pairing
 from explorer.recipes import allocation_defaults
 from explorer.latency import plan_flops
+from explorer.predict import parse_levels
 from explorer.predict import Recipe, check_fits, front, measure, plan_sparsity, plan_speedup, speedup_label
 from explorer.search import PlanSearch
 from explorer.sessions import KEEP_RUNS, Loaded, Session, SessionRegistry
@@ -42,7 +43,7 @@ from .outputs import (SKIP, AllocationOut, ExportOut, GenerateOut, ImportanceOut
 from .views import (ADVANCED, EDITABLE, budget_plan, latency_note, predicted_speedup, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs, method_values,
                     allocation_config, allocation_table, empty_table, eta, eval_size, evaluation_note, export_stem,
                     fresh_views, layer_figure, message, model_summary, normalization_choice, number,
-                    parse_manual, report_csv, report_rows, require_importance, require_loaded, run_label, stage_table, task_defaults,
+                    config_from, parse_manual, report_csv, report_rows, require_importance, require_loaded, run_label, stage_table, task_defaults,
                     try_model)
 
 ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a busy session says it does
@@ -283,25 +284,30 @@ class ExplorerApp:
         return text, plots.prediction_front(points, current, searched, pred.dense_quality, m, label)
 
     # --- the predictor and the plan search (Allocation tab) -----------------------------------------
-    def _recipe(self, s: Session, recovery, target, amplitude, mode, max_sparsity, round_to, split, normalization):
+    def _recipe(self, s: Session, recovery, target, amplitude, mode, max_sparsity, round_to, split, normalization,
+                predict: PredictConfig):
         imp = s.importance
         cfg = allocation_config(target, amplitude, "exact" if mode == "search" else mode, max_sparsity, round_to,
                                 split, normalization)
         prune = replace(PruneConfig(), recovery=recovery or default_of(PruneConfig, "recovery"))
         validate(prune)
         analysis = AnalysisConfig(samples=imp.samples or AnalysisConfig().samples, metric=imp.metric)
-        return Recipe(analysis, cfg, prune, PredictConfig())
+        return Recipe(analysis, cfg, prune, predict)
 
     def on_predict(self, recovery, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                   normalization="maxabs", budget="params", speedup=0.0, progress=gr.Progress()):
+                   normalization="maxabs", budget="params", speedup=0.0, tokens=None, examples=None, levels=None,
+                   checks=None, progress=gr.Progress()):
         """-> PredictOut: measure the plan predictor (or read it from the disk cache), then redraw the
-        allocation with every plan's predicted quality."""
+        allocation with every plan's predicted quality. tokens / examples / levels / checks: PredictConfig's
+        (its defaults when None)."""
         s = self.session(request)
         alloc_args = (target, amplitude, mode, max_sparsity, round_to, split)
         try:
             with s.busy("measuring the predictor"):
                 loaded = require_importance(s, "the predictor")
-                recipe = self._recipe(s, recovery, *alloc_args, normalization)
+                pcfg = config_from(PredictConfig, tokens=tokens, examples=examples, levels=levels, checks=checks)
+                parse_levels(pcfg.levels)
+                recipe = self._recipe(s, recovery, *alloc_args, normalization, pcfg)
                 progress(0, desc="the dense model on val")
 
                 def tick(d):
@@ -325,7 +331,8 @@ class ExplorerApp:
         return PredictOut(predict_status=status, **out._asdict())
 
     def on_search(self, target, amplitude, mode, max_sparsity, round_to, split, generations, request: gr.Request,
-                  normalization="maxabs", budget="params", speedup=0.0):
+                  normalization="maxabs", budget="params", speedup=0.0, small=None, large=None, max_seconds=None,
+                  offspring=None):
         """Generator -> PredictOut: the search curve after every generation; at the end (or on Stop, with the
         best plan so far) the searched plan lands in the table (mode "search"), still editable."""
         s = self.session(request)
@@ -336,8 +343,8 @@ class ExplorerApp:
                                         budget, speedup)
                 if cfg.budget != "params":
                     raise ExplorerError("the search meets a params budget: choose budget params")
-                scfg = replace(SearchConfig(), generations=number(generations, "generations", int))
-                validate(scfg)
+                scfg = config_from(SearchConfig, generations=generations, small=small, large=large,
+                                   max_seconds=max_seconds, offspring=offspring)
                 predictor = s.predictor
                 if predictor is not None:
                     try:

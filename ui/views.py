@@ -15,7 +15,7 @@ import pandas as pd
 from explorer import plots
 from explorer.allocation import Allocation, allocate
 from explorer.config import (LABEL_FREE_METRICS, METHOD_OPTIONS, AllocationConfig, AnalysisConfig, PruneConfig, choices_of,
-                             split_recovery)
+                             split_recovery, validate)
 from explorer.errors import OOM_HINT, ExplorerError, is_oom
 from explorer.generate import classify, generate
 from explorer.latency import FlopsModel, allocate_flops, allocate_latency, predict
@@ -380,6 +380,25 @@ def require_loaded(s: Session) -> Loaded:
     if s.loaded is None:
         raise ExplorerError("no model loaded: load one in the Model & data tab")
     return s.loaded
+
+
+def config_from(cls, **values):
+    """A config dataclass from the page's controls: None keeps a field's default; numbers are checked
+    (a message naming the field) and every field against its choices and range."""
+    kinds = {f.name: type(f.default) for f in fields(cls)}
+    given = {}
+    for k, v in values.items():
+        if v is None or v == "":
+            continue
+        given[k] = number(v, k.replace("_", " "), int) if kinds[k] is int else (
+            number(v, k.replace("_", " ")) if kinds[k] is float else v)
+    cfg = cls(**given)
+    validate(cfg)
+    return cfg
+
+
+PREDICT_FIELDS = ("tokens", "examples", "levels", "checks")  # the Allocation tab's predictor settings, in order
+SEARCH_FIELDS = ("small", "large", "max_seconds", "offspring")  # and the search's (generations stands apart)
 
 
 def require_importance(s: Session, who: str) -> Loaded:
