@@ -4,7 +4,9 @@ bench JSONs, so that no figure in the README is older than the run that produced
 Each block sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in README.md:
   * make-bench : `make bench`'s headline (bench/results.json: recon tables, targets, speed, analysis
                  cost, UI server time), with the run's date, load and wall time;
-  * recon-long : the long reconstruction runs (bench/recon.json, `python -m bench.recon`).
+  * recon-long : the long reconstruction runs (bench/recon.json, `python -m bench.recon`);
+  * plans      : the plan predictor against reality and the searched plans (bench/plans.json,
+                 `python -m bench.plans`).
 Without --check the blocks are rewritten in place; with --check nothing is written and the exit
 status is 1 when a block differs from its JSON (tests/test_readme_tables.py runs this).
 """
@@ -58,6 +60,11 @@ def blocks(root: Path = ROOT) -> dict[str, str]:
     rec = root / "bench" / "recon.json"
     if rec.exists():
         out["recon-long"] = recon_long_block(json.loads(rec.read_text()))
+    plans = root / "bench" / "plans.json"
+    if plans.exists():
+        from .plans import render
+        body = render(json.loads(plans.read_text())).split("\n", 3)  # drop the report's own title
+        out["plans"] = "\n".join(_demote([body[0], ""] + body[3].splitlines(), 2)).strip() + "\n"
     return out
 
 

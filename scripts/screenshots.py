@@ -237,6 +237,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--prompt", default="A warm, funny and beautifully acted film.",
                    help="typed into the Export tab's side-by-side panel")
+    p.add_argument("--generations", type=int, default=8, help="generations of the Allocation tab's plan search")
     p.add_argument("--prefix", default="", help="prefix of the file names (e.g. lm- for a language model)")
     p.add_argument("app_args", nargs="*", help="passed to app.py (after --)")
     args = p.parse_args(argv)
@@ -249,6 +250,12 @@ def main(argv=None) -> None:
         d.compute_importance(args.samples)
         d.shot(out / f"{args.prefix}importance.png")
         d.set_amplitude(0.15)
+        d.page.locator("#predict-btn").click()  # the predictor (each layer cut alone, then cached) ...
+        d.wait_text("predict-status", "Predictor ")
+        d.set_number("generations-input", args.generations)  # ... and a short plan search
+        d.page.locator("#search-btn").click()
+        d.wait_text("predict-status", "trials in")
+        d.wait_plot("predict-plot", "data.some(t => t.name == 'searched')")
         d.shot(out / f"{args.prefix}allocation.png")
         d.choose("mode-input", "uniform")  # two runs, to compare uniform with adaptive in the history
         d.run(2, "none")
