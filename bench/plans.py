@@ -19,6 +19,7 @@ Writes bench/plans.json (with the commit it ran on) and bench/PLANS.md, both gen
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -252,6 +253,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=sorted(MODES), default="quick")
     ap.add_argument("--models", nargs="*", help="only these models of the mode")
+    ap.add_argument("--merge", action="store_true", help="keep the other models' results of the existing plans.json")
     ap.add_argument("--out", default=None, help="folder for plans.json and PLANS.md (default: bench/)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -265,7 +267,16 @@ def main(argv=None) -> None:
     meta.update(seconds=time.perf_counter() - t0, load_after=load_average())
     doc["meta"] = meta
     folder = Path(args.out) if args.out else ROOT / "bench"
-    write_json(folder / OUT_JSON.name, doc)
+    earlier = []
+    old_path = folder / OUT_JSON.name
+    if args.merge and old_path.exists():  # keep the other models' cases of an earlier run (its commit is listed)
+        old = json.loads(old_path.read_text())
+        ran = {c["model"] for c in doc["cases"]}
+        kept = [c for c in old.get("cases", []) if c["model"] not in ran]
+        if kept:
+            doc["cases"] = kept + doc["cases"]
+            earlier = [old]
+    write_json(folder / OUT_JSON.name, doc, earlier=earlier)
     (folder / OUT_MD.name).write_text(render(doc))
     log(f"wrote {folder / OUT_JSON.name} and {OUT_MD.name} in {meta['seconds']:.0f} s")
 
