@@ -46,13 +46,15 @@ class Case:
     search: dict = field(default_factory=dict)  # SearchConfig fields
     test_n: int = 0  # test examples / tokens (0: all / 16384)
     other_n: int = 0  # second-domain tokens (LMs)
+    max_length: int = 0  # calibration tokens per sample (0: the model's default)
 
 
 MODES = {
     "quick": [Case("minilm-rt", 0.4, (0.4, 0.6), (0, 1, 2), 64, "taylor", {"examples": 512},
                    {"generations": 20, "small": 128, "large": 512}),
-              Case("smollm2-135m", 0.2, (0.2,), (0,), 16, "taylor", {"tokens": 1024},
-                   {"generations": 12, "small": 256, "large": 1024, "max_seconds": 900}, test_n=4096, other_n=4096)],
+              Case("smollm2-135m", 0.2, (0.2,), (0,), 16, "taylor", {"tokens": 512},
+                   {"generations": 10, "small": 256, "large": 512, "max_seconds": 600}, test_n=4096, other_n=4096,
+                   max_length=128)],
     "long": [Case("minilm-rt", 0.4, (0.4, 0.6), (0, 1, 2), 64, "taylor", {"examples": 512},
                   {"generations": 40, "small": 128, "large": 512}),
              Case("smollm2-135m", 0.2, (0.2, 0.3, 0.4), (0, 1, 2), 32, "taylor", {"tokens": 2048},
@@ -97,7 +99,7 @@ def run_case(case: Case) -> dict:
     dense_test = test_scores(lm)
     out["dense"] = dense_test
     for seed in case.seeds:
-        analysis = AnalysisConfig(samples=case.samples, metric=case.metric, seed=seed)
+        analysis = AnalysisConfig(samples=case.samples, metric=case.metric, seed=seed, max_length=case.max_length)
         texts, labels = data.calibration(analysis.samples, stage=1, seed=seed)
         metrics = (case.metric, "fluctuation") if case.metric != "fluctuation" else ("fluctuation",)
         imp = analyze(lm, texts, labels if lm.task == "classification" else None, analysis, metrics=metrics)
@@ -157,7 +159,7 @@ def run_case(case: Case) -> dict:
                 try:
                     t = time.perf_counter()
                     reconstruct(lm, k, data.calibration(case.samples, stage=1, seed=seed)[0],
-                                batch_size=analysis.batch_size)
+                                batch_size=analysis.batch_size, max_length=analysis.max_length or None)
                     val = scorer.score(lm)
                     row = {"seed": seed, "budget": budget, "method": method, "val": val["quality"],
                            "params": lm.block_params, **test_scores(lm), "refit_s": time.perf_counter() - t}
