@@ -119,6 +119,8 @@ def config_control(cls, name: str, **over):
         return gr.Checkbox(f.default, **kw)
     if md.get("choices"):
         return gr.Dropdown(list(md["choices"]), value=f.default, **kw)
+    if isinstance(f.default, str):
+        return gr.Textbox(f.default, **kw)
     return gr.Number(f.default, precision=0 if isinstance(f.default, int) else None, minimum=md.get("min"),
                      maximum=md.get("max"), **kw)
 

@@ -31,7 +31,6 @@ from explorer.latency import cost_model
 from explorer.methods import make_run
 from explorer.models import load_model, save_model
 from explorer.pruning import PruningRun, check_pairing
-from explorer.recipes import allocation_defaults
 from explorer.latency import plan_flops
 from explorer.predict import parse_levels
 from explorer.predict import Recipe, check_fits, front, measure, plan_sparsity, plan_speedup, speedup_label
@@ -135,12 +134,9 @@ class ExplorerApp:
         except Exception as e:
             return LoadOut(load_status=warn(f"Load failed, the previous model stays: {message(e)}"))
         metric, recovery = task_defaults(loaded.lm.task)
-        own = allocation_defaults(loaded.lm.name)  # a bundled model's bench-chosen normalisation and A
         return LoadOut(summary=model_summary(loaded),
                        load_status=f"Loaded `{loaded.lm.name}` in {time.perf_counter() - t0:.1f} s.",
                        metric_in=gr.update(value=metric), recovery_in=gr.update(value=recovery),
-                       amp_in=gr.update(value=own.get("amplitude", default_of(AllocationConfig, "amplitude"))),
-                       norm_in=gr.update(value=own.get("normalization", default_of(AllocationConfig, "normalization"))),
                        **fresh_views())
 
     # tab 2

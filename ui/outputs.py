@@ -59,7 +59,7 @@ class RunOut(NamedTuple):
 
 LoadOut = combined("LoadOut", "A Load: the model tab, the task's defaults, and fresh contents for everything "
                    "that depended on the previous model (see `views.fresh_views`).",
-                   "summary", "load_status", "metric_in", "recovery_in", "amp_in", "norm_in", "predict_status", "plan_search_plot",
+                   "summary", "load_status", "metric_in", "recovery_in", "predict_status", "plan_search_plot",
                    ImportanceOut, RunOut)
 
 
