@@ -31,15 +31,18 @@ Memory: the stream (tokens x hidden, with each batch's block kwargs) and one C x
 (plus H⁻¹ for OBS) at a time; no second model. Where a block adds its MLP's output projection
 straight onto the residual stream (pre-norm families, RESIDUAL_FAMILIES) the MLP's statistics pass
 also keeps that projection's input and the rest of the block's output per batch (tokens x C_ffn
-plus tokens x hidden), so that the stream moves on by adding the refit projection's output
-instead of running the block a third time (`_replay`).
+plus tokens x hidden, in the model's dtype / float32; for SmolLM2 on 16k tokens ~140 MB), so
+that the stream moves on by adding the refit projection's output instead of running the block
+a third time (`_replay`).
 
 Cost (per projection, out x C weight, K kept channels): the Gram statistics in one pass of the
 stream (fit and held-out samples apart in the same pass; token weights from the projection's own
-output); W G once for all and W G_:,K once for the fit samples (the held-out ones by difference);
-λ chosen from one eigendecomposition of the scaled fit system (`choose_lambda`: every λ of the
-grid, ∞ included, for the price of one, float32 where it only ranks the candidates); then one
-float64 Cholesky solve for the chosen λ on all samples (the weights written back).
+output; float32 products, float64 totals); W G once for all samples and W G_:,K for the fit ones
+(the held-out ones' by difference); λ chosen from one eigendecomposition of the scaled fit system
+(`heldout_errors`: every λ of the grid, ∞ included, for the price of one; float32 where it only
+ranks the candidates); then one float64 Cholesky solve for the chosen λ on all samples (the
+weights written back). The factorisations, the OBS rounds and the per-λ scores run on one CPU
+thread, the large products on all (`_one_thread`).
 """
 from __future__ import annotations
 
@@ -195,13 +198,17 @@ def error(W: torch.Tensor, b: torch.Tensor | None, Wn: torch.Tensor, bn: torch.T
 
 @contextmanager
 def _one_thread(t: torch.Tensor):
-    """LAPACK's factorisations (eigh, Cholesky, its inverse) on one CPU thread: they synchronise
-    their threads at every panel, so when other processes share the 2 cores each barrier can
-    wait a whole time slice for a descheduled thread (seen at load 3-4 on 2 cores: eigh of a
-    1297 x 1297 matrix 14-20 s instead of 0.2 s, the inverse from a 1536 x 1536 Cholesky factor
-    2.5 s instead of 0.05 s); on one thread they cost the same under any load, and little more
-    than on two on an idle machine. The products around them keep every thread. Other threads
-    of the process run with one intra-op thread meanwhile."""
+    """One CPU thread for LAPACK's factorisations (eigh, Cholesky, its inverse) and for loops of
+    small operations (the OBS rounds, the per-λ scores): the factorisations synchronise their
+    threads at every panel and each small operation is a parallel region, so when other
+    processes share the 2 cores each synchronisation can wait a whole time slice for a
+    descheduled thread (seen at load 3-4 on 2 cores: eigh of a 1297 x 1297 matrix 14-20 s instead
+    of 0.2 s, the inverse from a 1536 x 1536 Cholesky factor 2.5 s instead of 0.05 s). The large
+    products around them keep every thread (they gain ~2x on an idle machine and lose little
+    under load). SmolLM2's refits (3 attention + 3 MLP projections, OBS and the λ search; 2
+    cores): 2.7-3.3 s so, 3.9-4.4 s all on one thread, 2.0-2.4 s all on two at load ~2.5; at
+    load ~3.8 5.7-9.3 s so, 4.4-8.0 s on one thread, 4.4-29 s on two. Other threads of the
+    process run with one intra-op thread meanwhile. Nests."""
     n = torch.get_num_threads()
     if t.device.type != "cpu" or n == 1:
         yield
@@ -265,17 +272,18 @@ def heldout_errors(W, b, fit: GramStats | Problem, held: GramStats | Problem, ke
     tf, th = Qd.T @ (s * P_fit.sK), Qd.T @ (s * P_held.sK)  # s_K's in the eigenbasis: W' s_K = Z Tᵀ s_K
     u0, u1 = (U * B0).sum(0), (U * B1).sum(0)  # Σ U∘Z = α·u0 + β·u1
     errs = {}
-    for lam in grid:
-        if math.isinf(lam):
-            a, be = torch.zeros_like(evals), torch.ones_like(evals)
-        else:
-            a = 1 / (evals + lam)
-            be = lam * a
-        e = -2 * (a @ u0 + be @ u1) + a @ H00 @ a + 2 * (a @ H01 @ be) + be @ H11 @ be
-        if fit_bias:  # c = b − b' = −(W s − W' s_K)/n on the fit samples
-            c = -(P_fit.Ws - B0 @ (a * tf) - B1 @ (be * tf)) / n
-            e = e + 2 * c @ (P_held.Ws - B0 @ (a * th) - B1 @ (be * th)) + P_held.n * (c @ c)
-        errs[lam] = float(e)
+    with _one_thread(B0):  # a few small operations per λ
+        for lam in grid:
+            if math.isinf(lam):
+                a, be = torch.zeros_like(evals), torch.ones_like(evals)
+            else:
+                a = 1 / (evals + lam)
+                be = lam * a
+            e = -2 * (a @ u0 + be @ u1) + a @ H00 @ a + 2 * (a @ H01 @ be) + be @ H11 @ be
+            if fit_bias:  # c = b − b' = −(W s − W' s_K)/n on the fit samples
+                c = -(P_fit.Ws - B0 @ (a * tf) - B1 @ (be * tf)) / n
+                e = e + 2 * c @ (P_held.Ws - B0 @ (a * th) - B1 @ (be * th)) + P_held.n * (c @ c)
+            errs[lam] = float(e)
     return errs
 
 
@@ -458,7 +466,12 @@ def obs_select(W: torch.Tensor, st: GramStats, n_units: int, size: int, n_keep: 
     H = torch.addr(st.G, st.s, st.s, alpha=-1 / max(st.n, 1.0)) if centred else st.G.clone()  # (C, C)
     H.diagonal().add_(damp * float(H.diagonal().mean()))
     with _one_thread(H):
-        Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))  # (C, C)
+        return _obs_rounds(W, H, n_units, size, n_keep)
+
+
+def _obs_rounds(W: torch.Tensor, H: torch.Tensor, n_units: int, size: int, n_keep: int) -> list[int]:
+    """`obs_select`'s greedy rounds from the damped Gram matrix H (consumed)."""
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))  # (C, C)
     del H
     Wc = W.clone()  # (out, C), updated as units go
     alive = list(range(n_units))

@@ -254,3 +254,28 @@ def test_post_norm_blocks_still_run_again():
     keeps = [(list(range(0, b.attn.n_units, 2)), list(range(0, b.mlp.n_units, 2))) for b in lm.adapter.blocks(lm.model)]
     rep = R.reconstruct(lm, keeps, data.texts["train"])
     assert all(r["error_refit"] <= r["error_removed"] * (1 + 1e-9) for l in rep.layers for r in l)
+
+
+def test_one_thread_scope_restores_the_thread_count():
+    """The closed form runs on one CPU thread (`_one_thread`); the count comes back afterwards,
+    after an error too, and nested scopes leave it alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        t = torch.zeros(1)
+        with R._one_thread(t):
+            assert torch.get_num_threads() == 1
+            with R._one_thread(t):
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            with R._one_thread(t):
+                raise ValueError("boom")
+        assert torch.get_num_threads() == 2
+        lm, data = tiny_lm("llama"), tiny_data(40)
+        keeps = [(None, list(range(0, b.mlp.n_units, 2))) for b in lm.adapter.blocks(lm.model)]
+        R.reconstruct(lm, keeps, data.texts["train"], select="obs")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
