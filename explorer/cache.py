@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-CACHE_VERSION = 1  # bump whenever what a cached computation returns changes
+CACHE_VERSION = 2  # bump whenever what a cached computation returns changes
 FORMAT = "pruning-explorer-cache"
 DIR_ENV = "EXPLORER_CACHE_DIR"
 LEGACY_DIR_ENV = "PRUNING_EXPLORER_CACHE"  # explorer.latency.CACHE_ENV: the cost models' folder

@@ -28,35 +28,65 @@ def accuracy(lm: LoadedModel, texts: list[str], labels: list[int], batch_size: i
     return correct / max(len(texts), 1)
 
 
-@torch.inference_mode()
+Z95 = 1.959964  # two-sided 95 % normal quantile
+
+
+def binomial_interval(correct: int, n: int) -> list[float]:
+    """95 % Wilson score interval of an accuracy of correct / n (honest at 0 and 1, unlike ±1.96·√(p(1-p)/n))."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p, z2 = correct / n, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def perplexity_interval(token_nll: torch.Tensor, block: int = 128) -> list[float]:
+    """95 % interval of a perplexity from its scored tokens' NLLs (in text order): neighbouring
+    tokens' losses are correlated, so the standard error of the mean NLL comes from the spread of
+    the means of consecutive blocks of `block` tokens (batch means), not from single tokens;
+    the interval is exp(mean ± 1.96 SE). Fewer than two blocks: the point, no spread known."""
+    nll = token_nll.double().flatten()  # (tokens,)
+    mean = float(nll.mean()) if nll.numel() else 0.0
+    n_blocks = nll.numel() // block
+    if n_blocks < 2:
+        return [math.exp(mean), math.exp(mean)]
+    means = nll[:n_blocks * block].view(n_blocks, block).mean(1)  # (blocks,)
+    se = float(means.std(unbiased=True)) / math.sqrt(n_blocks)
+    return [math.exp(mean - Z95 * se), math.exp(mean + Z95 * se)]
+
+
 def perplexity(lm: LoadedModel, texts: list[str], max_tokens: int = 16384,
                window: int | None = None, stride: int | None = None) -> float:
     """Strided perplexity over the concatenated texts (EOS between documents): each window
     of `window` tokens scores only its last `stride` tokens, so every scored token sees up
     to window-stride tokens of context."""
+    return math.exp(float(token_nlls(lm, texts, max_tokens, window, stride).double().mean()))
+
+
+@torch.inference_mode()
+def token_nlls(lm: LoadedModel, texts: list[str], max_tokens: int = 16384,
+               window: int | None = None, stride: int | None = None) -> torch.Tensor:
+    """`perplexity`'s scored tokens' negative log-likelihoods in text order, (tokens,) float32 on
+    the CPU: exp of their mean is the perplexity, their spread its interval."""
     lm.model.eval()
     tok = lm.tokenizer
     sep = tok.eos_token or "\n\n"
     ids = tok(sep.join(texts), return_tensors="pt", truncation=False).input_ids[0][:max_tokens + 1]
     window = window or lm.max_length
     stride = stride or window // 2
-    nll, count, prev_end = 0.0, 0, 0
+    out, prev_end = [], 0
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + window, len(ids))
-        chunk = ids[begin:end].unsqueeze(0).to(lm.device)
-        target = chunk.clone()
+        chunk = ids[begin:end].unsqueeze(0).to(lm.device)  # (1, T)
         n_new = end - prev_end  # tokens not scored by an earlier window
-        target[:, :-n_new] = -100
-        logits = lm.model(input_ids=chunk).logits[:, :-1].float()  # the loss in float32 in every dtype
-        nll_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target[:, 1:].flatten(),
-                                                    ignore_index=-100, reduction="sum")
-        scored = int((target[:, 1:] != -100).sum())
-        nll += float(nll_sum)
-        count += scored
+        logits = lm.model(input_ids=chunk).logits[0, :-1].float()  # (T-1, vocab): the loss in float32 in every dtype
+        nll = torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none")  # (T-1,)
+        out.append(nll[-min(n_new, nll.numel()):].cpu())  # the window's new tokens
         prev_end = end
         if end == len(ids):
             break
-    return math.exp(nll / max(count, 1))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def flops_per_token(lm: LoadedModel, seq_len: int = 128) -> int:
@@ -188,18 +218,23 @@ def compare_speed(models: dict[str, LoadedModel], setup: SpeedSetup = SpeedSetup
 
 def quality(lm: LoadedModel, data: TextData, eval_samples: int = 0, split: str = "test") -> dict:
     """Accuracy (classifiers) or perplexity (LMs) on a held-out split: "test" for figures,
-    "val" while choosing (A, λ, steps, …). Records the split and the real number of examples."""
+    "val" while choosing (A, λ, steps, …), with its 95 % interval (`accuracy_ci`: Wilson;
+    `perplexity_ci`: batch means of the tokens' NLLs). Records the split and the real number of
+    examples."""
     if split not in ("val", "test"):
         raise ValueError(f"evaluation split must be val or test, got '{split}'")
     if lm.task == "classification":
         if not data.has_labels:
             raise ValueError("accuracy needs a labelled data set")
         n = min(eval_samples or len(data.texts[split]), len(data.texts[split]))
-        return {"accuracy": accuracy(lm, data.texts[split][:n], data.labels[split][:n]), "eval_examples": n,
+        acc = accuracy(lm, data.texts[split][:n], data.labels[split][:n])
+        return {"accuracy": acc, "accuracy_ci": binomial_interval(round(acc * n), n), "eval_examples": n,
                 "eval_split": split}
     if lm.task == "causal-lm":
         n = eval_samples or 16384
-        return {"perplexity": perplexity(lm, data.texts[split], max_tokens=n), "eval_tokens": n, "eval_split": split}
+        nll = token_nlls(lm, data.texts[split], max_tokens=n)  # (scored tokens,)
+        return {"perplexity": math.exp(float(nll.double().mean())), "perplexity_ci": perplexity_interval(nll),
+                "eval_tokens": n, "eval_split": split}
     return {}
 
 
