@@ -377,6 +377,19 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         done |= {f.name for f in fields(cls)}
 
 
+def _quality_text(ev: dict, metric: str) -> str:
+    """'47.1329 (95 % 45.91-48.39, 4,096 val tokens)': a quality figure with its interval and budget."""
+    value = ev.get(metric)
+    if value is None:
+        return "n/a"
+    text = f"{value:.4f}"
+    ci = ev.get(f"{metric}_ci")
+    n = ev.get("eval_tokens") or ev.get("eval_examples")
+    what = "tokens" if ev.get("eval_tokens") else "examples"
+    extra = ([f"95 % {ci[0]:.4f}-{ci[1]:.4f}"] if ci else []) + ([f"{n:,} {ev.get('eval_split', '')} {what}"] if n else [])
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
 def cmd_prune(args) -> None:
     from tqdm import tqdm
 
@@ -408,6 +421,7 @@ def cmd_prune(args) -> None:
     hand = _read_hand_plan(args, alloc, prune)  # checked before the model loads
     lm, data = _load(args)
     options = {k: getattr(args, k) for k in option_fields() if getattr(args, k, None) is not None}
+    options["timing"] = args.timing
     if hand is not None:  # the per-layer table: --plan FILE and/or --manual L=S
         final_plan, alloc, what = _hand_plan(lm, data, analysis, alloc, hand)
         options.update(final_plan=final_plan, label=f"{method}, {what}")
@@ -421,7 +435,7 @@ def cmd_prune(args) -> None:
         t = ev["type"]
         if t == "dense":
             m = ev["metric"]
-            bar.write(f"dense: {m} {ev['eval'].get(m)}  params {ev['eval']['params']:,}")
+            bar.write(f"dense: {m} {_quality_text(ev['eval'], m)}  params {ev['eval']['params']:,}")
         elif t == "cost_model":
             bar.write(_cost_model_line(ev))
         elif t in ("analysis", "step"):
@@ -437,7 +451,8 @@ def cmd_prune(args) -> None:
                           f"{r.reconstruction['tokens']:,} tokens, calibration error x{r.reconstruction['error_ratio']:.3f} "
                           "of plain removal")
             bar.write(f"stage {r.stage}: removed {r.removed_fraction:.3f} of block params, {m} "
-                      f"{r.quality.get(m):.4f}, latency {r.latency_ms:.1f} ms")
+                      f"{_quality_text({**r.quality, **r.eval_size, f'{m}_ci': r.interval.get(m)}, m)}"
+                      + (f", latency {r.latency_ms:.1f} ms" if r.latency_ms else ""))
         elif t == "trial":
             bar.write(f"trial {ev['trial']}: {ev['value']:.4f} (best {ev['best_value']:.4f})")
         elif t == "round":
@@ -450,8 +465,9 @@ def cmd_prune(args) -> None:
     report = run.report()
     _write_json(report, args.json)  # first: a failed save must not lose the run
     f, d = report["final"], report["dense"]
-    print(f"{m}: dense {d[m]:.4f} -> pruned {f[m]:.4f}; params {d['params']:,} -> {f['params']:,}; "
-          f"latency {d['latency_ms']:.1f} -> {f['latency_ms']:.1f} ms", file=sys.stderr)
+    print(f"{m}: dense {d[m]:.4f} -> pruned {f[m]:.4f}; params {d['params']:,} -> {f['params']:,}"
+          + (f"; latency {d['latency_ms']:.1f} -> {f['latency_ms']:.1f} ms" if d.get("latency_ms") and f.get("latency_ms")
+             else "; not timed (--no-timing)"), file=sys.stderr)
     if f.get("predicted_speedup"):
         measured = f.get("measured_speedup")
         print(f"speed-up: predicted {f['predicted_speedup']:.2f}x, measured "
@@ -614,12 +630,20 @@ def cmd_export(args) -> None:
     from .export import FORMATS, export
     if args.format not in FORMATS:
         raise ExplorerError(f"unknown format '{args.format}': use one of {', '.join(FORMATS)}")
+    if args.gguf_quant:  # an unknown type, the wrong format or a missing llama.cpp: said before the model loads
+        from .llama_cpp import find_tools, quant_type
+        if not args.format.startswith("gguf"):
+            raise ExplorerError(f"--gguf-quant applies to --format gguf / gguf-f16, not {args.format}")
+        if quant_type(args.gguf_quant) not in ("Q8_0", "F16"):
+            find_tools()
     lm, _ = _load(args, need_data=False)
-    res = export(lm, args.format, args.out, check=not args.no_check)
+    res = export(lm, args.format, args.out, check=not args.no_check, quant=args.gguf_quant)
     if args.json:
         _write_json(res, args.json)
     print(f"exported {args.format} -> {res['path']} ({res['bytes'] / 1e6:.1f} MB)" + (
         f"; check: {res['check_summary']}" if res.get("check_summary") else ""), file=sys.stderr)
+    for w in res.get("warnings", []) if not res.get("check_summary") else []:
+        print(f"note: {w}", file=sys.stderr)  # with a check they are in its summary
     if res.get("check") and not res["check"].get("ok", True):
         raise ExplorerError(f"the exported file does not reproduce the model: {res['check_summary']}")
 
@@ -699,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sparsity (re-allocated at that level from the file's analysis)")
     p.add_argument("--recipe", action="store_true", help="use the built-in model's recovery recipe (explorer/recipes.py: "
                    "chosen on val by bench.recipe) instead of the recovery flags")
+    p.add_argument("--no-timing", dest="timing", action="store_false",
+                   help="quality only: skip the latency / decode timings of the dense model and of every stage (on a "
+                        "CPU they take longer than the quality figure); measure the result with `eval` afterwards")
     p.add_argument("--out", default=None, help="directory to save the pruned model")
     p.add_argument("--json", required=True, help="report file")
     p.set_defaults(func=cmd_prune)
@@ -752,6 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, data=False)
     p.add_argument("--format", required=True, help="onnx or gguf (gguf-f16 for half-precision weights)")
     p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--gguf-quant", default=None, metavar="TYPE",
+                   help="quantise the GGUF: q8_0 (no llama.cpp needed), q4_k_m, q5_k_m, q6_k, q4_0 ... "
+                   "(llama-quantize's types; needs `make llama-cpp`)")
     p.add_argument("--no-check", action="store_true", help="skip reading the file back / running it")
     p.add_argument("--json", default=None, help="also write the export report here")
     p.set_defaults(func=cmd_export)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from . import cache as result_cache
 from .data import TextData
+from .hidden import fresh_like
 from .models import LoadedModel
+from .surgery import reshape_to, widths
+from .timing import interleaved, random_ids, timed
 
 
 @torch.inference_mode()
@@ -103,8 +106,8 @@ def flops_per_token(lm: LoadedModel, seq_len: int = 128) -> int:
 def latency(lm: LoadedModel, batch_size: int = 32, seq_len: int = 128, repeats: int = 5, warmup: int = 2) -> dict:
     """Median wall time of one forward pass on random tokens (after warm-up)."""
     lm.model.eval()
-    ids = _random_ids(lm, batch_size, seq_len)
-    times = [_forward_once(lm, ids) * 1000 for _ in range(warmup + repeats)][warmup:]
+    ids = _random_ids(lm, batch_size, seq_len)  # (B, T)
+    times = [s * 1000 for s in interleaved({"model": lambda: _forward_once(lm, ids)}, repeats, warmup)["model"]]
     med = statistics.median(times)
     return {"latency_ms": med, "latency_min_ms": min(times), "latency_max_ms": max(times),
             "latency_spread": (max(times) - min(times)) / med,  # large on a busy machine: read with care
@@ -121,42 +124,33 @@ def weight_mb(lm: LoadedModel) -> float:
     return total / 1e6
 
 
-def _sync(lm: LoadedModel) -> None:
-    """Wait for the device, so that wall time measures the work (a no-op on the CPU)."""
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def _decode_once(lm: LoadedModel, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Greedy generation with the KV cache, timed by hand: (prefill s, decode s of new_tokens - 1 steps)."""
-    model = lm.model
-    _sync(lm)
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # logits [B, 1, V]
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-    _sync(lm)
-    t1 = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, cache=out.cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(lm)
-    return t1 - t0, time.perf_counter() - t1
+    """Greedy generation with the KV cache, timed in two parts: (prefill s, decode s of new_tokens - 1 steps)."""
+    model, state = lm.model, {}
+
+    def prefill():
+        state["out"] = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # logits (B, 1, V)
+        state["next"] = state["out"].logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+
+    def decode():
+        out, nxt = state["out"], state["next"]
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=nxt, cache=out.cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    return timed(prefill, lm.device), timed(decode, lm.device)
 
 
 def _random_ids(lm: LoadedModel, batch_size: int, seq_len: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(5, lm.model.config.vocab_size, (batch_size, seq_len), generator=g).to(lm.device)
+    """(B, T) fixed random tokens on the model's device (explorer.timing.random_ids)."""
+    return random_ids(lm.model.config.vocab_size, batch_size, seq_len, lm.device)
 
 
 @torch.inference_mode()
 def _forward_once(lm: LoadedModel, ids: torch.Tensor) -> float:
-    """Seconds of one forward pass over `ids` (no padding)."""
-    _sync(lm)
-    t = time.perf_counter()
-    lm.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    _sync(lm)
-    return time.perf_counter() - t
+    """Seconds of one forward pass over `ids` (B, T), no padding."""
+    mask = torch.ones_like(ids)  # (B, T)
+    return timed(lambda: lm.model(input_ids=ids, attention_mask=mask), lm.device)
 
 
 @dataclass(frozen=True)
@@ -195,13 +189,9 @@ def compare_speed(models: dict[str, LoadedModel], setup: SpeedSetup = SpeedSetup
     """The same figures for several models measured interleaved (round r times every model once),
     so that a machine getting busier or quieter shifts them all alike. Per model: the median and
     [min, max] of each figure, weight MB; and `speedup` of every figure over the first model."""
-    samples: dict[str, dict[str, list[float]]] = {n: {} for n in models}
-    for lm in models.values():  # warm-up
-        _speed_samples(lm, setup)
-    for _ in range(setup.repeats):
-        for name, lm in models.items():
-            for k, v in _speed_samples(lm, setup).items():
-                samples[name].setdefault(k, []).append(v)
+    rounds = interleaved({name: (lambda lm=lm: _speed_samples(lm, setup)) for name, lm in models.items()},
+                         setup.repeats, warmup=1)  # name -> one {figure: value} per timed round
+    samples = {name: {k: [r[k] for r in rs] for k in (rs[0] if rs else {})} for name, rs in rounds.items()}
     out = {}
     for name, lm in models.items():
         fig = {k: statistics.median(v) for k, v in samples[name].items()}
@@ -234,7 +224,7 @@ def quality(lm: LoadedModel, data: TextData, eval_samples: int = 0, split: str =
         n = eval_samples or 16384
         nll = token_nlls(lm, data.texts[split], max_tokens=n)  # (scored tokens,)
         return {"perplexity": math.exp(float(nll.double().mean())), "perplexity_ci": perplexity_interval(nll),
-                "eval_tokens": n, "eval_split": split}
+                "eval_tokens": int(nll.numel()), "eval_split": split}  # the tokens really scored (≤ n: the split may be shorter)
     return {}
 
 
@@ -242,12 +232,11 @@ def quality_settings(lm: LoadedModel, data: TextData, eval_samples: int, split: 
     """What `quality` depends on (explorer.cache keys it by their hash): the model's fingerprint
     (every weight's bytes), the tokenizer, the window (lm.max_length), the split's texts and labels,
     how many examples / tokens are scored."""
-    from . import cache
     labels = data.labels[split] if lm.task == "classification" and data.has_labels else None
-    return {"model": cache.model_fingerprint(lm), "tokenizer": cache.tokenizer_digest(lm.tokenizer),
+    return {"model": result_cache.model_fingerprint(lm), "tokenizer": result_cache.tokenizer_digest(lm.tokenizer),
             "max_length": lm.max_length, "max_positions": lm.max_positions,
-            "data": cache.data_digest(data.texts[split], labels), "eval_samples": int(eval_samples or 0),
-            "split": split, **cache.versions()}
+            "data": result_cache.data_digest(data.texts[split], labels), "eval_samples": int(eval_samples or 0),
+            "split": split, **result_cache.versions()}
 
 
 def cached_quality(lm: LoadedModel, data: TextData, eval_samples: int = 0, split: str = "test",
@@ -255,21 +244,20 @@ def cached_quality(lm: LoadedModel, data: TextData, eval_samples: int = 0, split
     """(`quality(...)`, whether it was reused): the result of an earlier evaluation of the same
     weights on the same data and settings when there is one (explorer.cache), else measured now
     and stored. A model with hooks on it is always measured."""
-    from . import cache as C
     key = settings = None
-    if split in ("val", "test") and lm.task in ("classification", "causal-lm") and C.enabled(cache):
+    if split in ("val", "test") and lm.task in ("classification", "causal-lm") and result_cache.enabled(cache):
         try:
             settings = quality_settings(lm, data, eval_samples, split)
-            key = C.make_key("quality", settings)
+            key = result_cache.make_key("quality", settings)
         except Exception as e:  # noqa: BLE001 - Uncacheable (hooks on the model) or inputs we cannot fingerprint
-            C.skipped("quality", e)
+            result_cache.skipped("quality", e)
     if key is not None:
-        hit = C.get("quality", key, dict)
+        hit = result_cache.get("quality", key, dict)
         if hit is not None:
             return hit, True
     q = quality(lm, data, eval_samples, split)
     if key is not None:
-        C.put("quality", key, q, dict, settings)
+        result_cache.put("quality", key, q, dict, settings)
     return q, False
 
 
@@ -318,8 +306,6 @@ def same_width_reference(lm: LoadedModel) -> LoadedModel:
     the pruned widths, only evenly laid out, so its speed-up is what those widths allow; a
     rounded mean width would not be (3 groups where the pruned model averages 2.6 is a limit
     that cannot fail). Random weights; for timing only."""
-    from .hidden import fresh_like
-    from .surgery import reshape_to, widths
     ws = widths(lm.adapter, lm.model)
     groups = even_split(sum(w["groups"] for w in ws), len(ws))
     neurons = even_split(sum(w["neurons"] for w in ws), len(ws))
@@ -335,18 +321,12 @@ def interleaved_latency(models: dict[str, LoadedModel], batch_size: int = 32, se
                         repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
     """ms of one forward pass of every model, timed in turn (round r times every model once, as
     compare_speed does), so a machine getting busier or quieter shifts them all alike."""
-    ids = {}
+    calls = {}
     for name, lm in models.items():
         lm.model.eval()
-        ids[name] = _random_ids(lm, batch_size, min(seq_len, lm.max_positions))  # [B, T]
-    for _ in range(warmup):
-        for name, lm in models.items():
-            _forward_once(lm, ids[name])
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, lm in models.items():
-            times[name].append(_forward_once(lm, ids[name]) * 1000)
-    return times
+        ids = _random_ids(lm, batch_size, min(seq_len, lm.max_positions))  # (B, T)
+        calls[name] = lambda lm=lm, ids=ids: _forward_once(lm, ids) * 1000
+    return interleaved(calls, repeats, warmup)
 
 
 def speedup_report(dense: LoadedModel | float, lm: LoadedModel, batch_size: int = 32, seq_len: int = 128,
@@ -367,7 +347,6 @@ def speedup_report(dense: LoadedModel | float, lm: LoadedModel, batch_size: int 
     fractions = [r / p for r, p in zip(times["reference"], times["pruned"])]
     limit = med["dense"] / med["reference"]
     noise = limit < 1
-    from .surgery import widths
     ws = widths(ref.adapter, ref.model)
     return {"dense_ms": med["dense"], "pruned_ms": med["pruned"], "same_width_ms": med["reference"],
             "dense_ms_spread": [min(dense_times), max(dense_times)],

@@ -27,7 +27,10 @@ from .config import validate as validate_config
 from .data import TextData
 from .errors import OOM_HINT, Cancelled, DataError, ExplorerError, is_oom
 from .evaluate import SpeedSetup, evaluate, metric_name, quality
+from .hidden import prune_hidden_fraction
 from .importance import Importance, analyze
+from .latency import FlopsModel, allocate_flops, allocate_latency, predict
+from .latency import cost_model as latency_cost_model  # `cost_model` is also a PruningRun argument
 from .models import LoadedModel
 from .reconstruct import reconstruct
 from .recovery import recover_steps
@@ -126,6 +129,8 @@ class StageRecord:
     cost: dict | None = None  # flops / latency budgets: the stage's goal and the prediction for its widths
     predicted_speedup: float | None = None  # latency budget: the cost model's speed-up over dense
     extra: dict | None = None  # a method's own figures (JSON-serialisable)
+    interval: dict = field(default_factory=dict)  # metric -> its 95 % interval [lo, hi] (explorer.evaluate.quality)
+    eval_size: dict = field(default_factory=dict)  # split and examples / tokens the quality was measured on
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -195,7 +200,10 @@ class PruningRun:
         return dict(self.dense_given) if self.dense_given else self._eval()
 
     def _eval(self) -> dict:
-        setup = SpeedSetup(repeats=self.prune.speed_repeats) if self.prune.speed_repeats else None
+        # evaluate() times the forward at 32 x 128 itself (latency_ms): the speed figures leave that shape out, so that
+        # a model has one 32 x 128 latency, measured once, in every report (not two measurements of one thing)
+        shapes = tuple(sh for sh in SpeedSetup.encoder_shapes if sh != (32, 128))
+        setup = SpeedSetup(repeats=self.prune.speed_repeats, encoder_shapes=shapes) if self.prune.speed_repeats else None
         return evaluate(self.lm, self.data, self.prune.eval_samples, timing=self.timing, speed_setup=setup,
                         split=self.prune.eval_split)
 
@@ -321,11 +329,10 @@ class PruningRun:
     def _prepare_budget(self) -> Iterator[dict]:
         """Build the budget's cost model once, on the model the run starts from: a latency cost
         model (measured on this device, or read from its cache) or the FLOPs model."""
-        from .latency import FlopsModel, cost_model, predict
         lm, budget = self.lm, self.allocation.budget
         if budget == "latency":
             yield {"type": "cost_model", "status": "measuring"}
-            self.cost = self.cost_model or cost_model(lm)
+            self.cost = self.cost_model or latency_cost_model(lm)
         else:
             self.cost = FlopsModel.from_model(lm)
         self.reference = predict(self.cost, widths(lm.adapter, lm.model))
@@ -344,7 +351,6 @@ class PruningRun:
     def _allocate(self, k: int, imp: Importance, stage_target: float) -> Allocation:
         """The plan of stage k: the parameter schedule (stage_target), or the stage's share of the
         FLOPs cut (target·k/K) or of the speed-up (speedup ** (k/K)) from the run's start."""
-        from .latency import allocate_flops, allocate_latency
         cfg, K = self.allocation, self.prune.stages
         norm, scores = imp.normalized_by(cfg.normalization), imp.unit_scores()
         if cfg.budget == "latency":
@@ -389,7 +395,10 @@ class PruningRun:
         if cfg.eval_phases and self._trains():
             yield phase("reconstructed")
         return phases, {"seconds": rep.seconds, "tokens": rep.tokens, "error_ratio": rep.error_ratio,
-                        "lambdas": [[r["lambda"] for r in layer] for layer in rep.layers]}
+                        "lambdas": [[r["lambda"] for r in layer] for layer in rep.layers],
+                        # per layer: calibration output error of the plain cut and after the refit (summed projections)
+                        "layer_errors": [[sum(r["error_removed"] for r in layer), sum(r["error_refit"] for r in layer)]
+                                         for layer in rep.layers]}
 
     def _train(self, stage: int, cfg: PruneConfig, losses: list[float], teacher=None,
                after_step: Callable[[], None] | None = None,
@@ -408,7 +417,6 @@ class PruningRun:
         """Remove the fraction prune_hidden of the residual channels first (Minitron's activation
         salience on stage-0 calibration texts; explorer.hidden). Block parameters shrink with it, so
         the stages' parameter budget counts it: the stages remove what is left to reach the target."""
-        from .hidden import prune_hidden_fraction
         texts, _ = self._calibration(0)
         rep = prune_hidden_fraction(self.lm, self.prune.prune_hidden, texts, round_to=self.allocation.round_to,
                                     batch_size=self.analysis.batch_size, max_length=self.analysis.max_length or None)
@@ -435,9 +443,10 @@ class PruningRun:
         rec = StageRecord(k, ev["params"], ev["block_params"], 1 - ev["block_params"] / self.original, q,
                           ev.get("latency_ms"), ev["flops_per_token"], list(losses), seconds,
                           ws, [float(x) for x in sparsity], speed=speed_brief(ev),
-                          latency_spread=ev.get("latency_spread"), extra=extra or None)
+                          latency_spread=ev.get("latency_spread"), extra=extra or None,
+                          interval={key: ev[f"{key}_ci"] for key in q if f"{key}_ci" in ev},
+                          eval_size={key: ev[key] for key in ("eval_split", "eval_tokens", "eval_examples") if key in ev})
         if self.cost is not None and alloc is not None:
-            from .latency import predict
             predicted = predict(self.cost, ws)  # the widths the stage really has
             rec.cost = {**(alloc.cost or {}), "predicted": predicted}
             if self.allocation.budget == "latency":

@@ -86,6 +86,28 @@ def test_prune_saves_a_model_that_eval_reproduces(tiny_dirs, capsys, recovery):
     assert e["params"] == r["final"]["params"]
 
 
+def test_prune_no_timing_reports_quality_with_its_interval_and_no_timings(tiny_dirs, capsys, monkeypatch):
+    """--no-timing: the quality point only (with its 95 % interval and the budget it was measured on);
+    no latency or decode timing runs, for the dense model or any stage."""
+    from explorer import evaluate
+    calls = []
+    monkeypatch.setattr(evaluate, "latency", lambda *a, **k: calls.append("latency") or {"latency_ms": 1.0})
+    rep, txt = tiny_dirs["root"] / "nt.json", tiny_dirs["root"] / "long.txt"
+    txt.write_text("\n\n".join(sum(tiny_data(1000).texts.values(), [])))  # a val split of > 512 tokens
+    assert main(["prune", "--model", tiny_dirs["llama"], "--data", str(txt), "--target", "0.3",
+                 "--stages", "1", "--recovery", "none", "--samples", "8", "--batch-size", "4",
+                 "--eval-samples", "512", "--eval-split", "val", "--no-timing", "--json", str(rep)]) == 0
+    assert calls == []
+    r = json.loads(rep.read_text())
+    assert r["dense"].get("latency_ms") is None and r["stages"][0]["latency_ms"] is None
+    lo, hi = r["stages"][0]["interval"]["perplexity"]
+    assert lo < r["stages"][0]["quality"]["perplexity"] < hi
+    n = r["stages"][0]["eval_size"]["eval_tokens"]
+    assert r["stages"][0]["eval_size"]["eval_split"] == "val" and 256 < n <= 512  # the tokens really scored
+    cap = capsys.readouterr()
+    assert "95 %" in cap.out and f"{n:,} val tokens" in cap.out and "not timed (--no-timing)" in cap.err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["analyze", "--model", "no-such-model-xyz", "--json", "x.json"], "no-such-model-xyz"),
     (["analyze", "--model", "./does/not/exist", "--json", "x.json"], "no such model directory"),
