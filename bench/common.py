@@ -26,6 +26,7 @@ os.environ.setdefault("EXPLORER_CACHE", "0")  # a bench times computations, not 
 
 import torch  # noqa: E402
 
+from explorer import timing  # noqa: E402
 from explorer.models import ASSETS, LoadedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,13 +104,28 @@ def _git(*args: str) -> str | None:
 
 def git_state() -> dict:
     """{"commit": HEAD or None outside a checkout, "dirty": whether code differs from it (tracked
-    changes or untracked files; the generated .json / .md / .html files do not count), "dirty_files"}."""
+    changes or untracked files; the generated .json / .md / .html files do not count), "dirty_files"
+    (the first 20), "dirty_blobs": {path: git blob id of the file as it is now, None if deleted} for
+    every file that differs: with the commit, exactly the code that a run on a dirty tree measured
+    (tests/test_bench_provenance.py compares it with the code at HEAD)}."""
     head = _git("rev-parse", "HEAD")
     if head is None:
-        return {"commit": None, "dirty": None, "dirty_files": []}
+        return {"commit": None, "dirty": None, "dirty_files": [], "dirty_blobs": {}}
     status = _git("status", "--porcelain", "--untracked-files=normal", "--", ".", *_OUTPUTS) or ""
     files = [ln[3:] for ln in status.splitlines() if ln.strip()]
-    return {"commit": head.strip(), "dirty": bool(files), "dirty_files": files[:20]}
+    return {"commit": head.strip(), "dirty": bool(files), "dirty_files": files[:20], "dirty_blobs": _dirty_blobs()}
+
+
+def _dirty_blobs() -> dict[str, str | None]:
+    """Every file that differs from HEAD (untracked ones one by one) -> its blob id now (None: deleted)."""
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", ".", *_OUTPUTS) or ""
+    paths = [ln[3:].split(" -> ")[-1] for ln in status.splitlines() if ln.strip()]
+    present = [p for p in paths if (ROOT / p).is_file()]
+    blobs = (_git("hash-object", "--", *present) or "").split() if present else []
+    out: dict[str, str | None] = {p: None for p in paths}
+    if len(blobs) == len(present):
+        out.update(zip(present, blobs))
+    return out
 
 
 def _command() -> str:
@@ -373,18 +389,9 @@ def higher_is_better(metric: str) -> bool:
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Time each callable `repeats` times in round-robin order (after `warmup` rounds), so that
-    load from other jobs on the machine falls on all of them alike. Returns ms per call."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(warmup + repeats):
-        for k, fn in fns.items():
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            if r >= warmup:
-                times[k].append((time.perf_counter() - t) * 1000)
-    return times
+    load from other jobs on the machine falls on all of them alike (explorer.timing). Returns ms per call."""
+    calls = {k: (lambda fn=fn: timing.timed(fn) * 1000) for k, fn in fns.items()}
+    return timing.interleaved(calls, repeats, warmup)
 
 
 def median(xs) -> float:
@@ -393,10 +400,8 @@ def median(xs) -> float:
 
 def forward_fn(lm: LoadedModel, batch_size: int, seq_len: int) -> Callable[[], object]:
     """One inference forward on random tokens, as explorer.evaluate.latency does it."""
-    vocab = lm.model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(5, vocab - 1), vocab, (batch_size, seq_len), generator=g).to(lm.device)
-    mask = torch.ones_like(ids)
+    ids = timing.random_ids(lm.model.config.vocab_size, batch_size, seq_len, lm.device)  # (B, T)
+    mask = torch.ones_like(ids)  # (B, T)
 
     def fn():
         with torch.inference_mode():

@@ -101,8 +101,22 @@ def paired(agg, better: str, worse: str, budget: float) -> dict | None:
         return None
     d = [a[s]["test"] - b[s]["test"] for s in seeds]
     mean, std = _ms(d)
-    return {"better": better, "worse": worse, "budget": budget, "seeds": seeds, "diff": mean, "std": std,
-            "holds": mean >= 0 or abs(mean) <= std, "beyond_spread": abs(mean) > std and len(seeds) > 1}
+    p = {"better": better, "worse": worse, "budget": budget, "seeds": seeds, "diff": mean, "std": std,
+         "beyond_spread": abs(mean) > std and len(seeds) > 1}
+    return {**p, "reading": reading(p)}
+
+
+# What makes a claim "better ≥ worse" fail, as the report states it.
+FAILS_WHEN = ("a claim fails when the paired difference (better − worse, per seed) has a negative mean larger than "
+              "its std over at least 2 seeds; it holds when the mean is positive and larger than the std; otherwise "
+              "the seeds show no difference, which is neither")
+
+
+def reading(p: dict) -> str:
+    """"holds" / "fails" (the mean beyond the spread, over ≥ 2 seeds) or "no difference shown"."""
+    if not p["beyond_spread"]:
+        return "no difference shown"
+    return "holds" if p["diff"] > 0 else "fails"
 
 
 def _earlier(meta: dict) -> list[dict]:
@@ -113,13 +127,19 @@ def _earlier(meta: dict) -> list[dict]:
     return out
 
 
-def render(res: dict) -> str:
+def render(res: dict, budgets: dict | None = None) -> str:
+    """METHODS.md: with `budgets` (bench/budgets.json), the claims against the training budget first
+    (bench.budgets.methods_section), then every method at the one recovery budget of this JSON."""
     meta, rows = res["meta"], res["rows"]
     agg = aggregate(rows)
     dense = meta.get("dense")
     r0 = next((r for r in rows if not r.get("error")), {})
-    L = ["# Methods against their papers' claims (`python -m bench.methods_goals`)", "",
-         generated_line(meta.get("command", "python -m bench.methods_goals"), meta, res.get("provenance"))
+    L = ["# Methods against their papers' claims (`python -m bench.methods_goals`, `python -m bench.budgets`)", ""]
+    if budgets:
+        from .budgets import methods_section
+        L += methods_section(budgets)
+        L += ["## Every method at one recovery budget (`python -m bench.methods_goals`)", ""]
+    L += [generated_line(meta.get("command", "python -m bench.methods_goals"), meta, res.get("provenance"))
          + "".join(f" Rows merged from an earlier run: {e['date']}, `{e['command']}`, {e['seconds'] / 60:.1f} min, load "
                    f"{e['load_before']} / {e['load_after']}." for e in _earlier(meta)), "",
          f"{meta.get('model')}: test accuracy on all {meta.get('test_examples')} test sentences (dense "
@@ -145,22 +165,21 @@ def render(res: dict) -> str:
     if failed:
         L += ["", "Failed runs: " + "; ".join(f"{r['method']} {r['budget']:.0%} seed {r['seed']}: {r['error']}"
                                           for r in failed)]
-    L += ["", "## The claims, paired by seed", "",
+    L += ["", "#" * (2 if not budgets else 3) + " The claims at this one budget, paired by seed", "",
+          FAILS_WHEN[0].upper() + FAILS_WHEN[1:] + ".", "",
           "| claim | budget | seeds | mean difference ± std | reading |", "|---|---|---|---|---|"]
     for better, worse, budget in CLAIMS:
         p = paired(agg, better, worse, budget)
         if p is None:
             L.append(f"| {better} ≥ {worse} | {budget:.0%} | – | – | not run |")
             continue
-        if p["beyond_spread"]:
-            reading = "holds, beyond the spread" if p["diff"] > 0 else "fails, beyond the spread"
-        else:
-            reading = "inside the seed spread (no difference shown)"
+        text = {"holds": "holds, beyond the spread", "fails": "**fails**, beyond the spread",
+                "no difference shown": "inside the seed spread (no difference shown)"}[p["reading"]]
         L.append(f"| {better} ≥ {worse} | {budget:.0%} | {len(p['seeds'])} | {p['diff']:+.4f} ± {p['std']:.4f} | "
-                 f"{reading} |")
+                 f"{text} |")
     from explorer.methods import METHODS
     shown = sorted({m for m, _ in agg}, key=list(METHODS).index)
-    L += ["", "## What each method is, and where it departs from its document", "",
+    L += ["", "#" * (2 if not budgets else 3) + " What each method is, and where it departs from its document", "",
           "| method | what it is | departs from its document |", "|---|---|---|"]
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
@@ -188,8 +207,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     path = out / "methods_goals.json"
+    bpath = out / "budgets.json"
+    budgets = json.loads(bpath.read_text()) if bpath.exists() else None
     if args.render_only:
-        (out / "METHODS.md").write_text(render(json.loads(path.read_text())))
+        (out / "METHODS.md").write_text(render(json.loads(path.read_text()), budgets))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -219,7 +240,7 @@ def main(argv=None) -> int:
             meta.update(load_after=common.load_average(), seconds=time.perf_counter() - t0)
             res = {"meta": meta, "rows": rows}
             write_json(path, res, [prev] if prev else [])
-            (out / "METHODS.md").write_text(render(res))
+            (out / "METHODS.md").write_text(render(res, budgets))
     return 0
 
 

@@ -370,15 +370,36 @@ def main(argv=None) -> int:
     ap.add_argument("--time-cap", type=float, help="causal LMs: wall-time cap per training, seconds")
     ap.add_argument("--add-round", action="store_true", help="with --merge, causal LMs: add this run's settings "
                     "to the earlier run's (same cut) and choose over both on val")
+    ap.add_argument("--teacher-fit", action="store_true", help="classifiers: only score the dense model (the "
+                    "distillation teacher) on train / val / test and add it to recipe.json (with --merge: the "
+                    "other results kept); seconds, not a rerun")
+    ap.add_argument("--render-only", action="store_true", help="re-render RECIPE.md from recipe.json, run nothing")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.render_only:
+        (out / "RECIPE.md").write_text(render(json.loads((out / "recipe.json").read_text())))
+        log(f"wrote {out / 'RECIPE.md'} from {out / 'recipe.json'}")
+        return 0
     torch.set_num_threads(args.threads)
     presets = [p for p in PRESETS[args.mode] if not args.models or p.model in args.models]
-    out = Path(args.out)
-    old = json.loads((out / "recipe.json").read_text()) if args.merge and (out / "recipe.json").exists() else {}
+    keep = args.merge or args.teacher_fit  # --teacher-fit annotates the results already there
+    old = json.loads((out / "recipe.json").read_text()) if keep and (out / "recipe.json").exists() else {}
     results = {r["model"]: r for r in old.get("results", [])}
     runs = old.get("runs", [])
+    if args.teacher_fit:
+        for p in presets:
+            if p.lm_settings or p.model not in results:
+                continue  # a causal LM, or a classifier without its recipe results to annotate
+            t0 = time.perf_counter()
+            results[p.model]["teacher_fit"] = teacher_fit(p)
+            results[p.model]["teacher_fit_meta"] = {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.perf_counter() - t0,
+                "machine": machine(), **{k: v for k, v in common.git_state().items() if k in ("commit", "dirty")}}
+            log(f"{p.model} teacher fit: {results[p.model]['teacher_fit']}")
+        write(out, results, runs, [old] if old else [])
+        return 0
     for p in presets:
         meta = {"mode": args.mode, "model": p.model, "machine": machine(), "load_before": common.load_average(),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -441,26 +462,123 @@ def paired(a: list[float], b: list[float], fmt: str = "+.4f") -> str:
     return f"**{txt}**" if len(d) > 1 and abs(m) > s else txt
 
 
-# Read off the figures by hand (stated as such in the report); keyed by model.
-NOTES = {"minilm-rt": [
-    "Why distillation does not help here (and hurt in the earlier run at lr 1e-4): the dense teacher is "
-    "MiniLM + a LoRA adapter fine-tuned for 3 epochs on the **same train split** that recovery trains on. "
-    "Measured separately (bench.recipe.cls_score, 500 random train sentences, seed 0): the teacher scores "
-    "0.932 accuracy / NLL 0.202 on train against 0.830 / 0.430 on val (0.828 / 0.409 on test). On the "
-    "recovery data the teacher's outputs are its fit to those very sentences, so distilling them (and the "
-    "task loss on the same labels) teaches the student the teacher's train-set confidence, not what "
-    "generalises: every distillation setting ends with a higher val NLL than reconstruction alone (0.461), "
-    "rising with the learning rate (1e-5: 0.476, 3e-5: 0.505, 1e-4: 0.596), and val accuracy never exceeds "
-    "reconstruction alone; more steps lower the NLL a little again but lose accuracy (200 steps: 6 fixed, 14 "
-    "broken). Temperature, kd_alpha 1 (no task "
-    "loss) and the hidden-state losses (cosine or mse) move val by at most a few examples. Reconstruction "
-    "already keeps 98-99 % of dense accuracy at 40-60 %, so the room left (~7 val examples of 500 at 40 %) "
-    "is below what 500 val examples can resolve. The earlier run's lr 1e-4 (the KD default) is the harmful part "
-    "(22 val examples fixed, 35 broken; its test 0.808 at 40 % against 0.818 for reconstruction alone, the same "
-    "cuts as here); at lr 3e-5, T 1 the test difference is within the seed spread at both budgets. LoRA (the "
-    "adapter on top of the merged weights) is no better on val (best 0.814; 100 steps at lr 1e-4 leaves the NLL "
-    "where reconstruction put it).",
-]}
+# --- notes: prose whose every figure is read from recipe.json -----------------------------------
+
+TEACHER_FIT_TRAIN = 500  # random train sentences the teacher is scored on (`--teacher-fit`)
+
+
+def teacher_fit(p: Preset) -> dict:
+    """How closely the dense classifier (the distillation teacher) fits the sentences recovery trains
+    on: accuracy and mean NLL on TEACHER_FIT_TRAIN random train sentences (seed 0), on val and on test."""
+    import random
+    base, data = load(p.model)
+    idx = sorted(random.Random(0).sample(range(len(data.texts["train"])),
+                                         min(TEACHER_FIT_TRAIN, len(data.texts["train"]))))
+    texts, labels = [data.texts["train"][i] for i in idx], [data.labels["train"][i] for i in idx]
+    out = {}
+    for split, (xs, ys) in {"train": (texts, labels), "val": (data.texts["val"], data.labels["val"]),
+                            "test": (data.texts["test"], data.labels["test"])}.items():
+        with torch.inference_mode():
+            pred, nll = predictions(base, xs, ys)
+        out[split] = {"accuracy": sum(a == y for a, y in zip(pred, ys)) / len(ys), "nll": nll, "n": len(ys)}
+    out["train"]["seed"] = 0
+    return out
+
+
+def _lr(x: float) -> str:
+    """A learning rate as written in the text: 3e-5, 1e-4, 2.5e-5."""
+    return f"{x:.1e}".replace(".0e", "e").replace("e-0", "e-")
+
+
+def _kd(g: dict) -> bool:
+    return g["config"]["recovery"].endswith("kd")
+
+
+def _same_but_steps(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k != "recovery_steps"} == {k: v for k, v in b.items() if k != "recovery_steps"}
+
+
+def classifier_notes(res: dict) -> list[str]:
+    """Why distillation does not beat reconstruction alone on this classifier, each figure and each
+    comparison computed from `res` (one classifier's entry of recipe.json)."""
+    n_val, recon_acc, recon_nll = res["n_val"], res["recon_val"], res["recon_val_nll"]
+    kd = [g for g in res["grid"] if _kd(g)]
+    fit = res.get("teacher_fit")
+    if fit:
+        tr, va, te = fit["train"], fit["val"], fit["test"]
+        teacher = (f"Measured by `python -m bench.recipe --teacher-fit` ({tr['n']} random train sentences, seed "
+                   f"{tr['seed']}): the teacher scores {tr['accuracy']:.3f} accuracy / NLL {tr['nll']:.3f} on train "
+                   f"against {va['accuracy']:.3f} / {va['nll']:.3f} on val ({te['accuracy']:.3f} / {te['nll']:.3f} "
+                   "on test). ")
+    else:
+        teacher = ("(How closely the teacher fits the train split is not in this recipe.json: "
+                   "`python -m bench.recipe --teacher-fit --merge` measures it.) ")
+    higher = [g for g in kd if g["val_nll"] > recon_nll]
+    nll_claim = ("every distillation setting ends" if len(higher) == len(kd) else
+                 f"{len(higher)} of the {len(kd)} distillation settings end")
+    stage1 = sorted((g for g in kd if g["stage"].startswith("1")), key=lambda g: g["config"]["lr"])
+    nlls = [g["val_nll"] for g in stage1]
+    trend = "rising with" if all(x < y for x, y in zip(nlls, nlls[1:])) else "against"
+    by_lr = ", ".join(f"{_lr(g['config']['lr'])}: {g['val_nll']:.3f}" for g in stage1)
+    better = [g for g in kd if g["val"] > recon_acc]
+    acc_claim = ("val accuracy never exceeds reconstruction alone" if not better else
+                 f"val accuracy exceeds reconstruction alone in {len(better)} of them")
+    L = ["Why distillation does not beat reconstruction alone here: the dense teacher is MiniLM + a LoRA adapter "
+         "fine-tuned for 3 epochs on the **same train split** that recovery trains on. " + teacher +
+         "On the recovery data the teacher's outputs are its fit to those very sentences, so distilling them (and "
+         "the task loss on the same labels) teaches the student the teacher's train-set confidence, not what "
+         f"generalises: {nll_claim} with a higher val NLL than reconstruction alone ({recon_nll:.3f}), {trend} the "
+         f"learning rate ({by_lr}), and {acc_claim}."]
+    longer = sorted((g for g in kd if g["stage"].startswith("3")), key=lambda g: g["config"]["recovery_steps"])
+    shorter = next((g for g in kd if longer and not g["stage"].startswith("3")
+                    and _same_but_steps(g["config"], longer[0]["config"])), None)
+    if longer and shorter:
+        last = longer[-1]
+        nll_move = "lower" if last["val_nll"] < shorter["val_nll"] else "raise"
+        acc_move = "lose" if last["val"] < shorter["val"] else "keep" if last["val"] == shorter["val"] else "gain"
+        L[-1] += (f" More steps of the best setting so far {nll_move} the NLL ({shorter['config']['recovery_steps']} steps: "
+                  f"{shorter['val_nll']:.3f}; " + ", ".join(f"{g['config']['recovery_steps']}: {g['val_nll']:.3f}"
+                                                            for g in longer)
+                  + f") and {acc_move} accuracy ({last['config']['recovery_steps']} steps: "
+                    f"{last['vs_recon']['fixed']} fixed, {last['vs_recon']['broken']} broken).")
+    stage2 = [g for g in kd if g["stage"].startswith("2")]
+    best1 = max(stage1, key=lambda g: (g["val"], -g["val_nll"])) if stage1 else None
+    if stage2 and best1:
+        moved = max(round(abs(g["val"] - best1["val"]) * n_val) for g in stage2)
+        L[-1] += (" Temperature, kd_alpha 1 (no task loss), the hidden-state losses (cosine or mse) and a larger "
+                  f"batch move val by at most {moved} example{'s' if moved != 1 else ''} of {n_val}.")
+    keep = {b: statistics.mean(x["reconstructed"] for x in res["rows"] if x["budget"] == b) / res["dense_test"]
+            for b in sorted({x["budget"] for x in res["rows"]})}
+    room = round((res["dense_val"] - recon_acc) * n_val)
+    L[-1] += (" Reconstruction already keeps " + " / ".join(f"{v:.1%}" for v in keep.values()) + " of dense test "
+              "accuracy at " + " / ".join(f"{b:.0%}" for b in keep) + f", so the room left on val ({room} example"
+              f"{'s' if room != 1 else ''} of {n_val} at {res['preset']['choose_budget']:.0%}) is below what "
+              f"{n_val} val examples can resolve.")
+    worst = max(stage1, key=lambda g: g["config"]["lr"]) if stage1 else None
+    if worst:
+        v = worst["vs_recon"]
+        L[-1] += (f" The highest learning rate, {_lr(worst['config']['lr'])} (the earlier default), is the harmful part "
+                  f"({v['fixed']} val examples fixed, {v['broken']} broken).")
+    c = res["chosen_kd"]
+    spread = []
+    for b in keep:
+        rs = [x for x in res["rows"] if x["budget"] == b]
+        d = [x["kd"] - x["reconstructed"] for x in rs]
+        sd = statistics.stdev(d) if len(d) > 1 else 0.0
+        spread.append(len(d) > 1 and abs(statistics.mean(d)) <= sd)
+    where = ("within the seed spread at " + ("both budgets" if len(spread) == 2 else "every budget") if all(spread)
+             else "beyond the seed spread at " + ", ".join(f"{b:.0%}" for b, s in zip(keep, spread) if not s))
+    L[-1] += f" At the chosen `{label(c)}` the paired test difference is {where}."
+    lora = res.get("lora_grid") or []
+    if lora:
+        best = max(lora, key=lambda g: (g["val"], -g["val_nll"]))
+        longest = max(lora, key=lambda g: g["config"]["recovery_steps"])
+        verdict = "no better" if best["val"] <= recon_acc else "better"
+        L[-1] += (f" LoRA (the adapter on top of the merged weights) is {verdict} on val (best {best['val']:.3f} "
+                  f"against {recon_acc:.3f}; {longest['config']['recovery_steps']} steps at lr "
+                  f"{_lr(longest['config']['lr'])} end at NLL {longest['val_nll']:.3f}, reconstruction alone "
+                  f"{recon_nll:.3f}).")
+    return L
 
 
 def render(doc: dict) -> str:
@@ -479,8 +597,8 @@ def render(doc: dict) -> str:
                       + (f" Commit `{m['commit'][:12]}`" + (" with uncommitted changes" if m.get("dirty") else "") + "."
                          if m.get("commit") else ""), ""]
         lines += render_classifier(res, p) if res["task"] == "classification" else render_lm(res, p)
-        if NOTES.get(res["model"]):
-            lines += [""] + NOTES[res["model"]]
+        if res["task"] == "classification" and res.get("grid"):
+            lines += [""] + classifier_notes(res)
         lines.append("")
     return "\n".join(lines) + "\n"
 

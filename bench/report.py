@@ -113,8 +113,25 @@ def chose_uniform(row: dict) -> bool:
 
 
 # A target row has "ok": True / False when it is judged, None when it is "tied by construction"
-# ("by_construction": how many seed-budgets or rows were set aside), which the verdict does not count.
+# ("by_construction": how many seed-budgets or rows were set aside), which the verdict does not count;
+# and "fails_when": what result would make it fail (shown next to the verdict).
 BY_CONSTRUCTION = "tied by construction, not counted"
+
+
+def fails_when_worse(other: str, paired: bool = False) -> str:
+    """What fails "adaptive ≥ `other`"."""
+    text = (f"adaptive is worse than {other} on the paired difference over seeds" if paired
+            else f"adaptive's mean over seeds is worse than {other}'s") + " (lower accuracy / higher perplexity)"
+    if other == "uniform":
+        text += "; a seed-budget where val chose A = 0 (adaptive is then the uniform plan) is set aside, not a pass"
+    return text
+
+
+FAILS_WHEN_SPEED = (f"a plan whose widths differ between layers runs at < {TARGET_FRACTION_OF_LIMIT:.0%} of the speed-up "
+                    "of its same-width dense limit (plans with the same widths in every layer are their own "
+                    "limit, set aside)")
+FAILS_WHEN_ANALYSIS = (f"one analysis pass (every metric) takes > {TARGET_ANALYSIS_RATIO}x the time of a forward + "
+                       "backward over the same calibration batches")
 
 
 def targets(results: dict) -> list[dict]:
@@ -131,15 +148,16 @@ def targets(results: dict) -> list[dict]:
                 o = _q(results, model, budget, other)
                 if not o:
                     continue
+                fails = fails_when_worse(other)
                 if other == "uniform" and chose_uniform(ad):
                     out.append({"target": name, "model": model, "budget": budget, "ok": None,
-                                "by_construction": max(len(ad.get("seeds") or []), 1),
+                                "by_construction": max(len(ad.get("seeds") or []), 1), "fails_when": fails,
                                 "detail": f"val chose uniform (A = 0): {BY_CONSTRUCTION}"})
                     continue
                 diff = ad["mean"] - o["mean"]
                 ok = diff >= 0 if _higher(metric) else diff <= 0
                 noise = math.hypot(ad["std"], o["std"])
-                out.append({"target": name, "model": model, "budget": budget, "ok": ok,
+                out.append({"target": name, "model": model, "budget": budget, "ok": ok, "fails_when": fails,
                             "detail": f"{_fmt(metric, ad['mean'])} vs {_fmt(metric, o['mean'])} "
                                       f"({'+' if diff >= 0 else '−'}{_fmt(metric, abs(diff))}"
                                       f"{'; seed spread ' + _fmt(metric, noise) if noise else ''})"})
@@ -150,12 +168,12 @@ def targets(results: dict) -> list[dict]:
         own = own_reference(r)  # the same widths in every layer: its own reference, 100 % by construction
         out.append({"target": "speed-up ≥ 85 % of the same-width limit", "model": r["model"], "budget": r["budget"],
                     "method": r["method"], "ok": None if own else r["fraction_of_limit"] >= TARGET_FRACTION_OF_LIMIT,
-                    "by_construction": int(own),
+                    "by_construction": int(own), "fails_when": FAILS_WHEN_SPEED,
                     "detail": detail + (f"; the same widths in every layer, its own reference: {BY_CONSTRUCTION}"
                                         if own else "")})
     for r in results.get("analysis_cost", []):
         out.append({"target": "analysis ≤ 1.5x forward+backward", "model": r["model"], "budget": None,
-                    "ok": r["ratio"] <= TARGET_ANALYSIS_RATIO,
+                    "ok": r["ratio"] <= TARGET_ANALYSIS_RATIO, "fails_when": FAILS_WHEN_ANALYSIS,
                     "detail": f"{r['samples']} samples: {r['analysis_s']:.2f} s vs {r['forward_backward_s']:.2f} s = "
                               f"{r['ratio']:.2f}x"})
     return out
@@ -196,15 +214,16 @@ def recon_targets(results: dict) -> list[dict]:
                 seeds = [s for s in seeds if s not in tied]
                 note = (f"; val chose uniform (A = 0) on seed{'s' if len(tied) > 1 else ''} "
                         f"{', '.join(map(str, tied))}: {BY_CONSTRUCTION}" if tied else "")
+                fails = fails_when_worse(other, paired=True)
                 if not seeds:
                     out.append({"target": name, "model": model, "budget": budget, "ok": None,
-                                "by_construction": len(tied), "detail": note.lstrip("; ")})
+                                "by_construction": len(tied), "fails_when": fails, "detail": note.lstrip("; ")})
                     continue
                 mine = [by_seed["adaptive"][s]["recon"][metric] for s in seeds]
                 theirs = [by_seed[other][s]["recon"][metric] for s in seeds]
                 m, sd, beyond, n = paired([a - b for a, b in zip(mine, theirs)])  # adaptive minus it, per seed
                 out.append({"target": name, "model": model, "budget": budget, "ok": m >= 0 if hib else m <= 0,
-                            "tie": n > 1 and not beyond, "by_construction": len(tied),
+                            "tie": n > 1 and not beyond, "by_construction": len(tied), "fails_when": fails,
                             "detail": f"{fmt_value(metric, sum(mine) / n)} vs {fmt_value(metric, sum(theirs) / n)}"
                                       f"; paired {fmt_value(metric, m, '+')}"
                                       + (f" ± {fmt_value(metric, sd)} over {n} seeds"
@@ -220,6 +239,8 @@ def recon_targets(results: dict) -> list[dict]:
                 out.append({"target": f"adaptive {'≥' if higher else '≤'} {bound:.2f}x dense "
                                       f"({'reconstruction' if phase == 'recon' else 'reconstruction + recovery' if phase == 'recovered' else 'best of recon / recovered'})",
                             "model": model, "budget": budget, "ok": rel >= bound if higher else rel <= bound,
+                            "fails_when": f"adaptive's {'best ' if phase == 'best' else ''}{metric} (its seeds' mean) "
+                                          f"is {'below' if higher else 'above'} {bound:.2f}x the dense model's",
                             "detail": f"{fmt_value(metric, v)} = {rel:.3f}x dense {fmt_value(metric, dense)}"})
         goal = STAGE_SECONDS_GOAL.get(model)
         rows = [r for r in res["rows"] if r["method"] == "adaptive"]
@@ -228,6 +249,7 @@ def recon_targets(results: dict) -> list[dict]:
             med = secs[len(secs) // 2]
             out.append({"target": f"a reconstructed stage (analysis + refit) ≤ {goal:.0f} s", "model": model,
                         "budget": None, "ok": med <= goal,
+                        "fails_when": f"the median over adaptive rows of analysis + refit seconds is above {goal:.0f} s",
                         "detail": f"median {med:.1f} s over {len(secs)} adaptive rows (range {secs[0]:.1f}–"
                                   f"{secs[-1]:.1f} s; {results.get('meta', {}).get('machine', {}).get('torch_threads')}"
                                   " torch threads)"})
@@ -324,7 +346,7 @@ def render(results: dict) -> str:
               "pipeline with S_L = S_base, `torch-pruning` the external baseline (Torch-Pruning's GroupTaylor "
               "importance and BasePruner, uniform, same K stages and recovery), `one-shot` = adaptive with K = 1 "
               "and the same total recovery steps.", "", headline(results), ""]
-    L += _targets_section(results)
+    L += _targets_section(results, fails_when=True)
     L += _quality_section(results)
     L += _speed_section(results)
     L += _cost_section(results)
@@ -414,7 +436,9 @@ def _tp_identity(results) -> str:
     return msg + "."  if same != total else msg
 
 
-def _targets_section(results) -> list[str]:
+def _targets_section(results, fails_when: bool = False) -> list[str]:
+    """The targets' summary (pass / FAIL per target) and every row; `fails_when`: with a column
+    saying what would make each target fail (REPORT.md has it; the README block does not yet)."""
     ts = targets(results)
     if not ts:
         return []
@@ -430,11 +454,12 @@ def _targets_section(results) -> list[str]:
         built = sum(t.get("by_construction", 0) for t in items)
         summary.append([name, f"{n_ok} / {len(judged)}" + (f" ({ties} inside the seed spread)" if ties else "")
                         + (f"; {built} {BY_CONSTRUCTION}" if built else ""),
-                        ("**pass**" if n_ok == len(judged) else "**FAIL**") if judged else "– (nothing to judge)"])
+                        ("**pass**" if n_ok == len(judged) else "**FAIL**") if judged else "– (nothing to judge)"]
+                       + ([items[0].get("fails_when", "–")] if fails_when else []))
     L += ["A comparison whose paired difference is inside the seed spread says so: its sign is not a result. "
           "Rows tied by construction are set aside, not counted as passes: where val chose A = 0, adaptive *is* the "
           "uniform model; a plan with the same widths in every layer is its own same-width reference.", "",
-          _table(["target", "rows passing", "verdict"], summary), ""]
+          _table(["target", "rows passing", "verdict"] + (["fails when"] if fails_when else []), summary), ""]
     rows = [[t["target"], t["model"], f"{t['budget']:.0%}" if t["budget"] is not None else "–", t["detail"],
              _pf(t["ok"]) + (" (tie)" if t.get("tie") else "")
              + (" (tied by construction)" if t["ok"] is None and t.get("by_construction") else "")] for t in ts]

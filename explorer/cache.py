@@ -35,11 +35,14 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import transformers
+from torch.nn.modules import module as torch_module
 
 CACHE_VERSION = 2  # bump whenever what a cached computation returns changes
 FORMAT = "pruning-explorer-cache"
@@ -113,7 +116,6 @@ def weights_digest(model: torch.nn.Module) -> str:
     total = sum(t.numel() * t.element_size() for _, t in items)
     workers = min(4, os.cpu_count() or 1)
     if workers > 1 and total > 32 << 20:
-        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(workers) as ex:
             digests = list(ex.map(one, [t for _, t in items]))
     else:
@@ -136,10 +138,9 @@ def _has_hooks(m: torch.nn.Module) -> bool:
 
 def check_cacheable(model: torch.nn.Module) -> None:
     """Uncacheable when anything besides the weights shapes the forward or backward."""
-    from torch.nn.modules import module as M
     glob = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
             "_global_backward_pre_hooks")
-    if any(getattr(M, n, None) for n in glob):
+    if any(getattr(torch_module, n, None) for n in glob):
         raise Uncacheable("global module hooks are registered")
     for name, m in model.named_modules():
         if _has_hooks(m):
@@ -233,7 +234,6 @@ def data_digest(texts, labels=None) -> str:
 
 
 def versions() -> dict:
-    import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 

@@ -24,5 +24,5 @@ OOM_HINT = ("out of GPU memory: use fewer calibration samples, a smaller batch s
 
 def is_oom(e: BaseException) -> bool:
     """CUDA (or CPU allocator) out-of-memory, whatever the torch version calls it."""
-    import torch
+    import torch  # local: the CLI imports this module before it parses arguments, torch only after
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()

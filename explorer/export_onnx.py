@@ -35,6 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -164,7 +165,7 @@ def _move_into_place(tmp_dir: Path, tmp_file: Path, dest: Path) -> list[Path]:
         os.replace(tmp_file, dest)
         data.unlink(missing_ok=True)  # weights of an earlier, larger export to this path
         return [dest]
-    import onnx
+    import onnx  # local: optional and heavy, needed only to repack a large export's external weights
     proto = onnx.load(str(tmp_file), load_external_data=True)
     packed = tmp_dir / "packed"
     packed.mkdir()
@@ -216,7 +217,7 @@ def export_onnx(lm: LoadedModel, path: str | Path, opset: int = 17) -> dict:
                 raise ExplorerError(f"ONNX export of {lm.name} ({model.config.model_type}) failed: "
                                     f"{_first_line(e)}") from None
         try:
-            import onnx
+            import onnx  # local: optional (without it the file is still written) and heavy
             onnx.checker.check_model(str(tmp_file))  # by path: works with external data too
         except ImportError:
             pass  # the file is still written; check_onnx validates it with onnxruntime
@@ -232,7 +233,7 @@ def export_onnx(lm: LoadedModel, path: str | Path, opset: int = 17) -> dict:
 def _session(path: str | Path, threads: int):
     """An onnxruntime CPU session, or ExplorerError with a one-line reason."""
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # local: optional and heavy, only to check a written file
     except ImportError:
         raise ExplorerError("onnxruntime is not installed: run `pip install onnxruntime` to check ONNX files") from None
     p = Path(path).expanduser()
@@ -272,8 +273,6 @@ def check_onnx(lm: LoadedModel, path: str | Path, texts: list[str], batch_size: 
     to ~35) PyTorch on 1 vs 2 threads already differs by ~7e-4, and onnxruntime's ~6e-4 from
     PyTorch is no worse (both are ~1e-3 from float64). Judge such models by max_rel_diff
     (~2e-5 there) or pass a larger `atol`."""
-    import numpy as np
-
     texts = list(texts)
     if not texts:
         raise ExplorerError("check_onnx needs at least one text")

@@ -62,6 +62,11 @@ from .adapters.gpt2 import GPT2Adapter
 from .adapters.llama import LlamaAdapter
 from .errors import DataError, ExplorerError, ModelError
 
+try:
+    from huggingface_hub.errors import StrictDataclassError  # what transformers' strict configs raise
+except ImportError:  # an older huggingface_hub: the configs raise ValueError
+    StrictDataclassError = ValueError
+
 
 @dataclass
 class HiddenSpec:
@@ -233,10 +238,6 @@ def config_valid(config) -> bool:
     validate = getattr(config, "validate", None)
     if validate is None:
         return True
-    try:
-        from huggingface_hub.errors import StrictDataclassError  # what the strict configs raise
-    except ImportError:  # older huggingface_hub
-        StrictDataclassError = ValueError
     try:
         validate()
     except (ValueError, TypeError, StrictDataclassError):

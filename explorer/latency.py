@@ -48,10 +48,16 @@ from typing import Iterable, Protocol
 import numpy as np
 import torch
 
+from transformers.cache_utils import Cache
+
 from .allocation import Allocation, allocate, validate
 from .config import AllocationConfig
 from .errors import ExplorerError
+from .hidden import fresh_like
 from .models import LoadedModel
+from .surgery import prune_block
+from .surgery import widths as model_widths  # `widths` is the per-layer list predict() takes
+from .timing import random_ids, timed
 
 CACHE_ENV = "PRUNING_EXPLORER_CACHE"
 ENCODER_SHAPE = (32, 128)  # (batch, seq) of an encoder's forward
@@ -230,11 +236,6 @@ def cache_path(sig: dict) -> Path:
     return cache_dir() / f"latency-{sig['model_type']}-{key}.json"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Timer:
     """The samples of one timed thing, taken over interleaved rounds: its first sample starts
     with a warm-up call that also sets how many calls make a sample (enough to last
@@ -249,18 +250,10 @@ class _Timer:
         """`prepare()` makes one call's input, untimed (e.g. a fresh copy of a KV cache)."""
         if self.number is None:
             x = prepare()
-            _sync(self.device)
-            t = time.perf_counter()
-            call(x)
-            _sync(self.device)
-            self.number = max(1, min(64, math.ceil(self.min_sample_s / max(time.perf_counter() - t, 1e-6))))
+            once = timed(lambda: call(x), self.device)
+            self.number = max(1, min(64, math.ceil(self.min_sample_s / max(once, 1e-6))))
         xs = [prepare() for _ in range(self.number)]
-        _sync(self.device)
-        t = time.perf_counter()
-        for x in xs:
-            call(x)
-        _sync(self.device)
-        self.ms.append((time.perf_counter() - t) / self.number * 1000)
+        self.ms.append(timed(lambda: [call(x) for x in xs], self.device) / self.number * 1000)
 
     @property
     def median(self) -> float:
@@ -273,8 +266,6 @@ class _Timer:
 
 def _fresh_caches(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A copy of a call's inputs with every KV cache deep-copied (a decode step appends to it)."""
-    from transformers.cache_utils import Cache
-
     def fresh(v):
         return copy.deepcopy(v) if isinstance(v, Cache) else v
     return tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
@@ -301,7 +292,6 @@ class _Shell:
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) >= SHELL_VOCAB:
                     setattr(cfg, name, None)
-        from .hidden import fresh_like
         self.model = fresh_like(lm, cfg).to(lm.device).eval()  # the model's dtype and (pruned) hidden size
         self.dense_layer = copy.deepcopy(lm.adapter.layers(self.model)[0])
 
@@ -311,16 +301,10 @@ class _Shell:
     def set_widths(self, groups: int, neurons: int) -> None:
         """The block at `groups` KV groups and `neurons` FFN neurons (the first ones), from a
         fresh copy of the dense block when it has to grow back."""
-        from .surgery import prune_block
         b = self.block()
         if b.attn.n_units < groups or b.mlp.n_units < neurons:
             self.lm.adapter.layers(self.model)[0] = copy.deepcopy(self.dense_layer)
         prune_block(self.lm.adapter, self.model, 0, list(range(groups)), list(range(neurons)))
-
-    def _ids(self, batch: int, seq: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        vocab = self.model.config.vocab_size
-        return torch.randint(min(5, vocab - 1), vocab, (batch, seq), generator=g).to(self.lm.device)  # [B, T]
 
     @torch.inference_mode()
     def block_inputs(self, batch: int, seq: int, mode: str) -> tuple[tuple, dict]:
@@ -332,7 +316,7 @@ class _Shell:
         def hook(module, args, kwargs):
             seen["call"] = (args, dict(kwargs))
             raise _Captured
-        ids = self._ids(batch, seq)
+        ids = random_ids(self.model.config.vocab_size, batch, seq, self.lm.device)  # (B, T)
         step = {}
         if mode == "decode":
             out = self.model(input_ids=ids, use_cache=True)
@@ -359,12 +343,6 @@ class _Shell:
 
 
 
-def _random_ids(lm: LoadedModel, batch: int, seq: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    vocab = lm.model.config.vocab_size
-    return torch.randint(min(5, vocab - 1), vocab, (batch, seq), generator=g).to(lm.device)  # [B, T]
-
-
 @torch.inference_mode()
 def time_without_blocks(lm: LoadedModel, batch: int, seq: int, mode: str, timer: _Timer) -> None:
     """One sample of `lm` with its blocks taken out for the measurement (embeddings, final norm,
@@ -372,7 +350,7 @@ def time_without_blocks(lm: LoadedModel, batch: int, seq: int, mode: str, timer:
     model, layers = lm.model, lm.adapter.layers(lm.model)
     cfg = model.config
     saved = (cfg.num_hidden_layers, getattr(cfg, "layer_types", None))
-    ids = _random_ids(lm, batch, 1 if mode == "decode" else seq)
+    ids = random_ids(lm.model.config.vocab_size, batch, 1 if mode == "decode" else seq)
     kw = {"use_cache": False} if mode == "decode" else {"attention_mask": torch.ones_like(ids)}
     try:
         lm.adapter._replace_layers(model, torch.nn.ModuleList())
@@ -392,7 +370,7 @@ def time_model(lm: LoadedModel, batch: int, seq: int, mode: str, timer: _Timer) 
     """One sample of the whole model in the cost model's setting: a forward over batch x seq, or
     one decode step after a prefill of seq tokens (the cache copied before every call)."""
     lm.model.eval()
-    ids = _random_ids(lm, batch, seq)
+    ids = random_ids(lm.model.config.vocab_size, batch, seq)
     if mode == "forward":
         timer.sample(lambda: None, lambda _: lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)))
         return
@@ -431,8 +409,7 @@ def measure(lm: LoadedModel, batch_size: int | None = None, seq_len: int | None 
     model = CostModel(sig, gs, ns, monotone(raw).tolist(), fixed.median, raw.tolist(), spread,
                       _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     if check:
-        from .surgery import widths
-        predicted = model.predict(widths(lm.adapter, lm.model))
+        predicted = model.predict(model_widths(lm.adapter, lm.model))
         model.check = {"measured_ms": whole.median, "measured_spread_ms": whole.spread, "predicted_ms": predicted,
                        "error": predicted / whole.median - 1}
     model.seconds = time.perf_counter() - t0

@@ -47,8 +47,11 @@ from .errors import Cancelled, ExplorerError
 from .importance import Importance
 from .models import LoadedModel
 from .pruning import apply_allocation, cpu_snapshot, plan_keeps
+from .latency import plan_flops
+from .latency import predict as predict_cost  # a cost model's ms / FLOPs for per-layer widths
 from .reconstruct import _forward_block, _refit_group, capture_inputs, reconstruct
-from .surgery import prune_block
+from .scores import average_ranks
+from .surgery import prune_block, widths
 
 PREDICTOR_VERSION = 2
 
@@ -249,10 +252,12 @@ def fit_alpha(checks: list[dict]) -> float:
 
 
 def spearman(a, b) -> float:
-    """Spearman's rank correlation (ties averaged)."""
-    from scipy.stats import spearmanr
-    r = spearmanr(a, b).statistic
-    return float(r) if np.isfinite(r) else 0.0
+    """Spearman's rank correlation: Pearson's r of the average ranks (ties share their mean rank);
+    0 when either side is constant (no order to agree with) or has fewer than two values."""
+    ra, rb = average_ranks(a), average_ranks(b)  # (n,) each
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def plan_sparsity(alloc: Allocation) -> list[float]:
@@ -277,7 +282,6 @@ class Recipe:
 
     def signature(self, lm: LoadedModel, data: TextData) -> dict:
         """Everything the measurement depends on (the cache key is its hash)."""
-        from .surgery import widths
         a, al, p = self.analysis, self.allocation, self.prune
         return {"model": lm.name, "task": lm.task, "dtype": str(next(lm.model.parameters()).dtype),
                 "widths": [[w["groups"], w["neurons"]] for w in widths(lm.adapter, lm.model)],
@@ -336,7 +340,6 @@ def save_cached(pred: Predictor) -> pathlib.Path | None:
 def check_fits(pred: Predictor, lm: LoadedModel, data: TextData) -> None:
     """A predictor measured on another model or other data is refused with a message."""
     s = pred.settings
-    from .surgery import widths
     here = [[w["groups"], w["neurons"]] for w in widths(lm.adapter, lm.model)]
     if s.get("model") != lm.name or s.get("widths") != here:
         raise ExplorerError(f"this predictor was measured on '{s.get('model')}' with other widths: measure it "
@@ -516,9 +519,8 @@ def run_plan(lm: LoadedModel, data: TextData, imp: Importance, recipe: Recipe, l
 def plan_speedup(alloc: Allocation, structure: list[dict], head_dim: int, latency=None) -> float:
     """A plan's predicted speed-up over its full widths: by the latency cost model when there is one
     (explorer.latency.cost_model), else the blocks' forward FLOPs, dense ÷ plan."""
-    from .latency import plan_flops, predict
     if latency is not None:
-        return predict(latency, [(lp.groups, lp.neurons) for lp in alloc.layers]) / predict(
+        return predict_cost(latency, [(lp.groups, lp.neurons) for lp in alloc.layers]) / predict_cost(
             latency, [(lp.keep_groups, lp.keep_neurons) for lp in alloc.layers])
     before, after = plan_flops(alloc, structure, head_dim)
     return before / after

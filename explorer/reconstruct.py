@@ -352,7 +352,8 @@ def capture_inputs(lm: LoadedModel, texts: list[str], batch_size: int, max_lengt
     return inp
 
 
-def _first(x):
+def block_output(x):
+    """A block's hidden states from what its forward returns: the tensor, or a tuple's first element."""
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
@@ -420,7 +421,7 @@ def _forward_block(layer: nn.Module, inp: BlockInputs, collect: UnitGroup | None
             if collect is not None:
                 cur["mask"], cur["held"] = inp.masks[i], inp.held[i]
             try:
-                out = _first(layer(*inp.args[i], **inp.kwargs[i]))
+                out = block_output(layer(*inp.args[i], **inp.kwargs[i]))
             except _Caught:
                 continue
             if replay is not None:

@@ -8,7 +8,7 @@ autograd graph: peak memory is the weights, the activation cache and one block's
 on one batch.
 
 The scores are the forward-only ones, computed exactly as `importance.analyze` defines them
-(the same `_Recorder` hooks and `collect` reductions, so the numbers agree to float32
+(the same `scores.Recorder` hooks and `scores.collect` reductions, so the numbers agree to float32
 rounding): cosine layer importance (block, attention, MLP), magnitude_l1, magnitude_l2 and
 fluctuation (FLAP, activation-based). The gradient metrics (taylor, fisher, act_grad, apt,
 taylor_vector) need the whole model's backward: whole-model `analyze()` offers them where the
@@ -30,9 +30,9 @@ import torch
 
 from .config import LABEL_FREE_METRICS, AnalysisConfig
 from .errors import Cancelled, ExplorerError
-from .importance import MAX_LM_BATCH_TOKENS, Importance, _Recorder, collect
 from .models import LoadedModel
-from .reconstruct import _first, capture_inputs
+from .reconstruct import block_output, capture_inputs
+from .scores import MAX_LM_BATCH_TOKENS, Importance, Recorder, collect
 
 STREAMED_METRICS = LABEL_FREE_METRICS  # magnitude_l1, magnitude_l2, fluctuation (and cosine importance)
 
@@ -68,7 +68,7 @@ def analyze_streamed(lm: LoadedModel, texts: list[str], labels: list[int] | None
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    rec = _Recorder(lm, blocks, grads=False, apt=False, fluctuation=True)
+    rec = Recorder(lm, blocks, grads=False, apt=False, fluctuation=True)
     try:
         with torch.no_grad():
             # embeddings once: the first block's inputs (hidden states and kwargs) per batch
@@ -82,7 +82,7 @@ def analyze_streamed(lm: LoadedModel, texts: list[str], labels: list[int] | None
                 last = i == n_layers - 1
                 for j in range(len(inp.args)):
                     rec.mask = inp.masks[j].float()  # what the hooks weight tokens with
-                    out = _first(layer(*inp.args[j], **inp.kwargs[j]))
+                    out = block_output(layer(*inp.args[j], **inp.kwargs[j]))
                     if not last:
                         inp.set_hidden(j, out.detach())  # the cache moves on to block i's outputs
                     del out

@@ -316,3 +316,89 @@ def test_decode_bench_smoke(tmp_path):
     assert lm["rows"][1]["params"] < lm["rows"][0]["params"]
     assert all(r["latency_b32x128_ms"] > 0 and r["onnx"]["max_abs_diff"] < 1e-4 for r in enc["rows"])
     assert "decode tok/s b1" in (tmp_path / "DECODE.md").read_text()
+
+
+# --- every target can fail --------------------------------------------------------------------------
+
+def _failing_results() -> dict:
+    """One result per target of bench.report that meets its failure condition."""
+    def q(method, mean, **kw):
+        return {"model": "m", "budget": 0.2, "method": method, "metric": "accuracy", "mean": mean, "std": 0.0,
+                "seeds": [0, 1], **kw}
+
+    def recon(method, seed, value, budget, metric, rec=None, amplitude=None, seconds=1.0):
+        r = {"method": method, "budget": budget, "seed": seed, "recon": {metric: value}, "cut": {metric: value},
+             "recon_seconds": seconds, "analysis_seconds": seconds, "block_params": 40}
+        if rec is not None:
+            r["recovered"], r["recovery"] = {metric: rec}, {"seconds": 1.0, "steps": 4}
+        if amplitude is not None:
+            r["amplitude"] = amplitude
+        return r
+    acc_rows = [recon("adaptive", s, 0.70, 0.4, "accuracy", amplitude=0.05, seconds=10.0) for s in (0, 1)]
+    acc_rows += [recon(m, s, 0.80 + 0.01 * s, 0.4, "accuracy") for m in ("uniform", "torch-pruning", "flap",
+                                                                         "flap+refit") for s in (0, 1)]
+    ppl_rows = [recon("adaptive", s, 14.0, 0.2, "perplexity", rec=12.0, seconds=40.0) for s in (0, 1)]
+    return {
+        "quality": [q("adaptive", 0.70, amplitude=0.05), q("uniform", 0.80), q("torch-pruning", 0.80),
+                    q("torch-pruning-magnitude", 0.80)],
+        "speed": [_speed_row("adaptive", [1, 3, 2], [30, 50, 40], 0.84)],
+        "analysis_cost": [{"model": "m", "samples": 32, "ratio": 1.6, "analysis_s": 1.6, "forward_backward_s": 1.0}],
+        "recon": [{"model": "minilm-rt", "task": "classification", "dense": {"accuracy": 0.83}, "rows": acc_rows,
+                   "block_params_dense": 100, "case": {}},
+                  {"model": "smollm2-135m", "task": "causal-lm", "dense": {"perplexity": 10.0}, "rows": ppl_rows,
+                   "block_params_dense": 100, "case": {}}],
+        "meta": {}}
+
+
+def test_every_target_states_what_fails_it_and_fails_on_such_a_result():
+    """Each target of REPORT.md, given a result that meets the condition it states under "fails when",
+    is judged a failure (ok False, and **FAIL** in the summary): none of them passes by construction."""
+    from bench.report import _targets_section, targets
+    got = targets(_failing_results())
+    names = {t["target"] for t in got}
+    assert names == {
+        "adaptive ≥ uniform", "adaptive ≥ Torch-Pruning", "adaptive ≥ Torch-Pruning (magnitude)",
+        "speed-up ≥ 85 % of the same-width limit", "analysis ≤ 1.5x forward+backward",
+        "adaptive ≥ uniform (reconstructed)", "adaptive ≥ torch-pruning (reconstructed)",
+        "adaptive ≥ flap (reconstructed)", "adaptive ≥ flap+refit (reconstructed)",
+        "adaptive ≥ 0.99x dense (best of recon / recovered)", "a reconstructed stage (analysis + refit) ≤ 10 s",
+        "adaptive ≤ 1.30x dense (reconstruction)", "adaptive ≤ 1.15x dense (reconstruction + recovery)",
+        "a reconstructed stage (analysis + refit) ≤ 60 s"}
+    for t in got:
+        assert t["ok"] is False, t
+        assert t["fails_when"], t["target"]
+    section = "\n".join(_targets_section(_failing_results(), fails_when=True))
+    summary = section.split("<details>")[0].splitlines()
+    summary = summary[summary.index("| target | rows passing | verdict | fails when |") + 2:]
+    summary = [line for line in summary if line.startswith("| ")]
+    assert len(summary) == len(names) and all("| **FAIL** |" in line for line in summary), summary
+    assert "| target | rows passing | verdict |\n" in "\n".join(_targets_section(_failing_results()))  # README
+
+
+def test_a_methods_claim_fails_only_beyond_the_seed_spread():
+    """bench.methods_goals: a claim "better ≥ worse" fails when better is worse on every seed by more than
+    the spread; a difference inside the spread is no result either way; the report states the rule."""
+    from bench.methods_goals import FAILS_WHEN, aggregate, paired, render
+
+    def row(method, seed, test):
+        return {"model": "minilm-rt", "method": method, "budget": 0.5, "seed": seed, "test": test, "stages": 2,
+                "recovery_steps_per_stage": 10, "recovery": "lora", "amplitude": 0.05, "structural": True,
+                "removed_fraction": 0.5, "recovery_steps_run": 20, "seconds": 1.0}
+    worse = aggregate([row("apt", s, 0.70 + 0.001 * s) for s in range(3)]
+                      + [row("adaptive", s, 0.80 + 0.001 * s) for s in range(3)])
+    assert paired(worse, "apt", "adaptive", 0.5)["reading"] == "fails"
+    noisy = aggregate([row("apt", s, a) for s, a in enumerate((0.70, 0.90, 0.78))]
+                      + [row("adaptive", s, 0.80) for s in range(3)])
+    assert paired(noisy, "apt", "adaptive", 0.5)["reading"] == "no difference shown"
+    one_seed = aggregate([row("apt", 0, 0.5), row("adaptive", 0, 0.8)])
+    assert paired(one_seed, "apt", "adaptive", 0.5)["reading"] == "no difference shown"  # no spread to judge by
+    better = aggregate([row("apt", s, 0.90 + 0.001 * s) for s in range(3)]
+                       + [row("adaptive", s, 0.80) for s in range(3)])
+    assert paired(better, "apt", "adaptive", 0.5)["reading"] == "holds"
+    doc = {"meta": {"dense": 0.83, "model": "minilm-rt", "test_examples": 1000, "calib_samples": 64,
+                    "machine": {"cpu": "c"}, "date": "d", "seconds": 60, "load_before": [1], "load_after": [1]},
+           "rows": [row("apt", s, 0.70 + 0.001 * s) for s in range(3)]
+           + [row("adaptive", s, 0.80 + 0.001 * s) for s in range(3)]}
+    text = render(doc)
+    assert FAILS_WHEN[1:] in text and "| apt ≥ adaptive | 50% | 3 | -0.1000 ± 0.0000 | **fails**, beyond the spread |" \
+        in text

@@ -283,7 +283,7 @@ def test_fluctuation_variance_is_exact_in_float32_for_offset_activations():
     returns noise larger than the variance itself; per-batch centring with Chan's merge stays within
     a fraction of a percent in float32 (the means are only known to float32's 6e-5 at 1000), so the
     fluctuation statistics need no float64 on the device."""
-    from explorer.importance import _fluct_sums
+    from explorer.scores import _fluct_sums
     g = torch.Generator().manual_seed(0)
     st, xs = {}, []
     for _ in range(5):
@@ -313,6 +313,8 @@ def test_float64_model_runs_and_stays_float64():
 
 LIB = os.path.dirname(os.path.abspath(explorer.__file__)) + os.sep
 PLUMBING = tuple(os.path.join(os.path.dirname(torch.__file__), f) for f in ("overrides.py", "_tensor.py"))
+# The analysis pass: the whole-model loop (importance.py) and the hooks and reductions both passes share (scores.py).
+ANALYSIS_FILES = ("importance.py", "scores.py")
 FACTORIES = {"zeros", "ones", "full", "empty", "arange", "tensor", "as_tensor", "eye", "linspace", "rand", "randn",
              "randint", "randperm"}
 
@@ -328,7 +330,7 @@ class Watch(TorchFunctionMode):
     misplace a tensor on an accelerator: a factory without `device=` (it lands on the CPU),
     `.numpy()` of a tensor the library never moved with `.cpu()` / `.to("cpu")` (fails on a GPU), and
     in the analysis a float64 tensor made from non-float64 ones anywhere but in its one move to
-    the CPU (`_cpu64`). Tensors computed from moved ones count as moved."""
+    the CPU (`scores.to_cpu64`). Tensors computed from moved ones count as moved."""
 
     def __init__(self):
         super().__init__()
@@ -362,7 +364,7 @@ class Watch(TorchFunctionMode):
             self.problems.add(f"{where}: torch.{name} without device=")
         if name == "numpy" and tensors and not self._is_host(tensors[0]):
             self.problems.add(f"{where}: .numpy() of a tensor that was never moved to the CPU")
-        if (f.f_code.co_filename.endswith("importance.py") and f.f_code.co_name != "_cpu64"
+        if (f.f_code.co_filename.endswith(ANALYSIS_FILES) and f.f_code.co_name != "to_cpu64"
                 and isinstance(out, torch.Tensor) and out.dtype == torch.float64
                 and not any(t.dtype == torch.float64 for t in tensors)):
             self.problems.add(f"{where}: float64 {name} inside the analysis (before the move to the CPU)")

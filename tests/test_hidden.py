@@ -330,11 +330,20 @@ def test_pruning_run_works_on_a_hidden_pruned_model():
     lm = tiny_lm("llama")
     data = tiny_data()
     prune_hidden_fraction(lm, 0.25, data.texts["train"][:16])
+    before = widths(lm.adapter, lm.model)
     run = PruningRun(lm, data, AnalysisConfig(samples=8, batch_size=4), AllocationConfig(target=0.3, amplitude=0.2),
                      PruneConfig(stages=1, recovery="none"), timing=False)
     run.run()
     assert run.status == "done", run.error
+    r = run.records[0]
+    after = widths(lm.adapter, lm.model)
+    # the stage removed its 30 % of the block parameters as they are after the hidden cut
+    assert abs(r.removed_fraction - 0.3) < 0.03
+    assert sum(w["params"] for w in after) == r.block_params < sum(w["params"] for w in before)
     assert lm.model.config.hidden_size == 36
+    batch = {k: v for k, v in lm.encode(data.texts["val"][:2]).items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(**batch).logits).all()  # (2, T, vocab): the cut model still runs
 
 
 @pytest.mark.parametrize("name", ["llama", "bert"])

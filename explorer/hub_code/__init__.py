@@ -22,6 +22,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import transformers
+from transformers import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
 HERE = Path(__file__).resolve().parent
 CONFIG_FILE, MODELING_FILE = "configuration_pruned.py", "modeling_pruned.py"
 FILES = (CONFIG_FILE, MODELING_FILE)
@@ -58,8 +62,6 @@ def pruned_fields(lm, layers: list[dict], hidden: dict | None) -> dict:
 
 def _classes(lm) -> tuple[str, dict[str, str]]:
     """(config class name of the base, {auto class: transformers model class name}) for `lm`."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
     base_type = lm.model.config.model_type
     models = {AUTO_CLASSES[lm.task]: type(lm.model).__name__}
     models.setdefault("AutoModel", MODEL_MAPPING_NAMES[base_type])  # the bare encoder / decoder of the same weights
@@ -75,8 +77,6 @@ def write_remote_code(directory: str | Path, lm, layers: list[dict], hidden: dic
     `save_pretrained`) and rewrite its config.json to use them. Returns what the model card and
     the plan file say about it: {"files", "auto_map", "model_type", "min_transformers",
     "written_with_transformers"}."""
-    import transformers
-
     directory = Path(directory)
     base_config, models = _classes(lm)
     config_cls = "Pruned" + base_config
@@ -108,8 +108,6 @@ def base_config(path: str | Path):
     """The config of a directory written by `write_remote_code`, as the base architecture's own
     config class at the unpruned widths, read from config.json without running the directory's
     code; None for any other directory."""
-    from transformers import CONFIG_MAPPING
-
     d = json.loads((Path(path) / "config.json").read_text())
     if not is_pruned_config(d):
         return None

@@ -14,7 +14,11 @@ safetensors weights load as usual.
 """
 import contextlib
 
+import transformers
 from torch import nn
+from transformers import AutoModel
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
 
 
 @contextlib.contextmanager
@@ -24,7 +28,6 @@ def _unpruned_build(config):
     BERT, DistilBERT and GPT-2, one head per layer, since their layers check that the hidden size
     is a multiple of the head count, which a pruned hidden size need not be (the head size here
     is `pruned_head_dim`, not hidden / heads)."""
-    from transformers.utils import logging
     if getattr(config, "is_heterogeneous", False) and config.allow_global_per_layer_attribute_access:
         yield  # an outer build (a classifier around this base model) already allows it
     elif getattr(config, "is_heterogeneous", False):
@@ -56,13 +59,11 @@ def _linear(old, n_in, n_out):
 
 def _conv1d(old, n_in, n_out):
     """GPT-2's Conv1D (weight (in, out)) like `old`, of another shape."""
-    from transformers.pytorch_utils import Conv1D
     return Conv1D(n_out, n_in).to(device=old.weight.device, dtype=old.weight.dtype)
 
 
 def _llama_layers(model, config):
     if not hasattr(type(config), "per_layer_config"):
-        import transformers
         raise ImportError(f"this model's layers are described by transformers' per_layer_config, which "
                           f"transformers {transformers.__version__} lacks: install transformers >= 5.25")
     base = model.base_model
@@ -135,7 +136,6 @@ class PrunedModelMixin:
         if BASE_MODEL is not None and type(self) is not BASE_MODEL:
             # transformers' generic classifiers (LLaMA family) build their base model with
             # AutoModel.from_config(config): for this config class (only), that is the pruned one
-            from transformers import AutoModel
             AutoModel.register(type(config), BASE_MODEL, exist_ok=True)
         with _unpruned_build(config):
             super().__init__(config, *args, **kwargs)

@@ -81,7 +81,7 @@ def tpe_search(objective: Callable[[dict], float], space: dict[str, tuple], tria
     """Minimise `objective(params)` with Optuna's TPE sampler (seeded); yields one "trial"
     event per trial. `space`: name -> ("int", lo, hi) | ("float", lo, hi) (inclusive) |
     ("cat", choices) (an unordered choice: optuna's CategoricalDistribution)."""
-    import optuna
+    import optuna  # local: optional and slow to import, only AdaPruner's search needs it
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
