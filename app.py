@@ -31,20 +31,25 @@ from explorer.sessions import KEEP_RUNS  # noqa: E402
 from ui.handlers import ExplorerApp  # noqa: E402,F401  (tests and bench import it from here)
 from ui.outputs import (AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut,  # noqa: E402
                         NormalizationOut, PredictOut, RunOut)
+from ui.settings import (ADVANCED_NAMES, METHOD_NAMES, AdvancedSettings, AllocationSettings,  # noqa: E402
+                         takes_settings)
 from ui.views import (ADVANCED, EDITABLE, PREDICT_FIELDS, SEARCH_FIELDS, EVAL_EXAMPLES, EVAL_TOKENS, EXPORT_FORMATS, EXPORT_ZIP,  # noqa: E402,F401
                       METHOD_OPTION_CLASSES, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, TABLE_COLUMNS, fresh_views, is_loopback, loading_status,
-                      model_summary, task_defaults)
+                      method_note, model_summary, task_defaults)
 
 PRUNE_METHODS = [m for m in METHODS if m != "uniform"]  # uniform is the Allocation tab's mode, chosen there only
-METHOD_OPTIONS_NOTE = {m: f"**{m}**: {METHODS[m].description}." + ("" if m in METHOD_OPTIONS else
-                                                                   " It has no options of its own.")
-                       for m in PRUNE_METHODS}
+# the page component of each field of ui.settings.AllocationSettings (the Allocation tab's controls)
+ALLOCATION_CONTROLS = {"target": "target_in", "amplitude": "amp_in", "mode": "mode_in", "max_sparsity": "smax_in",
+                       "round_to": "round_in", "split": "split_in", "normalization": "norm_in", "budget": "budget_in",
+                       "speedup": "speedup_in"}
+assert list(ALLOCATION_CONTROLS) == [f.name for f in fields(AllocationSettings)]
 
 
-def method_options_shown(method: str) -> list:
-    """The chosen method's description, and its group of option controls visible (the others hidden)."""
+def method_options_shown(method: str, *options) -> list:
+    """The chosen method's description (with its options' values now), and its group of option controls
+    visible (the others hidden)."""
     cls = METHOD_OPTIONS.get(method)
-    return [METHOD_OPTIONS_NOTE.get(method, ""), gr.update(visible=method == "adapruner"),
+    return [method_note(method, options), gr.update(visible=method == "adapruner"),
             *(gr.update(visible=c is cls) for c in METHOD_OPTION_CLASSES)]
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
@@ -256,15 +261,18 @@ def prune_tab(page, fresh: dict, recovery: str):
                                          info=f"val examples (accuracy) / tokens (perplexity) per stage; 0: "
                                               f"{EVAL_EXAMPLES} examples / {EVAL_TOKENS} tokens (the whole split "
                                               "when smaller)")
-                page.timing_in = gr.Checkbox(True, label="Measure latency (batch 32 × 128 tokens; LMs also decode "
-                                             "speed)", elem_id="timing-input")
+                page.timing_in = gr.Checkbox(False, label="Measure latency (batch 32 × 128 tokens; LMs also decode "
+                                             "speed)", elem_id="timing-input",
+                                             info="off (the default): quality only, the quick look; on: the dense "
+                                                  "model is timed once per loaded model (then reused) and every "
+                                                  "stage after it, which on a CPU takes longer than the quality")
         with gr.Accordion("Advanced: every other setting of the run", open=False):
             page.adv_in = []
             for i in range(0, len(ADVANCED), 4):
                 with gr.Row():
                     page.adv_in += [config_control(cls, name) for cls, name in ADVANCED[i:i + 4]]
         with gr.Accordion("Method options", open=False, elem_id="method-options"):
-            page.method_md = gr.Markdown(METHOD_OPTIONS_NOTE["adaptive"], elem_id="method-options-note")
+            page.method_md = gr.Markdown(method_note("adaptive"), elem_id="method-options-note")
             page.method_groups, page.opt_in = [], []
             for cls in METHOD_OPTION_CLASSES:
                 with gr.Group(visible=False) as group:
@@ -281,7 +289,8 @@ def prune_tab(page, fresh: dict, recovery: str):
         page.run_status = gr.Markdown(fresh["run_status"], elem_classes="status-line", elem_id="run-status")
         with gr.Row():
             page.quality_plot = gr.Plot(fresh["quality_plot"], label="Quality", elem_id="quality-plot")
-            page.loss_plot = gr.Plot(fresh["loss_plot"], label="Recovery loss", elem_id="loss-plot")
+            page.loss_plot = gr.Plot(fresh["loss_plot"], label="Recovery (training loss, or the reconstruction)",
+                                    elem_id="loss-plot")
         page.search_plot = gr.Plot(fresh["search_plot"], label="Search curve (AdaPruner's trials)", visible=False,
                                    elem_id="search-plot")
         with gr.Row():
@@ -334,47 +343,60 @@ def outputs(page, named) -> list:
 
 
 def wire(app: ExplorerApp, page, demo: gr.Blocks) -> None:
-    """Which handler each event calls. The named endpoints (api_name) are the programmable API;
-    UI plumbing is private."""
+    """Which handler each event calls. The named endpoints (api_name) are the programmable API, every
+    parameter under its own name; UI plumbing is private. The Allocation tab's controls reach a handler
+    as one value (`alloc`, ui.settings.AllocationSettings), the run's Advanced accordion and Method
+    options as another (`advanced`): each control is passed by name (`inputs_kwargs`), and
+    `takes_settings` gathers them."""
     private = {"api_visibility": "private"}
     quiet = {"concurrency_limit": None, "show_progress": "hidden", **private}  # redraws: instant, never queued
-    alloc_six = [page.target_in, page.amp_in, page.mode_in, page.smax_in, page.round_in, page.split_in]
-    alloc_more = [page.norm_in, page.budget_in, page.speedup_in]  # handlers take these after the request
-    alloc_in = alloc_six + alloc_more
+    alloc = {name: getattr(page, attr) for name, attr in ALLOCATION_CONTROLS.items()}
+    advanced = dict(zip(ADVANCED_NAMES + METHOD_NAMES, page.adv_in + page.opt_in))
+    with_alloc = {name: takes_settings(getattr(app, name), alloc=AllocationSettings)
+                  for name in ("on_importance", "on_allocation", "on_normalization", "on_table_edit",
+                               "on_reset_manual", "on_predict", "on_search", "on_prune_plan")}
+    run = takes_settings(app.on_run, alloc=AllocationSettings, advanced=AdvancedSettings)
 
     demo.load(app.on_page_load, None, [page.summary, page.load_status], **private)
     page.load_btn.click(loading_status, page.model_in, page.load_status, show_progress="hidden", **private).then(
         app.on_load, [page.model_in, page.task_in, page.data_in, page.upload, page.text_col, page.label_col],
         outputs(page, LoadOut), api_name="load")
 
-    page.imp_btn.click(app.on_importance, [page.metric_in, page.samples_in, page.batch_in, *alloc_in],
-                       outputs(page, ImportanceOut), api_name="analyze")
+    page.imp_btn.click(with_alloc["on_importance"], [page.metric_in, page.samples_in, page.batch_in],
+                       outputs(page, ImportanceOut), inputs_kwargs=alloc, api_name="analyze")
     page.imp_stop_btn.click(app.on_stop_button, None, None, **quiet)
     gr.api(app.analysis_json, api_name="analysis_json")
 
-    for comp in alloc_six + [page.speedup_in]:
-        comp.change(app.on_allocation, alloc_in, outputs(page, AllocationOut), **quiet)
-    page.budget_in.change(app.on_allocation, alloc_in, outputs(page, AllocationOut), show_progress="minimal",
-                          **private)  # latency: the cost model may be measured first (half a minute)
-    page.norm_in.change(app.on_normalization, alloc_in, outputs(page, NormalizationOut), **quiet)
-    page.alloc_table.input(app.on_table_edit, [page.alloc_table, *alloc_in], outputs(page, AllocationOut), **quiet)
-    page.reset_btn.click(app.on_reset_manual, alloc_in, outputs(page, AllocationOut), **quiet)
-    page.predict_btn.click(app.on_predict, [page.recovery_in, *alloc_in, *page.predict_cfg_in],
-                           outputs(page, PredictOut), show_progress="minimal", api_name="predict")
-    page.search_btn.click(app.on_search, [*alloc_six, page.gens_in, *alloc_more, *page.search_cfg_in],
-                          outputs(page, PredictOut), show_progress="minimal", api_name="search")
+    for name, comp in alloc.items():
+        if name == "budget":  # latency: the cost model may be measured first (half a minute)
+            comp.change(with_alloc["on_allocation"], [], outputs(page, AllocationOut), inputs_kwargs=alloc,
+                        show_progress="minimal", **private)
+        elif name == "normalization":
+            comp.change(with_alloc["on_normalization"], [], outputs(page, NormalizationOut), inputs_kwargs=alloc,
+                        **quiet)
+        else:
+            comp.change(with_alloc["on_allocation"], [], outputs(page, AllocationOut), inputs_kwargs=alloc, **quiet)
+    page.alloc_table.input(with_alloc["on_table_edit"], [page.alloc_table], outputs(page, AllocationOut),
+                           inputs_kwargs=alloc, **quiet)
+    page.reset_btn.click(with_alloc["on_reset_manual"], [], outputs(page, AllocationOut), inputs_kwargs=alloc, **quiet)
+    page.predict_btn.click(with_alloc["on_predict"], [page.recovery_in, *page.predict_cfg_in], outputs(page, PredictOut),
+                           inputs_kwargs=alloc, show_progress="minimal", api_name="predict")
+    page.search_btn.click(with_alloc["on_search"], [page.gens_in, *page.search_cfg_in], outputs(page, PredictOut),
+                          inputs_kwargs=alloc, show_progress="minimal", api_name="search")
     page.predict_stop_btn.click(app.on_stop_button, None, None, **quiet)
     gr.api(app.plan_json, api_name="plan_json")
     gr.api(app.allocate_json, api_name="allocate")
 
     for trigger in (page.prune_tab.select, page.method_in.change):
-        trigger(app.on_prune_plan, [page.method_in, *alloc_in], page.plan_md, show_progress="hidden", **private)
-    page.method_in.change(method_options_shown, page.method_in, [page.method_md, page.search_plot, *page.method_groups],
-                          show_progress="hidden", **private)
-    page.run_btn.click(app.on_run, [page.stages_in, page.recovery_in, page.steps_in, page.method_in, *alloc_six,
-                                    page.metric_in, page.samples_in, page.eval_in, page.timing_in, *alloc_more,
-                                    *page.adv_in, *page.opt_in],
-                       outputs(page, RunOut), show_progress="minimal", api_name="run")
+        trigger(with_alloc["on_prune_plan"], [page.method_in], page.plan_md, inputs_kwargs=alloc,
+                show_progress="hidden", **private)
+    for trigger in (page.method_in.change, *(c.change for c in page.opt_in)):  # the note says the options' values
+        trigger(method_options_shown, [page.method_in, *page.opt_in],
+                [page.method_md, page.search_plot, *page.method_groups], show_progress="hidden", **private)
+    page.run_btn.click(run, [page.stages_in, page.recovery_in, page.steps_in, page.method_in, page.metric_in,
+                             page.samples_in, page.eval_in, page.timing_in],
+                       outputs(page, RunOut), inputs_kwargs={**alloc, **advanced}, show_progress="minimal",
+                       api_name="run")
     page.stop_btn.click(app.on_stop_button, None, None, **quiet)
     gr.api(app.on_stop, api_name="stop", concurrency_limit=None)  # the same, answering in words, never queued
     page.test_btn.click(app.on_test, None, page.run_status, api_name="test")

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     sys.argv = ["app.py"]
     sys.path.insert(0, str(ROOT))
     import app as A
+    from ui.settings import AllocationSettings
     t_start = time.perf_counter()
     meta = {"machine": machine(), "load_before": common.load_average(), "model": args.model, "tabs": args.tabs,
             "samples": args.samples, "eval_n": args.eval_n,
@@ -56,16 +57,16 @@ def main(argv=None) -> int:
         raise SystemExit(ui.startup_error)
     steps.append(("model loaded", *rss_gb()))
     log(f"loaded {args.model}: RSS {steps[-1][1]:.2f} GiB")
-    alloc = (0.2, 0.05, "exact", 0.95, 1, "salience")
+    alloc = AllocationSettings(0.2, 0.05, "exact", 0.95, 1, "salience")
     for tab in range(1, args.tabs + 1):
         r = _Request(f"tab-{tab}")
         ui.on_page_load(r)
         steps.append((f"tab {tab} opened", *rss_gb()))
-        status = ui.on_importance("taylor", args.samples, 8, *alloc, r).imp_status
+        status = ui.on_importance("taylor", args.samples, 8, alloc, r).imp_status
         assert status.startswith("Importance from"), status
         steps.append((f"tab {tab}: importance", *rss_gb()))
         last = None
-        for last in ui.on_run(1, "reconstruct", 0, "adaptive", *alloc, "taylor", args.samples, args.eval_n, False, r):
+        for last in ui.on_run(1, "reconstruct", 0, "adaptive", "taylor", args.samples, args.eval_n, False, alloc, r):
             pass
         assert last is not None and str(last.run_status).startswith("Done"), last.run_status
         steps.append((f"tab {tab}: pruned (1 stage, reconstruct)", *rss_gb()))

@@ -25,12 +25,11 @@ class _Request:
 def timed_run(app, recovery: str) -> list[tuple[float, str]]:
     """(seconds since the click, status line) for every status the run shows."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from app_helpers import ALLOC
-    a = {**ALLOC, "target": 0.2, "amplitude": 0.05}
+    from app_helpers import alloc
     t0 = time.perf_counter()
     out = []
-    for o in app.on_run(1, recovery, 10, "adaptive", a["target"], a["amplitude"], a["mode"],
-                        a["max_sparsity"], a["round_to"], a["split"], "taylor", 64, 0, True, _Request()):
+    for o in app.on_run(1, recovery, 10, "adaptive", "taylor", 64, 0, True, alloc(target=0.2, amplitude=0.05),
+                        _Request()):
         if isinstance(o.run_status, str):
             out.append((time.perf_counter() - t0, o.run_status))
     return out

@@ -7,6 +7,7 @@ charts can be drawn from a saved report.
 from __future__ import annotations
 
 import html
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -42,10 +43,23 @@ LEGEND_TOP = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0)  # clear of subplot titles
 
 
-def _layout(fig: go.Figure, title: str, height: int = HEIGHT, legend_below: bool = False, **kw) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=15)), height=height + (40 if legend_below else 0),
-                      margin=dict(l=60, r=20, t=60, b=90 if legend_below else 50), hovermode="closest",
-                      legend=LEGEND_BELOW if legend_below else LEGEND_TOP, **kw)
+SUBTITLE_CHARS = 80  # a subtitle line at 11 px fits a half-width chart (≈ 600 px) at this many characters
+
+
+def _layout(fig: go.Figure, title: str, height: int = HEIGHT, legend_below: bool = False,
+            subtitle: str | Sequence[str] = "", **kw) -> go.Figure:
+    """Title (one short line), an optional smaller subtitle (a text, or lines) wrapped to fit, legend,
+    margins, height."""
+    lines = [w for part in ([subtitle] if isinstance(subtitle, str) else subtitle) if part
+             for w in textwrap.wrap(part, SUBTITLE_CHARS)]
+    text = title + "".join(f"<br><span style='font-size:11px'>{html.escape(line, quote=False)}</span>"
+                           for line in lines)
+    top = 60 + 15 * len(lines)
+    fig.update_layout(title=dict(text=text, x=0.01, y=0.98, yanchor="top", font=dict(size=15)),
+                      height=height + (40 if legend_below else 0) + top - 60,
+                      margin=dict(l=60, r=20, t=top + (20 if lines and not legend_below else 0),
+                                  b=90 if legend_below else 50),
+                      hovermode="closest", legend=LEGEND_BELOW if legend_below else LEGEND_TOP, **kw)
     return fig
 
 
@@ -190,6 +204,9 @@ def neurons_heatmap(neurons: Sequence[Sequence[float]], metric: str = "", bins: 
 
 # --- allocation ---------------------------------------------------------------------------
 
+DIFF_MORE, DIFF_LESS = "adaptive − uniform > 0", "adaptive − uniform < 0"  # red / green in every chart
+
+
 def allocation_chart(adaptive: Sequence[float], uniform: Sequence[float], target: float,
                      clipped: Sequence[bool] = (), manual: Sequence[bool] = (),
                      normalized: Sequence[float] | None = None, title: str = "") -> go.Figure:
@@ -229,9 +246,11 @@ def allocation_chart(adaptive: Sequence[float], uniform: Sequence[float], target
     diff = [a - float(u) for a, u in zip(ad, uniform)]
     if any(abs(d) > 1e-9 for d in diff):
         span = max(abs(d) for d in diff)
-        data.append({"type": "bar", "x": layers, "y": diff, "name": "adaptive − uniform", "yaxis": "y3",
-                     "marker": {"color": [RED if d > 0 else GREEN for d in diff]},
-                     "hovertemplate": "layer %{x}<br>S_L − S_base = %{y:+.3f}<extra></extra>"})
+        for name, colour, keep in ((DIFF_MORE, RED, lambda d: d > 0), (DIFF_LESS, GREEN, lambda d: d <= 0)):
+            # one fixed colour per series: a per-bar colour list gave the legend swatch the first bar's colour
+            data.append({"type": "bar", "x": layers, "y": [d if keep(d) else None for d in diff], "name": name,
+                         "yaxis": "y3", "offsetgroup": "diff", "marker": {"color": colour},
+                         "hovertemplate": "layer %{x}<br>S_L − S_base = %{y:+.3f}<extra></extra>"})
         layout["yaxis"]["domain"] = [0.34, 1.0]
         layout["yaxis3"] = {"domain": [0.0, 0.24], "anchor": "x", "title": {"text": "Δ S_L"},
                             "range": [-1.15 * span, 1.15 * span], "zeroline": True, "zerolinecolor": GREY}
@@ -254,11 +273,50 @@ def _quality_axis(metric: str) -> str:
 PHASE_STYLE = {"cut": ("after the cut", "#d62728", "x"), "reconstructed": ("after reconstruction", "#ff7f0e", "diamond")}
 
 
+def quality_range(values: Sequence[float | None], intervals: Sequence | None = None,
+                  metric: str = "") -> list[float] | None:
+    """A y-range for quality figures that neither hides nor invents differences: it holds every value and
+    interval (the dense figure included), and spans at least twice the widest interval, so that points
+    whose intervals overlap do not fill the axis (no 0.826–0.830 axis for noise). Without intervals the
+    least span is 4 % of the value (accuracy: 4 points). Accuracy stays inside [0, 1]."""
+    vs = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not vs:
+        return None
+    ivs = [(float(lo), float(hi)) for lo, hi in (iv for iv in (intervals or []) if iv) if lo is not None]
+    lo = min(vs + [a for a, _ in ivs])
+    hi = max(vs + [b for _, b in ivs])
+    widest = max((b - a for a, b in ivs), default=0.0)
+    least = 2 * widest if widest > 0 else (0.04 if metric == "accuracy" else 0.04 * max(abs(v) for v in vs))
+    span = max(hi - lo, least, 1e-6)
+    mid = (lo + hi) / 2
+    lo, hi = mid - span / 2, mid + span / 2
+    pad = 0.08 * span
+    lo, hi = lo - pad, hi + pad
+    if metric == "accuracy":  # shift the window inside [0, 1] rather than cut it
+        if hi > 1:
+            lo, hi = lo - (hi - 1), 1.0
+        if lo < 0:
+            lo, hi = 0.0, min(1.0, hi - lo)
+    return [lo, hi]
+
+
+def _error_bars(ys: Sequence[float | None], intervals: Sequence | None) -> dict | None:
+    """plotly error_y (asymmetric) for points with [lo, hi] intervals; None when no point has one."""
+    if not intervals or not any(intervals):
+        return None
+    plus = [None if (iv is None or y is None) else max(0.0, iv[1] - y) for y, iv in zip(ys, intervals)]
+    minus = [None if (iv is None or y is None) else max(0.0, y - iv[0]) for y, iv in zip(ys, intervals)]
+    return dict(type="data", symmetric=False, array=plus, arrayminus=minus, thickness=1.5, width=4)
+
+
 def quality_chart(dense: float | None, removed: Sequence[float], quality: Sequence[float], metric: str,
-                  title: str = "", phases: Sequence[Mapping] | None = None) -> go.Figure:
+                  title: str = "", phases: Sequence[Mapping] | None = None, subtitle: str = "",
+                  intervals: Sequence | None = None, notes: Sequence[str] | None = None) -> go.Figure:
     """Quality against the fraction of block parameters removed: the dense model at 0 and
     one labelled point per completed stage; `phases` (per stage {"cut": q, "reconstructed": q})
-    adds the quality right after each stage's cut and after its reconstruction, at the same x."""
+    adds the quality right after each stage's cut and after its reconstruction, at the same x.
+    `intervals`: [lo, hi] (or None) per point, dense first, drawn as error bars; `notes`: per point,
+    dense first, what else it has (its latency, or "not timed"), shown in its hover."""
     fig = _figure()
     extra = []
     for name, (label, color, symbol) in PHASE_STYLE.items():
@@ -268,29 +326,41 @@ def quality_chart(dense: float | None, removed: Sequence[float], quality: Sequen
             fig.add_scatter(x=[x for x, _ in pts], y=[q for _, q in pts], mode="markers", name=label,
                             marker=dict(size=10, color=color, symbol=symbol),
                             hovertemplate=label + "<br>removed %{x:.1%}<br>" + metric + " %{y:.4f}<extra></extra>")
+    n = len(removed) + (dense is not None)
+    ivs = list(intervals or [None] * n)[:n]
+    ivs += [None] * (n - len(ivs))
+    hover = list(notes or [""] * n)[:n]
+    hover += [""] * (n - len(hover))
+    hover = [html.escape(h) + (f"<br>95 % interval {iv[0]:.4g}–{iv[1]:.4g}" if iv else "") for h, iv in zip(hover, ivs)]
+    d_iv, s_iv = (ivs[:1], ivs[1:]) if dense is not None else ([], ivs)
+    d_note, s_note = (hover[:1], hover[1:]) if dense is not None else ([], hover)
     if dense is not None:
         fig.add_scatter(x=[0.0], y=[dense], mode="markers+text", name="dense", text=["dense"],
                         textposition="top center", marker=dict(size=12, color=GREY, symbol="star"),
-                        hovertemplate="dense<br>" + metric + " %{y:.4f}<extra></extra>")
+                        error_y=_error_bars([dense], d_iv), customdata=d_note,
+                        hovertemplate="dense<br>" + metric + " %{y:.4f}<br>%{customdata}<extra></extra>")
     if len(removed):
         xs = [0.0] + list(removed) if dense is not None else list(removed)
         ys = [dense] + list(quality) if dense is not None else list(quality)
         labels = ([""] if dense is not None else []) + [f"stage {i + 1}" for i in range(len(removed))]
         fig.add_scatter(x=xs, y=ys, mode="lines+markers+text", name="stages", text=labels,
                         textposition="bottom right", marker=dict(size=9, color=BLUE), line=dict(color=BLUE),
-                        hovertemplate="%{text}<br>removed %{x:.1%}<br>" + metric + " %{y:.4f}<extra></extra>")
+                        error_y=_error_bars(ys, [None] * len(d_iv) + s_iv),  # the dense point has its own
+                        customdata=[""] * len(d_note) + s_note,
+                        hovertemplate="%{text}<br>removed %{x:.1%}<br>" + metric
+                                      + " %{y:.4f}<br>%{customdata}<extra></extra>")
     right = max([0.0, *removed]) * 1.15 + 0.04  # room for the labels on the last point
     fig.update_xaxes(title_text="block parameters removed", tickformat=".0%", range=[-0.02, right])
-    qs = [v for v in [dense, *quality, *extra] if v is not None]
-    if qs:
-        pad = max(0.1 * (max(qs) - min(qs)), 0.01 * abs(max(qs)), 1e-3)
-        fig.update_yaxes(range=[min(qs) - 2 * pad, max(qs) + 2 * pad])
+    rng = quality_range([dense, *quality, *extra], ivs, metric)
+    if rng:
+        fig.update_yaxes(range=rng)
     fig.update_yaxes(title_text=_quality_axis(metric))
-    return _layout(fig, title or f"{metric or 'quality'} vs parameters removed")
+    return _layout(fig, title or f"{metric or 'quality'} vs parameters removed", subtitle=subtitle)
 
 
-def loss_chart(losses: Mapping[int, Sequence[float]]) -> go.Figure:
-    """Recovery loss per optimiser step, one trace per stage, steps counted across stages."""
+def loss_chart(losses: Mapping[int, Sequence[float]], after_reconstruction: bool = False) -> go.Figure:
+    """Recovery loss per optimiser step, one trace per stage, steps counted across stages
+    (`after_reconstruction`: each stage's training followed a closed-form reconstruction, said in the title)."""
     fig = _figure()
     start = 0
     for i, (stage, ls) in enumerate(sorted(losses.items())):
@@ -304,11 +374,46 @@ def loss_chart(losses: Mapping[int, Sequence[float]]) -> go.Figure:
                            yref="paper", showarrow=False, font=dict(color=GREY))
     fig.update_xaxes(title_text="recovery step")
     fig.update_yaxes(title_text="loss")
-    return _layout(fig, "Recovery loss")
+    return _layout(fig, "Recovery loss" + (" (training after each stage's reconstruction)" if after_reconstruction
+                                           else ""))
 
 
-def stage_cost_chart(labels: Sequence[str], params: Sequence[float], latency_ms: Sequence[float | None]) -> go.Figure:
-    """Parameters (bars, millions) and measured latency (line, ms) for dense and each stage."""
+def reconstruction_chart(reconstructions: Mapping[int, Mapping]) -> go.Figure:
+    """What a reconstruction did (recovery "reconstruct": a closed-form refit of each cut block's output
+    projections, no training steps): per layer, the calibration output error left after the refit as a
+    share of the plain cut's, one bar series per stage (hover: both errors). Without per-layer errors, the
+    stage's overall ratio. `reconstructions`: stage -> the stage record's `reconstruction`
+    ({"error_ratio", "tokens", "seconds", "layer_errors": [[plain cut, after refit], ...]})."""
+    fig = _figure()
+    lines = []
+    for i, (stage, rec) in enumerate(sorted(reconstructions.items())):
+        colour = RUN_COLOURS[i % len(RUN_COLOURS)]
+        errs = rec.get("layer_errors") or []
+        pts = [(layer, cut, fit) for layer, (cut, fit) in enumerate(errs) if cut and cut > 0]
+        if pts:
+            fig.add_bar(x=[p[0] for p in pts], y=[p[2] / p[1] for p in pts], name=f"stage {stage}",
+                        marker_color=colour, customdata=[[p[1], p[2]] for p in pts],
+                        hovertemplate=f"stage {stage}, layer %{{x}}<br>error after the refit: %{{y:.1%}} of the "
+                                      "plain cut's<br>(%{customdata[1]:.4g} vs %{customdata[0]:.4g})<extra></extra>")
+        else:
+            fig.add_bar(x=[f"stage {stage}"], y=[rec.get("error_ratio")], name=f"stage {stage}", marker_color=colour,
+                        hovertemplate="%{x}: error after the refit %{y:.1%} of the plain cut's<extra></extra>")
+        lines.append(f"stage {stage}: {rec.get('error_ratio', float('nan')):.0%} of the plain cut's error left, "
+                     f"{rec.get('tokens', 0):,} calibration tokens, {rec.get('seconds', 0):.1f} s")
+    if not reconstructions:
+        fig.add_annotation(text="no reconstruction yet", x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                           font=dict(color=GREY))
+    per_layer = any(r.get("layer_errors") for r in reconstructions.values())
+    fig.update_xaxes(title_text="layer" if per_layer else "", dtick=1 if per_layer else None)
+    fig.update_yaxes(title_text="error after refit ÷ plain cut", tickformat=".0%", rangemode="tozero")
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Reconstruction: closed-form refit, no training steps", subtitle=lines)
+
+
+def stage_cost_chart(labels: Sequence[str], params: Sequence[float], latency_ms: Sequence[float | None],
+                     not_timed: str = "latency not timed") -> go.Figure:
+    """Parameters (bars, millions) and measured latency (line, ms) for dense and each stage; without any
+    latency the chart says `not_timed` (instead of an empty latency axis)."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_bar(x=list(labels), y=[p / 1e6 for p in params], name="parameters (M)", marker_color="#aec7e8",
                 hovertemplate="%{x}<br>%{y:.2f} M parameters<extra></extra>")
@@ -317,13 +422,18 @@ def stage_cost_chart(labels: Sequence[str], params: Sequence[float], latency_ms:
         fig.add_scatter(x=list(labels), y=lat, mode="lines+markers", name="latency (ms)", secondary_y=True,
                         line=dict(color=ORANGE), hovertemplate="%{x}<br>%{y:.1f} ms<extra></extra>")
         fig.update_yaxes(title_text="latency, ms (batch 32 × 128)", secondary_y=True, rangemode="tozero", showgrid=False)
+    elif len(lat):
+        fig.add_annotation(text=not_timed, x=0.5, y=1.0, xref="paper", yref="paper", yanchor="bottom",
+                           showarrow=False, font=dict(color=GREY))
     fig.update_yaxes(title_text="parameters (M)", secondary_y=False, rangemode="tozero")
-    return _layout(fig, "Size and latency per stage")
+    timed = any(v is not None for v in lat) or not len(lat)
+    return _layout(fig, "Size and latency per stage" if timed else "Size per stage (not timed)")
 
 
 def history_chart(runs: Sequence[Mapping], metric: str) -> go.Figure:
     """All runs of the session on one chart: each run a line from its dense point through
-    its stages. `runs`: [{"label", "removed": [...], "quality": [...]}] (removed includes 0)."""
+    its stages. `runs`: [{"label", "removed": [...], "quality": [...], "intervals"?: [[lo, hi] | None, ...]}]
+    (removed includes 0); the y-range is `quality_range`'s (intervals widen it, never narrower than them)."""
     fig = _figure()
     for i, r in enumerate(runs):
         fig.add_scatter(x=list(r["removed"]), y=list(r["quality"]), mode="lines+markers", name=r["label"],
@@ -334,6 +444,10 @@ def history_chart(runs: Sequence[Mapping], metric: str) -> go.Figure:
         fig.add_annotation(text="finished runs appear here", x=0.5, y=0.5, xref="paper", yref="paper",
                            showarrow=False, font=dict(color=GREY))
     fig.update_xaxes(title_text="block parameters removed", tickformat=".0%", rangemode="tozero")
+    rng = quality_range([q for r in runs for q in r["quality"]], [iv for r in runs for iv in r.get("intervals") or []],
+                        metric)
+    if rng:
+        fig.update_yaxes(range=rng)
     fig.update_yaxes(title_text=_quality_axis(metric))
     return _layout(fig, "Run history", legend_below=True, showlegend=True)
 

@@ -58,7 +58,9 @@ class Loaded:
     lm: LoadedModel
     data: TextData
     dense_eval: dict
-    dense_runs: dict = field(default_factory=dict)  # PruningRun.dense_settings() -> the dense model's evaluation
+    # the dense model's measurements, each once (ui.views.remember_dense): ("quality", eval size, split) -> its
+    # quality and size; ("timing", speed repeats) -> its timing
+    dense_runs: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     costs: dict = field(default_factory=dict)  # "latency" -> the model's latency cost model on this device
 

@@ -17,7 +17,8 @@ import app as A
 from explorer.config import AllocationConfig, AnalysisConfig, PruneConfig  # noqa: F401
 from ui import handlers as H, views as V  # noqa: F401
 from ui.outputs import LoadOut  # noqa: F401
-from app_helpers import alloc_args, req, run_all
+from app_helpers import alloc, alloc_args, req, run_all
+from ui.settings import AdvancedSettings
 from explorer.models import load_model
 from explorer.sessions import SessionRegistry
 
@@ -59,7 +60,9 @@ def test_failed_load_keeps_the_previous_model(ready, name, message):
     before, imp = s.loaded, s.importance
     out = ready.on_load(name, "auto", V.MODEL_DEFAULT_DATA, None, "text", "label", req("a"))
     assert "Load failed, the previous model stays" in out[1] and message in out[1]
-    assert out[0] == A.gr.skip()  # the summary and every chart stay as they were
+    assert out[1].startswith("⚠️") and f"(loaded: `{before.lm.name}`)" in out[1]  # visible, naming what is loaded
+    assert out.model_in["value"] == before.lm.name  # the Model box names the loaded model again, not the bad name
+    assert all(o == A.gr.skip() for k, o in out._asdict().items() if k not in ("load_status", "model_in"))
     assert s.loaded is before and s.importance is imp
 
 
@@ -207,7 +210,7 @@ def test_hand_edits_of_the_table_are_the_plan_the_run_prunes_to(ready):
     t = table.copy()
     t.loc[2, "sparsity"] = 0.0
     ready.on_table_edit(t, *alloc_args(), req("a"))
-    assert "table (1 layer(s) set by hand: 2" in ready.on_prune_plan("adaptive", *alloc_args()[:6], req("a"))
+    assert "table (1 layer(s) set by hand: 2" in ready.on_prune_plan("adaptive", alloc(), req("a"))
     outs = run_all(ready, req("a"), stages=1)
     assert "table (1 layer(s) by hand)" in ready.registry.get("a").history[-1]["label"], outs[-1].run_status
     widths = ready.registry.get("a").pruned.summary()
@@ -215,7 +218,7 @@ def test_hand_edits_of_the_table_are_the_plan_the_run_prunes_to(ready):
 
 
 def test_stop_keeps_the_last_completed_stage(ready):
-    gen = ready.on_run(3, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
+    gen = ready.on_run(3, "none", 0, "adaptive", "taylor", 16, 0, False, alloc(), req("a"))
     outs = []
     for o in gen:
         outs.append(o)
@@ -229,7 +232,7 @@ def test_stop_keeps_the_last_completed_stage(ready):
 
 
 def test_a_busy_session_refuses_a_second_job(ready):
-    gen = ready.on_run(1, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"))
+    gen = ready.on_run(1, "none", 0, "adaptive", "taylor", 16, 0, False, alloc(), req("a"))
     next(gen)  # the run holds the session now
     out = ready.on_importance("taylor", 16, 8, *alloc_args(), req("a"))
     assert "wait until the pruning run has finished" in out[3]
@@ -323,39 +326,25 @@ def test_other_methods_run_from_the_ui(ready, method):
 
 def test_advanced_settings_reach_the_run_and_its_label(ready):
     """The Advanced accordion (generated from the config dataclasses) sets any field of the run."""
-    from dataclasses import fields
-    defaults = {(cls, f.name): f.default for cls in (PruneConfig, AnalysisConfig, AllocationConfig)
-                for f in fields(cls)}
-    values = [defaults[key] for key in V.ADVANCED]
-    values[V.ADVANCED.index((PruneConfig, "lora_rank"))] = 4
-    values[V.ADVANCED.index((PruneConfig, "seed"))] = 3
-    values[V.ADVANCED.index((AllocationConfig, "prune_attention"))] = False
-    outs = list(ready.on_run(1, "lora", 2, "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
-                             req("a"), "maxabs", "params", 0.0, *values))
+    from dataclasses import replace
+    values = AdvancedSettings(lora_rank=4, seed=3, prune_attention=False)
+    outs = list(ready.on_run(1, "lora", 2, "adaptive", "taylor", 16, 0, False, alloc(), req("a"), values))
     assert outs[-1][4].startswith("Done"), outs[-1][4]
     rep = ready.registry.get("a").history[-1]
     assert rep["config"]["prune"]["lora_rank"] == 4 and rep["config"]["prune"]["seed"] == 3
     assert rep["config"]["allocation"]["prune_attention"] is False
     assert rep["label"].endswith("lora 2 steps, seed 3, lora_rank=4, prune_attention=False"), rep["label"]
     assert ready.registry.get("a").pruned.summary()["kv_groups"] == [4, 4, 4]  # attention left whole
-    bad = list(values)
-    bad[V.ADVANCED.index((PruneConfig, "lr"))] = "fast"
-    out = list(ready.on_run(1, "lora", 2, "adaptive", *alloc_args()[:6], "taylor", 16, 0, False,
-                            req("a"), "maxabs", "params", 0.0, *bad))[-1]
+    bad = replace(values, lr="fast")
+    out = list(ready.on_run(1, "lora", 2, "adaptive", "taylor", 16, 0, False, alloc(), req("a"), bad))[-1]
     assert out[4].startswith("⚠️") and "lr" in out[4]
 
 
 def test_method_options_reach_the_chosen_method_only(ready):
     """The Method options controls (generated from explorer.config.METHOD_OPTIONS) set the chosen
     method's options; another method's controls are ignored; the label names what differs."""
-    from dataclasses import fields
-    adv = [next(f.default for f in fields(cls) if f.name == name) for cls, name in V.ADVANCED]
-    opts = [next(f.default for f in fields(cls) if f.name == name) for cls, name in V.METHOD_ADVANCED]
-    from explorer.config import AdaPrunerOptions, LoraPruneFtOptions
-    opts[V.METHOD_ADVANCED.index((LoraPruneFtOptions, "pre_fraction"))] = 0.25
-    opts[V.METHOD_ADVANCED.index((AdaPrunerOptions, "trials"))] = "many"  # another method's: never read
-    outs = list(ready.on_run(1, "none", 4, "lora-prune-ft", *alloc_args()[:6], "taylor", 16, 0, False,
-                             req("a"), "maxabs", "params", 0.0, *adv, *opts))
+    opts = AdvancedSettings(pre_fraction=0.25, trials="many")  # trials: another method's, never read
+    outs = list(ready.on_run(1, "none", 4, "lora-prune-ft", "taylor", 16, 0, False, alloc(), req("a"), opts))
     assert outs[-1][4].startswith("Done"), outs[-1][4]
     rep = ready.registry.get("a").history[-1]
     assert (rep["summary"]["pipeline"]["lora_steps_dense"], rep["summary"]["pipeline"]["lora_steps_pruned"]) == (1, 3)
@@ -364,14 +353,8 @@ def test_method_options_reach_the_chosen_method_only(ready):
 
 def test_adapruner_streams_its_search_curve(ready):
     """Each trial of AdaPruner's search redraws the search curve (best objective against trial)."""
-    from dataclasses import fields
-    from explorer.config import AdaPrunerOptions
-    adv = [next(f.default for f in fields(cls) if f.name == name) for cls, name in V.ADVANCED]
-    opts = [next(f.default for f in fields(cls) if f.name == name) for cls, name in V.METHOD_ADVANCED]
-    opts[V.METHOD_ADVANCED.index((AdaPrunerOptions, "trials"))] = 3
-    opts[V.METHOD_ADVANCED.index((AdaPrunerOptions, "subsets"))] = 2
-    outs = list(ready.on_run(1, "none", 0, "adapruner", *alloc_args()[:6], "taylor", 16, 0, False,
-                             req("a"), "maxabs", "params", 0.0, *adv, *opts))
+    opts = AdvancedSettings(trials=3, subsets=2)
+    outs = list(ready.on_run(1, "none", 0, "adapruner", "taylor", 16, 0, False, alloc(), req("a"), opts))
     assert outs[-1].run_status.startswith("Done"), outs[-1].run_status
     curves = [c for c in (o.search_plot for o in outs) if hasattr(c, "data")]
     assert len(curves) == 3 and "after 3 trials" in curves[-1].layout.title.text
@@ -422,11 +405,11 @@ def test_export_picks_a_run_and_keeps_only_the_last_runs_models(ready):
 
 
 def test_prune_tab_states_the_plan_it_will_run(ready):
-    line = ready.on_prune_plan("adaptive", *alloc_args()[:6], req("a"), "rank")
+    line = ready.on_prune_plan("adaptive", alloc(normalization="rank"), req("a"))
     assert "S_base = 0.3, A = 0.05, exact mode, Î_L normalised by rank" in line and "salience split" in line
     uniform = ready.on_prune_plan("adaptive", *alloc_args(mode="uniform"), req("a"))
     assert "uniform, S_L = S_base = 0.3" in uniform  # uniform is chosen in one place: the Allocation mode
-    assert "method **apt**" in ready.on_prune_plan("apt", *alloc_args()[:6], req("a"))
+    assert "method **apt**" in ready.on_prune_plan("apt", alloc(), req("a"))
     assert "must be a number" in ready.on_prune_plan("adaptive", *alloc_args(target="x"), req("a"))
     assert "uniform" not in A.PRUNE_METHODS
 
@@ -455,22 +438,164 @@ def test_allocation_tab_budgets_flops_and_latency_with_predicted_speedup(ready):
     """The budget selector: a FLOPs cut, and a latency goal met on the cost model's prediction, shown as
     the sliders move; the run uses the app's cost model (measured once per model) and reports it."""
     s = ready.registry.get("a")
-    flops = ready.on_allocation(*alloc_args(), req("a"), "maxabs", "flops", 0)
+    flops = ready.on_allocation(alloc(budget="flops", speedup=0), req("a"))
     assert "Budget **flops**" in flops.alloc_md and "(70% of dense)" in flops.alloc_md, flops.alloc_md
     assert "predicted speed-up" not in flops.alloc_md  # no cost model measured yet
     s.loaded.costs["latency"] = cost = _tiny_cost_model(s.loaded.lm)
-    out = ready.on_allocation(*alloc_args(), req("a"), "maxabs", "latency", 1.5)
+    out = ready.on_allocation(alloc(budget="latency", speedup=1.5), req("a"))
     assert "Budget **latency**" in out.alloc_md and "latency cost model of this device" in out.alloc_md
     assert s.allocation.budget == "latency" and s.allocation.cost["predicted_speedup"] >= 1.5
     assert V.predicted_speedup(cost, s.allocation) == pytest.approx(s.allocation.cost["predicted_speedup"])
     assert "predicted speed-up **×" in ready.on_allocation(*alloc_args(), req("a")).alloc_md  # shown for params too
-    assert "predicted speed-up is ×1.5" in ready.on_prune_plan("adaptive", *alloc_args(), req("a"), "maxabs",
-                                                                "latency", 1.5)
-    outs = list(ready.on_run(1, "none", 0, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a"), "maxabs",
-                             "latency", 1.5))
+    assert "predicted speed-up is ×1.5" in ready.on_prune_plan("adaptive", alloc(budget="latency", speedup=1.5),
+                                                                req("a"))
+    outs = list(ready.on_run(1, "none", 0, "adaptive", "taylor", 16, 0, False, alloc(budget="latency", speedup=1.5),
+                             req("a")))
     assert outs[-1].run_status.startswith("Done"), outs[-1].run_status
     rep = s.history[-1]
     assert "×1.5 latency" in rep["label"] and rep["stages"][-1]["predicted_speedup"] >= 1.5 - 1e-9
     assert s.loaded.costs["latency"] is cost  # not measured again
-    bad = ready.on_allocation(*alloc_args(), req("a"), "maxabs", "wall-clock", 2)
+    bad = ready.on_allocation(alloc(budget="wall-clock", speedup=2), req("a"))
     assert "budget must be one of params, flops, latency" in bad.alloc_md
+
+
+# --- issue 26 item 6: the app says only what is so; issue 24 item 4: evaluation the user can size ------------
+
+def _export_card(app, session="a") -> tuple[str, dict, "pd.DataFrame"]:
+    """Export the last run: (the model card README.md, report.json, report.csv)."""
+    import json
+    files, status = app.on_export(req(session))
+    got = {Path(f).name: Path(f) for f in files}
+    zpath = next(p for n, p in got.items() if n.endswith(".zip"))
+    with zipfile.ZipFile(zpath) as z:
+        card = z.read(next(n for n in z.namelist() if n.endswith("/README.md"))).decode()
+    return card, json.loads(got["report.json"].read_text()), pd.read_csv(got["report.csv"])
+
+
+def test_model_card_labels_the_val_figures_it_has(ready):
+    """The app judges runs on val and never evaluates test unless asked: the exported card says val."""
+    run_all(ready, req("a"), stages=1)
+    card, report, _ = _export_card(ready)
+    assert report["last_run"]["eval_split"] == "val"
+    assert "accuracy (val split)" in card and "accuracy (test" not in card and "test split" not in card
+
+
+def test_one_latency_per_model_measured_once_and_quoted_everywhere(ready, monkeypatch):
+    """A timed run: the dense model's 32 x 128 latency is measured once per loaded model (a second timed run
+    at another evaluation size reuses it) and the stage table, the report, the CSV and the model card quote
+    the same single figure per model (no second 32 x 128 measurement beside it)."""
+    from explorer import evaluate as E
+    calls = []
+    real = E.latency
+    monkeypatch.setattr(E, "latency", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = run_all(ready, req("a"), stages=1, timing=True)
+    assert first[-1].run_status.startswith("Done"), first[-1].run_status
+    assert len(calls) == 2  # the dense model, then the stage
+    second = run_all(ready, req("a"), stages=1, timing=True, eval_n=4)
+    statuses = " ".join(o.run_status for o in second if isinstance(o.run_status, str))
+    assert len(calls) == 3, statuses  # only the new stage: the dense timing is reused
+    assert "its timing was measured once for this loaded model and is reused" in statuses
+    assert "Dense model quality measured, timing reused" in statuses
+    s = ready.registry.get("a")
+    d1, d2 = s.history[0]["dense"], s.history[1]["dense"]
+    assert d1["latency_ms"] == d2["latency_ms"] and d2["eval_examples"] == 4
+    table = second[-1].stages_table
+    assert table["latency (ms, 32×128)"].tolist()[0] == round(d2["latency_ms"], 1)
+    card, report, csv = _export_card(ready)
+    lat_rows = [line for line in card.splitlines() if "32 x 128" in line]
+    assert len(lat_rows) == 1, lat_rows  # one 32 x 128 latency per model
+    dense_ms, final_ms = report["last_run"]["dense"]["latency_ms"], report["last_run"]["final"]["latency_ms"]
+    cells = [c.strip() for c in lat_rows[0].split("|")[1:-1]]
+    assert [float(c) for c in cells[1:]] == pytest.approx([dense_ms, final_ms], abs=0.01)
+    assert "latency_b32x128_ms" not in csv.columns
+    assert csv["latency_ms"].tolist()[-2:] == pytest.approx([dense_ms, final_ms])
+
+
+def test_reconstruct_runs_fill_after_reconstruction_and_show_the_refit(ready):
+    """Recovery reconstruct (no training): the stage table's "after reconstruction" column holds the
+    reconstructed model's figure, and the Recovery chart shows the closed-form refit per layer instead of
+    "no recovery steps"."""
+    outs = run_all(ready, req("a"), stages=2, recovery="reconstruct")
+    last = outs[-1]
+    assert last.run_status.startswith("Done"), last.run_status
+    table = last.stages_table
+    stages = table[table["model"] != "dense"]
+    assert stages["after reconstruction"].notna().all()
+    assert stages["after reconstruction"].tolist() == stages["accuracy (val)"].tolist()
+    loss = next(o.loss_plot for o in reversed(outs) if hasattr(o.loss_plot, "layout"))
+    title = loss.layout.title.text
+    assert title.startswith("Reconstruction: closed-form refit, no training steps"), title
+    assert "stage 2:" in title and "of the plain cut's error left" in title
+    assert [t.name for t in loss.data] == ["stage 1", "stage 2"] and len(loss.data[0].x) == 3  # per layer
+    assert all(0 <= y <= 1.0 + 1e-9 for t in loss.data for y in t.y)  # the refit never does worse than the cut
+    assert not any("no recovery steps" in (a.text or "") for a in loss.layout.annotations)
+    st = ready.registry.get("a").history[-1]["stages"][0]
+    assert len(st["reconstruction"]["layer_errors"]) == 3
+
+
+def test_load_clears_the_export_tab(ready, tiny_dir, tiny_csv):
+    """The Export tab's status and downloads belong to the model they came from: a Load empties them."""
+    run_all(ready, req("a"), stages=1)
+    files, status = ready.on_export(req("a"))
+    assert files and status.startswith("Exported")
+    out = ready.on_load(tiny_dir, "auto", tiny_csv, None, "text", "label", req("a"))
+    assert out.load_status.startswith("Loaded"), out.load_status
+    assert out.export_status == "" and out.export_files is None
+
+
+def test_the_adapruner_note_says_the_trials_that_are_set(ready):
+    """The Method options note quotes the description's trial count: it follows the trials control."""
+    from explorer.config import AdaPrunerOptions
+    opts = [V.METHOD_ADVANCED.index((AdaPrunerOptions, "trials"))]
+    values = [next(f.default for f in __import__("dataclasses").fields(c) if f.name == n) for c, n in V.METHOD_ADVANCED]
+    assert "(50 trials)" in A.method_options_shown("adapruner", *values)[0]
+    values[opts[0]] = 5
+    note = A.method_options_shown("adapruner", *values)[0]
+    assert "(5 trials)" in note and "(50 trials)" not in note
+    values[opts[0]] = "many"  # a value the run refuses: the note keeps the default's text, no crash
+    assert "(50 trials)" in A.method_options_shown("adapruner", *values)[0]
+    assert "no options of its own" in A.method_options_shown("layer-drop", *values)[0]
+
+
+def test_every_api_parameter_has_a_readable_name(app):
+    """Through gradio_client every parameter of every endpoint has its own name (never param_17)."""
+    import re
+    demo = A.build_ui(app)
+    api = demo.get_api_info()["named_endpoints"]
+    unnamed = {ep: [p["parameter_name"] for p in d["parameters"] if re.fullmatch(r"param_\d+", p["parameter_name"])]
+               for ep, d in api.items()}
+    assert not any(unnamed.values()), unnamed
+    run = [p["parameter_name"] for p in api["/run"]["parameters"]]
+    assert {"target", "amplitude", "normalization", "lr", "lora_rank", "calibration_seed", "trials"} <= set(run)
+    assert len(run) == len(set(run)) == 17 + len(V.ADVANCED) + len(V.METHOD_ADVANCED)
+
+
+def test_quality_comes_with_its_interval_and_budget_and_latency_on_request(ready):
+    """Evaluation the user can size: the summary, the run's status, its table and its Quality chart give each
+    quality figure with its 95 % interval and the val budget; a run without timing says "not timed"."""
+    assert "(95 % " in V.model_summary(ready.registry.get("a").loaded) and "on 8 val examples" in \
+        V.model_summary(ready.registry.get("a").loaded)
+    outs = run_all(ready, req("a"), stages=2)
+    statuses = [o.run_status for o in outs if isinstance(o.run_status, str)]
+    assert any(t.startswith("Dense model measured: accuracy **") and "(95 % " in t and "on 8 val examples" in t
+               for t in statuses), statuses
+    assert any(t.startswith("Stage 2/2 done") and "(95 % " in t for t in statuses), statuses
+    last = outs[-1]
+    table = last.stages_table
+    assert table["95 % interval"].notna().all()
+    assert table["latency (ms, 32×128)"].tolist() == ["not timed"] * 3
+    q = last.quality_plot
+    assert "8 val examples a point, bars: 95 % intervals" in q.layout.title.text
+    assert q.data[0].error_y.array[0] > 0 and all(v > 0 for v in q.data[-1].error_y.array[1:])
+    assert all("not timed" in c for c in q.data[-1].customdata[1:])
+    cost = last.cost_plot
+    assert "not timed" in cost.layout.title.text and "Measure latency" in cost.layout.annotations[0].text
+    rep = ready.registry.get("a").history[-1]
+    assert rep["dense"]["accuracy_ci"] and all(st["interval"]["accuracy"] for st in rep["stages"])
+
+
+def test_latency_is_off_by_default(app):
+    """The quick look: quality first; the Measure latency setting is there, off."""
+    demo = A.build_ui(app)
+    box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "timing-input")
+    assert box.value is False

@@ -43,7 +43,8 @@ def test_bad_data_files_are_visible_messages_and_keep_the_model(ready, tiny_dir,
     status = out[1]
     assert status.startswith("⚠️ **Load failed, the previous model stays:"), status
     assert needle.lower() in status.lower(), status
-    assert all(o == A.gr.skip() for o in (out[0], *out[2:]))  # nothing on the page is replaced
+    assert all(o == A.gr.skip() for k, o in out._asdict().items() if k not in ("load_status", "model_in"))  # nothing
+    assert out.model_in["value"] == before.lm.name  # on the page is replaced; the Model box names the loaded model
     assert s.loaded is before and s.importance is imp and s.figures.keys() == figures.keys()
     assert_usable(ready)
 
@@ -190,7 +191,7 @@ def test_stop_from_another_thread_ends_a_run_and_frees_the_session(ready):
     outs = []
 
     def run():
-        for o in ready.on_run(4, "full", 200, "adaptive", *alloc_args(), "taylor", 16, 0, False, req("a")):
+        for o in ready.on_run(4, "full", 200, "adaptive", "taylor", 16, 0, False, *alloc_args(), req("a")):
             outs.append(o)
             started.set()
     t = threading.Thread(target=run)

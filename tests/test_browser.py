@@ -82,12 +82,30 @@ def test_load_importance_allocation_run_and_stop(driver):
     assert "A = 0.3, exact mode" in d.wait_text("prune-plan", "Plan")  # the plan it will run: the Allocation tab's
     d.page.get_by_text("Evaluation", exact=True).click()  # open the accordion
     d.set_number("eval-input", 200)
-    d.page.locator("#timing-input input[type=checkbox]").uncheck()
+    assert not d.page.locator("#timing-input input[type=checkbox]").is_checked()  # the quick look: quality first
     status = d.run(2, "none")
     assert status.startswith("Done: 2 stage(s)"), status
     stages = next(t for t in d.plot("quality-plot") if t["name"] == "stages")
     assert stages["text"] == ["", "stage 1", "stage 2"] and len(stages["x"]) == 3
     assert "stage 2" in d.text("stage-table") and "accuracy (val)" in d.text("stage-table")
+    assert "95 % interval" in d.text("stage-table") and "not timed" in d.text("stage-table")
+    # Each point with its 95 % interval (error bars), the budget in the title, an axis that holds the dense figure
+    # and every interval and spans at least twice the widest, and a title that fits the chart.
+    q = d.page.evaluate("""() => { const g = document.querySelector('#quality-plot .js-plotly-plot');
+        const t = g.querySelector('.gtitle').getBBox();
+        return {range: g._fullLayout.yaxis.range, width: g._fullLayout.width, title: g.layout.title.text,
+                left: t.x, right: t.x + t.width,
+                bars: g.data.filter(t => t.error_y && t.error_y.array).map(t => ({y: t.y, up: t.error_y.array,
+                                                                                   down: t.error_y.arrayminus}))}; }""")
+    assert "200 val examples a point, bars: 95 % intervals" in q["title"], q["title"]
+    assert q["left"] >= 0 and q["right"] <= q["width"], q  # not cut off
+    lo, hi = q["range"]
+    ends = [(y - dn, y + up) for b in q["bars"] for y, up, dn in zip(b["y"], b["up"], b["down"]) if up is not None]
+    assert len(ends) == 3 and all(lo <= a and b <= hi for a, b in ends), (q["range"], ends)
+    assert hi - lo >= 2 * max(b - a for a, b in ends)
+    d.wait_plot("cost-plot", "layout.title.text.includes('not timed')")  # says so, rather than an empty axis
+    assert "Measure latency" in d.page.evaluate(
+        "document.querySelector('#cost-plot .js-plotly-plot').layout.annotations[0].text")
 
     # A second adaptive run with another A, LoRA recovery and the LoRA rank set in the Advanced accordion.
     d.set_amplitude(0.1)
@@ -191,8 +209,10 @@ def test_two_sessions_on_different_models_bad_input_and_a_closed_tab(driver, ser
     assert status.startswith("⚠️") and "weights.csv does not look like a text file (binary content)" in status
     assert any("binary content" in t for t in b.toasts())
     status = b.load("no-such-org/no-such-model", expect="Load failed")
-    assert "could not load 'no-such-org/no-such-model'" in status
+    assert "could not load 'no-such-org/no-such-model'" in status and status.startswith("⚠️")
     assert "task encoder" in b.text("model-summary").replace("\t", " ")  # still B's model
+    assert "(loaded: minilm)" in status  # the status says which model stays ...
+    assert b.page.locator("#model-input input").input_value() == "minilm"  # ... and the Model box names it again
 
     # An upload over the server's limit is refused by the page, and by the server for a crafted request.
     big = tmp_path / "big.csv"
@@ -249,6 +269,22 @@ def test_side_by_side_classification_and_onnx_export(driver):
     assert ".onnx" in d.text("export-files") and ".zip" in d.text("export-files")
 
 
+def test_the_method_note_says_the_options_that_are_set(driver):
+    """AdaPruner's note quotes its trial count: it says the number set in the Method options, not the default."""
+    d = driver
+    d.tab("prune")
+    d.page.get_by_text("Method options", exact=True).click()  # a closed accordion's contents are not on the page
+    d.page.locator("#method-input input").click()
+    d.page.get_by_role("option", name="adapruner", exact=True).click()
+    assert "(50 trials)" in d.wait_text("method-options-note", "adapruner")
+    d.set_number("opt-trials", 5)
+    note = d.wait_text("method-options-note", "(5 trials)")
+    assert "(50 trials)" not in note
+    d.page.locator("#method-input input").click()
+    d.page.get_by_role("option", name="adaptive", exact=True).click()
+    d.wait_text("method-options-note", "adaptive")
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_server(tmp_path_factory):
     """The app on a tiny random LLaMA (GQA) saved as a model directory, and a text file."""
@@ -269,9 +305,18 @@ def test_language_model_prune_generate_and_export_gguf_and_onnx(driver, tiny_lla
     page = driver.page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
     d = Driver(page, tiny_llama_server.url, timeout_s=180)
     d.open()
+    d.tab("prune")
+    d.page.get_by_text("Evaluation", exact=True).click()
+    d.page.locator("#timing-input input[type=checkbox]").check()  # timing is on request (off by default)
     status = d.run(1, "reconstruct")
     assert status.startswith("Done: 1 stage(s)"), status
     assert "decode tok/s (b1)" in d.text("stage-table")  # speed as users feel it, per stage
+    # A reconstruct run: "after reconstruction" holds the reconstructed model's figure (the stage's, as nothing
+    # was trained after it) and the Recovery chart shows the refit per layer, not "no recovery steps".
+    after, final = (d.page.locator(f"#stage-table [data-testid=cell-1-{c}]").inner_text().strip() for c in (4, 5))
+    assert after and after == final, (after, final)
+    loss = d.wait_plot("loss-plot", "layout.title.text.startsWith('Reconstruction: closed-form refit')")
+    assert [t["name"] for t in loss] == ["stage 1"] and len(loss[0]["x"]) == 3  # the tiny LLaMA's 3 layers
     dense, pruned, status = _answers(d, "w3 w4 w5")
     assert dense.strip() and pruned.strip() and "tokens/s" in status, (dense, pruned, status)
     for fmt in ("ONNX", "GGUF"):
@@ -280,6 +325,10 @@ def test_language_model_prune_generate_and_export_gguf_and_onnx(driver, tiny_lla
     assert "onnxruntime max" in status and "read back (" in status and "match" in status, status
     files = d.text("export-files")
     assert ".gguf" in files and ".onnx" in files and ".zip" in files
+    # Another Load: the Export tab's status and downloads were the previous model's, and go.
+    assert d.load().startswith("Loaded")
+    d.tab("export")
+    assert d.text("export-status").strip() == "" and ".zip" not in d.text("export-files")
     page.close()
 
 
@@ -303,6 +352,10 @@ def test_gradio_client_named_endpoints(server):
     assert abs(steep["removed_fraction"] - 0.4) < 0.02 and steep == c.predict(api_name="/plan_json")
     analysis = c.predict(api_name="/analysis_json")
     assert len(analysis["layers"]) == 6 and analysis["model"] == MODEL
-    outs = c.predict(1, "reconstruct", 0, "adaptive", 0.3, 0.05, "exact", 0.95, 1, "salience",
-                     "taylor", 16, 100, False, "maxabs", "params", 1.6, api_name="/run")
+    api = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    unnamed = {ep: [p["parameter_name"] for p in d["parameters"] if p["parameter_name"].startswith("param_")]
+               for ep, d in api.items()}
+    assert not any(unnamed.values()), unnamed  # every parameter of every endpoint has a readable name
+    outs = c.predict(stages=1, recovery="reconstruct", steps=0, method="adaptive", metric="taylor", samples=16,
+                     eval_n=100, timing=False, target=0.3, amplitude=0.05, lora_rank=4, api_name="/run")
     assert outs[4].startswith("Done: 1 stage(s)"), outs[4]

@@ -372,21 +372,21 @@ def test_act_grad_matches_autograd(graded):
 # --- the UI's layer normalisation control -----------------------------------------------------------
 
 def test_app_allocation_uses_the_chosen_normalization(ready):
-    """Handlers take the normalisation after the request (the six allocation inputs stay positional)."""
+    """Handlers take the normalisation as a field of the Allocation tab's settings (one `alloc` value)."""
     from app_helpers import alloc_args, req
     s = ready.session(req("a"))
     raw = s.importance.layer_cos
     for method in NORMALIZATIONS:
-        fig, table, summary, _ = ready.on_allocation(*alloc_args(), req("a"), method)
+        fig, table, summary, _ = ready.on_allocation(*alloc_args(normalization=method), req("a"))
         assert s.allocation.normalization == method, summary
         np.testing.assert_allclose(table["Î_L"], np.round(normalize(raw, method), 3))
-        layer_fig, *alloc_out = ready.on_normalization(*alloc_args(), req("a"), method)
+        layer_fig, *alloc_out = ready.on_normalization(*alloc_args(normalization=method), req("a"))
         bars = next(t for t in layer_fig.data if t.type == "bar")
         np.testing.assert_allclose(bars.y, normalize(raw, method))
         assert s.figures["layer importance"] is layer_fig
         assert len(alloc_out) == 4  # plot, table, summary, predicted-quality chart
     assert ready.on_allocation(*alloc_args(), req("a")) is not None and s.allocation.normalization == "maxabs"
-    assert "layer normalisation must be one of" in ready.on_allocation(*alloc_args(), req("a"), "minmax")[2]
-    imp_out = ready.on_importance("fluctuation", 16, 8, *alloc_args(), req("a"), "rank")
+    assert "layer normalisation must be one of" in ready.on_allocation(*alloc_args(normalization="minmax"), req("a"))[2]
+    imp_out = ready.on_importance("fluctuation", 16, 8, *alloc_args(normalization="rank"), req("a"))
     assert "Importance from 16" in imp_out[3] and s.allocation.normalization == "rank"
     assert s.importance.metric == "fluctuation" and s.allocation.split == "salience"

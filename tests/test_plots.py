@@ -80,13 +80,26 @@ def test_neurons_heatmap_bins_thousands_of_neurons():
 def test_allocation_chart_adaptive_beside_uniform_with_flags():
     fig = plots.allocation_chart([0.2, 0.3, 0.5], [0.33] * 3, 0.33, clipped=[False, False, True],
                                  manual=[True, False, False], normalized=[1.0, 0.0, -1.0], title="t")
-    assert names(fig) == ["adaptive S_L", "uniform S_base", "clipped", "set by hand", "adaptive − uniform", "Î_L"]
+    assert names(fig) == ["adaptive S_L", "uniform S_base", "clipped", "set by hand", plots.DIFF_MORE,
+                          plots.DIFF_LESS, "Î_L"]
     assert list(fig.data[0].y) == pytest.approx([0.2, 0.3, 0.5])
     assert list(fig.data[2].x) == [2] and list(fig.data[3].x) == [0]
-    assert list(fig.data[4].y) == pytest.approx([-0.13, -0.03, 0.17]) and fig.data[4].yaxis == "y3"  # the difference
-    assert fig.data[5].yaxis == "y2"
+    more, less = fig.data[4], fig.data[5]  # the difference, one series per sign, on its own axis
+    assert list(more.y) == [None, None, pytest.approx(0.17)] and more.yaxis == less.yaxis == "y3"
+    assert list(less.y) == [pytest.approx(-0.13), pytest.approx(-0.03), None]
+    assert fig.data[6].yaxis == "y2"
     assert fig.layout.shapes[0].y0 == pytest.approx(0.33)  # the S_base line
     json.loads(fig.to_json())  # serialisable for the browser
+
+
+def test_allocation_chart_difference_keeps_its_colours_whatever_the_plan():
+    """The legend swatch of each difference series is the same on every model: one fixed colour per
+    series, never a per-bar list (whose first bar, red or green by the plan, colours the swatch)."""
+    def colours(adaptive):
+        fig = plots.allocation_chart(adaptive, [0.3] * 3, 0.3)
+        return {t.name: t.marker.color for t in fig.data if t.name in (plots.DIFF_MORE, plots.DIFF_LESS)}
+    first_up, first_down = colours([0.5, 0.2, 0.2]), colours([0.1, 0.4, 0.4])
+    assert first_up == first_down == {plots.DIFF_MORE: plots.RED, plots.DIFF_LESS: plots.GREEN}
 
 
 def test_allocation_chart_without_flags_has_two_bar_traces():
@@ -103,6 +116,52 @@ def test_quality_chart_dense_point_and_one_point_per_stage():
     assert names(only_dense) == ["dense"]
 
 
+def test_quality_chart_error_bars_budget_and_a_range_that_does_not_magnify_noise():
+    """Points 0.826-0.830 whose 95 % intervals are ±0.03 wide: the axis holds the dense figure and every
+    interval and spans at least twice the widest interval (not 0.826-0.830, where noise looks like signal)."""
+    ivs = [[0.80, 0.86], [0.797, 0.857], [0.796, 0.856]]
+    fig = plots.quality_chart(0.83, [0.15, 0.3], [0.827, 0.826], "accuracy", title="accuracy (val) vs removed",
+                              subtitle="200 val examples a point; " + "#1 exact A=0.05, S=0.3, K=2, " * 4,
+                              intervals=ivs, notes=["not timed"] * 3)
+    lo, hi = fig.layout.yaxis.range
+    assert lo <= 0.796 and hi >= 0.86 and hi - lo >= 2 * 0.06
+    dense, stages = fig.data[0], fig.data[1]
+    assert list(dense.error_y.array) == pytest.approx([0.03]) and list(dense.error_y.arrayminus) == pytest.approx([0.03])
+    assert stages.error_y.array[0] is None  # the dense point's bar is drawn once, on its own trace
+    assert list(stages.error_y.array[1:]) == pytest.approx([0.03, 0.03])
+    assert list(stages.error_y.arrayminus[1:]) == pytest.approx([0.03, 0.03])
+    assert "not timed" in stages.customdata[1] and "95 % interval 0.797–0.857" in stages.customdata[1]
+    title = fig.layout.title.text.split("<br>")
+    assert title[0] == "accuracy (val) vs removed"
+    assert len(title) >= 3  # the long run label wraps onto lines of its own
+    assert all(len(line.split(">", 1)[-1].replace("</span>", "")) <= plots.SUBTITLE_CHARS for line in title[1:])
+    assert fig.layout.margin.t >= 60 + 15 * (len(title) - 1)  # room for every line
+
+
+def test_quality_range_keeps_a_minimum_span_and_accuracy_inside_0_1():
+    assert plots.quality_range([0.828, 0.829], None, "accuracy")[1] - plots.quality_range(
+        [0.828, 0.829], None, "accuracy")[0] >= 0.04
+    lo, hi = plots.quality_range([0.99, 0.995], [[0.97, 1.0], [0.98, 1.0]], "accuracy")
+    assert hi <= 1.0 and lo < 0.97 and hi - lo >= 0.06
+    lo, hi = plots.quality_range([47.1, 47.3], [[45.9, 48.4]], "perplexity")
+    assert lo <= 45.9 and hi >= 48.4 and hi - lo >= 2 * 2.5
+    assert plots.quality_range([None], None) is None
+
+
+def test_reconstruction_chart_says_what_the_refit_did_per_layer():
+    recs = {1: {"error_ratio": 0.25, "tokens": 1234, "seconds": 0.5, "layer_errors": [[4.0, 1.0], [2.0, 1.0]]},
+            2: {"error_ratio": 0.4, "tokens": 1234, "seconds": 0.6, "layer_errors": [[1.0, 0.4], [0.0, 0.0]]}}
+    fig = plots.reconstruction_chart(recs)
+    assert names(fig) == ["stage 1", "stage 2"]
+    assert list(fig.data[0].y) == pytest.approx([0.25, 0.5]) and list(fig.data[1].x) == [0]  # nothing cut: no bar
+    text = fig.layout.title.text
+    assert text.startswith("Reconstruction: closed-form refit, no training steps")
+    assert "stage 1: 25% of the plain cut's error left, 1,234 calibration tokens" in text
+    assert not fig.layout.annotations  # not "no recovery steps"
+    old = plots.reconstruction_chart({1: {"error_ratio": 0.3, "tokens": 10, "seconds": 0.1}})  # no per-layer errors
+    assert list(old.data[0].y) == pytest.approx([0.3])
+
+
 def test_loss_chart_counts_steps_across_stages():
     fig = plots.loss_chart({1: [1.0, 0.9], 2: [0.8, 0.7, 0.6]})
     assert names(fig) == ["stage 1", "stage 2"]
@@ -114,8 +173,10 @@ def test_stage_cost_chart_params_and_latency():
     fig = plots.stage_cost_chart(["dense", "stage 1"], [22e6, 18e6], [100.0, 80.0])
     assert names(fig) == ["parameters (M)", "latency (ms)"]
     assert list(fig.data[0].y) == pytest.approx([22.0, 18.0])
-    no_latency = plots.stage_cost_chart(["dense"], [22e6], [None])
+    no_latency = plots.stage_cost_chart(["dense"], [22e6], [None], not_timed="latency not timed: tick it")
     assert names(no_latency) == ["parameters (M)"]
+    assert no_latency.layout.annotations[0].text == "latency not timed: tick it"  # says so, not an empty axis
+    assert "not timed" in no_latency.layout.title.text and not fig.layout.annotations
 
 
 def test_history_chart_one_line_per_run():

@@ -262,13 +262,13 @@ def test_app_runs_the_searched_plan(ready):
 
 def test_app_bad_predictor_and_search_settings_are_messages(ready):
     from app_helpers import alloc_args, req
-    out = ready.on_predict("none", *alloc_args(), req("a"), "maxabs", "params", 0.0, 256, 32, "0.5,abc")
+    out = ready.on_predict("none", *alloc_args(), req("a"), 256, 32, "0.5,abc")
     assert "levels must be comma-separated numbers" in out.predict_status
-    out = ready.on_predict("none", *alloc_args(), req("a"), "maxabs", "params", 0.0, 256, 2)
+    out = ready.on_predict("none", *alloc_args(), req("a"), 256, 2)
     assert "--examples must be in [16" in out.predict_status
-    last = list(ready.on_search(*alloc_args(), 2, req("a"), "maxabs", "params", 0.0, "many"))[-1]
+    last = list(ready.on_search(*alloc_args(), 2, req("a"), "many"))[-1]
     assert "small must be a whole number" in last.predict_status
-    last = list(ready.on_search(*alloc_args(), 2, req("a"), "maxabs", "flops", 0.0))[-1]
+    last = list(ready.on_search(*alloc_args(budget="flops"), 2, req("a")))[-1]
     assert "params budget" in last.predict_status
     s = ready.session(req("a"))
     assert s.searched is None and s.predictor is None  # nothing was kept from the refused requests

@@ -39,11 +39,14 @@ from explorer.sessions import KEEP_RUNS, Loaded, Session, SessionRegistry
 
 from .outputs import (SKIP, AllocationOut, ExportOut, GenerateOut, ImportanceOut, LoadOut, NormalizationOut,
                       PredictOut, RunOut)
-from .views import (ADVANCED, EDITABLE, budget_plan, latency_note, predicted_speedup, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs, method_values,
-                    allocation_config, allocation_table, empty_table, eta, eval_size, evaluation_note, export_stem,
-                    fresh_views, layer_figure, message, model_summary, normalization_choice, number,
-                    config_from, parse_manual, report_csv, report_rows, require_importance, require_loaded, run_label, stage_table, task_defaults,
-                    try_model)
+from .settings import AdvancedSettings, AllocationSettings, advanced_values, method_option_values
+from .views import (EDITABLE, EXPORT_FORMATS, EXPORT_ZIP, MAX_UPLOAD_MB, MODEL_DEFAULT_DATA, advanced_configs,
+                    allocation_table, budget_plan, config_from, cost_figure, dense_parts, empty_table, eta, eval_size,
+                    evaluation_note, export_stem, fresh_export, fresh_views, known_dense, latency_note, layer_figure,
+                    message, method_values, model_summary, normalization_choice, number, parse_manual,
+                    predicted_speedup, quality_figure, quality_text, recovery_figure, remember_dense, remember_quality,
+                    report_csv, report_rows, require_importance, require_loaded, run_label, stage_quality, stage_table,
+                    task_defaults, try_model)
 
 ANALYSIS_JOB, RUN_JOB = "the importance analysis", "the pruning run"  # what a busy session says it does
 
@@ -101,7 +104,9 @@ class ExplorerApp:
                           **limit)
         check_pairing(lm, data_)
         say(0.75, desc="evaluating the dense model")
-        return Loaded(lm, data_, evaluate(lm, data_, eval_size(lm), timing=False, split="val"))  # test: on request
+        loaded = Loaded(lm, data_, evaluate(lm, data_, eval_size(lm), timing=False, split="val"))  # test: on request
+        remember_quality(loaded.dense_runs, loaded.dense_eval, eval_size(lm), "val")  # a run at this budget reuses it
+        return loaded
 
     def checked_upload(self, upload) -> str | None:
         """The path of an uploaded file, refused unless it lies in Gradio's upload folder (a request
@@ -132,25 +137,25 @@ class ExplorerApp:
                 loaded = self.load(model, task, data, upload, text_col, label_col, progress)
                 s.set_loaded(loaded)
         except Exception as e:
-            return LoadOut(load_status=warn(f"Load failed, the previous model stays: {message(e)}"))
+            kept = s.loaded.lm.name if s.loaded else None  # the Model box names the model that is loaded
+            return LoadOut(load_status=warn(f"Load failed, the previous model stays: {message(e)}"
+                                            + (f" (loaded: `{kept}`)" if kept else " (no model is loaded)")),
+                           model_in=gr.update(value=kept) if kept else SKIP)
         metric, recovery = task_defaults(loaded.lm.task)
         return LoadOut(summary=model_summary(loaded),
                        load_status=f"Loaded `{loaded.lm.name}` in {time.perf_counter() - t0:.1f} s.",
                        metric_in=gr.update(value=metric), recovery_in=gr.update(value=recovery),
-                       **fresh_views())
+                       **fresh_views(), **fresh_export())
 
     # tab 2
-    def on_importance(self, metric, samples, batch_size, target, amplitude, mode, max_sparsity, round_to, split,
-                      request: gr.Request, normalization="maxabs", budget="params", speedup=0.0,
+    def on_importance(self, metric, samples, batch_size, alloc: AllocationSettings, request: gr.Request,
                       progress=gr.Progress()):
-        """-> ImportanceOut: the three plots, the status, then the allocation they feed.
-        (The normalisation comes after the request, so that callers passing the six allocation
-        inputs positionally keep working; Gradio fills it from the seventh.)"""
+        """-> ImportanceOut: the three plots, the status, then the allocation they feed."""
         s = self.session(request)
         try:
             with s.busy(ANALYSIS_JOB):
                 loaded = require_loaded(s)
-                normalization = normalization_choice(normalization)
+                normalization = normalization_choice(alloc.normalization)
                 cfg = AnalysisConfig(samples=number(samples, "calibration samples", int),
                                      batch_size=number(batch_size, "batch size", int), metric=metric)
                 validate(cfg)
@@ -171,24 +176,25 @@ class ExplorerApp:
                                                      s.loaded.lm.summary()["heads_per_group"]),
                 "neuron salience": plots.neurons_heatmap(imp.neurons[metric], metric)}
         s.figures.update(figs)
-        alloc = self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
-                                        normalization=normalization, budget=budget, speedup=speedup)
+        try:
+            out = self.allocation_outputs(s, alloc)
+        except Exception as e:  # the analysis stands; the plan's settings are what is wrong
+            out = AllocationOut(alloc_md=warn(message(e)))
         took = (f"reused from the cache (computed earlier in {imp.seconds:.1f} s)" if getattr(imp, "cached", False)
                 else f"in {imp.seconds:.1f} s")
         return ImportanceOut(*figs.values(), imp_status=(
             f"Importance from {imp.samples} calibration samples ({imp.tokens:,} tokens), metric `{metric}`, "
-            f"{took}. The Allocation tab now uses it."), **alloc._asdict())
+            f"{took}. The Allocation tab now uses it."), **out._asdict())
 
     # tab 3
-    def allocation_outputs(self, s: Session, target, amplitude, mode, max_sparsity, round_to, split, note: str = "",
-                           normalization="maxabs", budget="params", speedup=0.0):
+    def allocation_outputs(self, s: Session, alloc_in: AllocationSettings, note: str = ""):
         """-> AllocationOut: chart, table, summary. Pure numpy + plotly: well under 100 ms."""
         t0 = time.perf_counter()
         imp, loaded = s.importance, s.loaded
         if imp is None or loaded is None:
             return AllocationOut(plots.empty("Compute importance first (Importance tab)"), empty_table(),
                                  note or "Compute importance first (Importance tab).")
-        cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization, budget, speedup)
+        cfg = alloc_in.config()
         norm = imp.normalized_by(cfg.normalization)
         scores = imp.unit_scores()
         head_dim = loaded.lm.summary()["head_dim"]
@@ -280,30 +286,26 @@ class ExplorerApp:
         return text, plots.prediction_front(points, current, searched, pred.dense_quality, m, label)
 
     # --- the predictor and the plan search (Allocation tab) -----------------------------------------
-    def _recipe(self, s: Session, recovery, target, amplitude, mode, max_sparsity, round_to, split, normalization,
-                predict: PredictConfig):
+    def _recipe(self, s: Session, recovery, alloc: AllocationSettings, predict: PredictConfig):
         imp = s.importance
-        cfg = allocation_config(target, amplitude, "exact" if mode == "search" else mode, max_sparsity, round_to,
-                                split, normalization)
+        cfg = alloc.config(mode="exact" if alloc.mode == "search" else alloc.mode, budget="params")
         prune = replace(PruneConfig(), recovery=recovery or default_of(PruneConfig, "recovery"))
         validate(prune)
         analysis = AnalysisConfig(samples=imp.samples or AnalysisConfig().samples, metric=imp.metric)
         return Recipe(analysis, cfg, prune, predict)
 
-    def on_predict(self, recovery, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                   normalization="maxabs", budget="params", speedup=0.0, tokens=None, examples=None, levels=None,
-                   checks=None, progress=gr.Progress()):
+    def on_predict(self, recovery, alloc: AllocationSettings, request: gr.Request, tokens=None, examples=None,
+                   levels=None, checks=None, progress=gr.Progress()):
         """-> PredictOut: measure the plan predictor (or read it from the disk cache), then redraw the
         allocation with every plan's predicted quality. tokens / examples / levels / checks: PredictConfig's
         (its defaults when None)."""
         s = self.session(request)
-        alloc_args = (target, amplitude, mode, max_sparsity, round_to, split)
         try:
             with s.busy("measuring the predictor"):
                 loaded = require_importance(s, "the predictor")
                 pcfg = config_from(PredictConfig, tokens=tokens, examples=examples, levels=levels, checks=checks)
                 parse_levels(pcfg.levels)
-                recipe = self._recipe(s, recovery, *alloc_args, normalization, pcfg)
+                recipe = self._recipe(s, recovery, alloc, pcfg)
                 progress(0, desc="the dense model on val")
 
                 def tick(d):
@@ -323,20 +325,21 @@ class ExplorerApp:
                   f"{'tokens' if pred.metric == 'perplexity' else 'examples'}"
                   + (f"; error on {err['plans']} check plan(s): median {err['median_share_of_gap']:.0%} of the gap"
                      if err else "") + ".")
-        out = self.allocation_outputs(s, *alloc_args, normalization=normalization, budget=budget, speedup=speedup)
+        try:
+            out = self.allocation_outputs(s, alloc)
+        except Exception as e:
+            out = AllocationOut(alloc_md=warn(message(e)))
         return PredictOut(predict_status=status, **out._asdict())
 
-    def on_search(self, target, amplitude, mode, max_sparsity, round_to, split, generations, request: gr.Request,
-                  normalization="maxabs", budget="params", speedup=0.0, small=None, large=None, max_seconds=None,
-                  offspring=None):
+    def on_search(self, alloc: AllocationSettings, generations, request: gr.Request, small=None, large=None,
+                  max_seconds=None, offspring=None):
         """Generator -> PredictOut: the search curve after every generation; at the end (or on Stop, with the
         best plan so far) the searched plan lands in the table (mode "search"), still editable."""
         s = self.session(request)
         try:
             with s.busy("the plan search"):
                 loaded = require_importance(s, "the search")
-                cfg = allocation_config(target, amplitude, "exact", max_sparsity, round_to, split, normalization,
-                                        budget, speedup)
+                cfg = alloc.config(mode="exact")
                 if cfg.budget != "params":
                     raise ExplorerError("the search meets a params budget: choose budget params")
                 scfg = config_from(SearchConfig, generations=generations, small=small, large=large,
@@ -375,8 +378,7 @@ class ExplorerApp:
             yield PredictOut(predict_status=warn(message(e)))
             return
         first = min(done["start"].values())
-        out = self.allocation_outputs(s, target, amplitude, "search", max_sparsity, round_to, split,
-                                      normalization=normalization, budget=budget, speedup=speedup)
+        out = self.allocation_outputs(s, replace(alloc, mode="search"))
         yield PredictOut(predict_status=(
             f"Search {done['reason']}: {done['trials']} trials in {done['seconds']:.0f} s; val loss "
             f"{first:.4f} → **{done['loss']:.4f}** (zeroed units, {scfg.large} val "
@@ -392,36 +394,33 @@ class ExplorerApp:
                 loaded.costs["latency"] = cost_model(loaded.lm)
         return loaded.costs["latency"]
 
-    def on_allocation(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                      normalization="maxabs", budget="params", speedup=0.0):
+    def on_allocation(self, alloc: AllocationSettings, request: gr.Request):
+        """-> AllocationOut: the plan for the Allocation tab's settings (every slider move)."""
         s = self.session(request)
         s.last_edit = None
         try:
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
-                                           normalization=normalization, budget=budget, speedup=speedup)
+            return self.allocation_outputs(s, alloc)
         except Exception as e:
             return AllocationOut(alloc_md=warn(message(e)))
 
-    def on_normalization(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                         normalization="maxabs", budget="params", speedup=0.0):
+    def on_normalization(self, alloc: AllocationSettings, request: gr.Request):
         """-> NormalizationOut: the layer-importance plot (Î by the chosen normalisation) and the allocation."""
         s = self.session(request)
-        out = self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization,
-                                 budget, speedup)
+        out = self.on_allocation(alloc, request)
         try:
-            fig = layer_figure(s.importance, normalization_choice(normalization)) if s.importance else SKIP
+            fig = layer_figure(s.importance, normalization_choice(alloc.normalization)) if s.importance else SKIP
         except Exception:  # the allocation outputs already say what is wrong
             return NormalizationOut(**out._asdict())
         if s.importance:
             s.figures["layer importance"] = fig
         return NormalizationOut(fig, **out._asdict())
 
-    def on_table_edit(self, table, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                      normalization="maxabs", budget="params", speedup=0.0):
+    def on_table_edit(self, table, alloc: AllocationSettings, request: gr.Request):
+        """-> AllocationOut: the plan with the table's edited rows set by hand (a bad cell: a message, the
+        table as it was)."""
         s = self.session(request)
-        norm = {"normalization": normalization, "budget": budget, "speedup": speedup}
         if s.allocation is None:
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, **norm)
+            return self.on_allocation(alloc, request)
         edited = [str(v) for v in (table.iloc[:, EDITABLE] if isinstance(table, pd.DataFrame) else
                                    [row[EDITABLE] for row in table])]
         if edited == s.last_edit:  # the browser sends one edit twice (commit, then blur): the copy is stale
@@ -430,42 +429,40 @@ class ExplorerApp:
         before = s.manual
         try:
             s.manual = parse_manual(table, s.allocation, s.manual)
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split, **norm)
+            return self.allocation_outputs(s, alloc)
         except Exception as e:
             s.manual = before
-            return self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
-                                           note=warn(message(e)), **norm)
+            try:
+                return self.allocation_outputs(s, alloc, note=warn(message(e)))
+            except Exception as e2:  # the settings themselves are wrong too
+                return AllocationOut(alloc_md=warn(message(e2)))
 
-    def on_reset_manual(self, target, amplitude, mode, max_sparsity, round_to, split, request: gr.Request,
-                        normalization="maxabs", budget="params", speedup=0.0):
+    def on_reset_manual(self, alloc: AllocationSettings, request: gr.Request):
         s = self.session(request)
         s.manual = {}
-        return self.on_allocation(target, amplitude, mode, max_sparsity, round_to, split, request, normalization,
-                                  budget, speedup)
+        return self.on_allocation(alloc, request)
 
     # tab 4
-    def on_run(self, stages, recovery, steps, method, target, amplitude, mode, max_sparsity, round_to, split,
-               metric, samples, eval_n, timing, request: gr.Request, normalization="maxabs", budget="params",
-               speedup=0.0, *advanced):
-        """Generator -> RunOut per event. The plan is the Allocation tab's (S_base, A, mode, split,
-        normalisation; its table when layers were set by hand); `advanced`: the Advanced accordion's
-        values, in the order of ADVANCED, then the Method options' values in the order of METHOD_ADVANCED
-        (defaults when absent)."""
+    def on_run(self, stages, recovery, steps, method, metric, samples, eval_n, timing, alloc: AllocationSettings,
+               request: gr.Request, advanced: AdvancedSettings | None = None):
+        """Generator -> RunOut per event. The plan is the Allocation tab's (`alloc`; its table when layers
+        were set by hand); `advanced`: the Advanced accordion's values and the Method options' (defaults where
+        absent). `timing`: also time the dense model (once per loaded model) and every stage."""
         s = self.session(request)
+        advanced = advanced or AdvancedSettings()
         try:
             with s.busy(RUN_JOB):
                 loaded = require_loaded(s)
-                adv = advanced_configs(advanced[:len(ADVANCED)])
+                adv = advanced_configs(advanced_values(advanced))
                 method = method or "adaptive"
-                options = method_values(method, advanced[len(ADVANCED):])
+                options = method_values(method, method_option_values(advanced))
                 prune = PruneConfig(stages=number(stages, "stages", int), recovery=recovery,
                                     recovery_steps=number(steps, "recovery steps", int),
                                     eval_samples=eval_size(loaded.lm, number(eval_n, "evaluation size", int)),
                                     eval_split="val", **adv[PruneConfig])  # choices on val; test on request
                 analysis = AnalysisConfig(samples=number(samples, "calibration samples", int), metric=metric,
                                           **adv[AnalysisConfig])
-                alloc_cfg = replace(allocation_config(target, amplitude, mode, max_sparsity, round_to, split,
-                                                      normalization, budget, speedup), **adv[AllocationConfig])
+                alloc_cfg = replace(alloc.config(), **adv[AllocationConfig])
                 if alloc_cfg.mode == "search" and (s.searched is None or s.allocation is None):
                     raise ExplorerError("mode search prunes to the searched plan: press Search plan in the "
                                         "Allocation tab first (or choose another mode)")
@@ -485,7 +482,6 @@ class ExplorerApp:
                 else:
                     run = make_run(method, lm, loaded.data, analysis, alloc_cfg, prune, timing=bool(timing),
                                    label=label, final_plan=final_plan, **options)  # every method follows the table
-                run.dense_given = loaded.dense_runs.get(run.dense_settings())  # measured once per model and data
                 s.run = run
                 yield from self._stream(s, run, metric_name(lm), loaded)
         except Exception as e:
@@ -495,22 +491,33 @@ class ExplorerApp:
         """Turn the run's events into RunOut updates; unchanged outputs are skipped. Every phase
         (measuring, importance, pruning, reconstruction, recovery, evaluation) says so."""
         losses: dict[int, list[float]] = {}
+        reconstructions: dict[int, dict] = {}  # stage -> its reconstruction's report (recovery reconstruct)
         trials: list[dict] = []  # a search's trials (AdaPruner), for its curve
         K = run.prune.stages
         t_last = 0.0
         cost_note = evaluation_note(run)
         t_start = t_first = None  # after the dense model; the first recovery step of the current stage
-        if run.dense_given is None:
+        known, timing = known_dense(loaded.dense_runs, run)
+        if known is not None and timing is not None:
+            run.dense_given = {**known, **timing}
+            reused = "measurement reused" + (" (its timing measured once for this loaded model)" if run.timing else "")
+        elif timing:  # timed before, on another evaluation budget: only the quality is measured
+            yield RunOut(run_status=f"Measuring the dense model's quality ({evaluation_note(run, timing=False)}; its "
+                                    "timing was measured once for this loaded model and is reused)…")
+            q = evaluate(run.lm, run.data, run.prune.eval_samples, timing=False, split=run.prune.eval_split)
+            run.dense_given = {**dense_parts(q)[0], **timing}
+            reused = "quality measured, timing reused (measured once for this loaded model)"
+        else:
             yield RunOut(run_status=f"Measuring the dense model ({cost_note}; once per loaded model and settings)…")
+            reused = "measured"
         for ev in run.events():
             kind = ev["type"]
             stage = f"Stage {ev.get('stage')}/{K}"
             if kind == "dense":
-                cached = run.dense_given is not None
-                loaded.dense_runs[run.dense_settings()] = run.dense
+                remember_dense(loaded.dense_runs, run)
                 t_start = time.perf_counter()
                 yield self._run_views(s, run, m)._replace(run_status=(
-                    f"Dense model {'measurement reused' if cached else 'measured'}. Stage 1/{K}: estimating "
+                    f"Dense model {reused}: {m} {quality_text(run.dense, m)}. Stage 1/{K}: estimating "
                     f"importance ({run.analysis.metric}, {run.analysis.samples} calibration samples)…"))
             elif kind == "cost_model":
                 yield RunOut(run_status="Measuring the latency cost model on this device (once per model shape; "
@@ -538,17 +545,19 @@ class ExplorerApp:
                     t_last = now
                     left = run.prune.recovery_steps - ev["step"]
                     rate = (now - t_first) / (ev["step"] - 1) if ev["step"] > 1 else None
-                    s.figures["recovery loss"] = fig = plots.loss_chart(losses)
+                    s.figures["recovery loss"] = fig = recovery_figure(losses, reconstructions)
                     yield RunOut(loss_plot=fig, run_status=(
                         f"{stage}: recovery step {ev['step']}/{run.prune.recovery_steps}, loss {ev['loss']:.4f}"
                         + (f"; {eta(rate * left)} of recovery left" if rate and left else "")))
             elif kind == "stage":
                 r = ev["record"]
-                q = ", ".join(f"{k} {v:.4f}" for k, v in r.quality.items())
-                s.figures["recovery loss"] = plots.loss_chart(losses)
+                if r.reconstruction:
+                    reconstructions[r.stage] = r.reconstruction
+                q = quality_text(stage_quality(r, m), m)
+                s.figures["recovery loss"] = recovery_figure(losses, reconstructions)
                 per_stage = (time.perf_counter() - t_start) / r.stage if t_start else 0.0
                 yield self._run_views(s, run, m)._replace(loss_plot=s.figures["recovery loss"], run_status=(
-                    f"Stage {r.stage}/{K} done: {r.removed_fraction:.1%} of block parameters removed, {q}"
+                    f"Stage {r.stage}/{K} done: {r.removed_fraction:.1%} of block parameters removed, {m} {q}"
                     + ("." if r.stage == K else f". Stage {r.stage + 1}/{K}: estimating importance… "
                                                 f"({eta(per_stage * (K - r.stage))} left at this pace)")))
             elif kind == "hidden":
@@ -571,6 +580,9 @@ class ExplorerApp:
         """The run's report joins the history (its label says how it ended) and its model is kept."""
         done = len(run.records)
         rep = run.report()
+        for k in (f"{m}_ci", "eval_split", "eval_tokens", "eval_examples"):  # the dense figure's interval and budget
+            if run.dense.get(k) is not None:
+                rep["dense"].setdefault(k, run.dense[k])
         if kind != "done":
             rep["label"] += " (stopped)" if kind == "stopped" else f" (failed at stage {done + 1})"
             run.label = rep["label"]
@@ -586,14 +598,9 @@ class ExplorerApp:
     @staticmethod
     def _run_views(s: Session, run: PruningRun, m: str) -> RunOut:
         """Quality chart, size/latency chart and stage table of the run so far."""
-        rows = report_rows(run.report())
-        stages = rows[1:]
-        s.figures["quality"] = quality = plots.quality_chart(
-            rows[0]["quality"], [r["removed_fraction"] for r in stages], [r["quality"] for r in stages], m,
-            title=f"{m or 'quality'} ({run.prune.eval_split}) vs parameters removed: {run.label}",
-            phases=[{k: r.get(f"after_{k}") for k in ("cut", "reconstructed")} for r in stages])
-        s.figures["size and latency"] = cost = plots.stage_cost_chart(
-            [r["model"] for r in rows], [r["params"] for r in rows], [r["latency_ms"] for r in rows])
+        rows = report_rows(run.report(), dense=run.dense)
+        s.figures["quality"] = quality = quality_figure(rows, m, run.label)
+        s.figures["size and latency"] = cost = cost_figure(rows)
         return RunOut(quality_plot=quality, cost_plot=cost, stages_table=stage_table(rows, m, run.prune.eval_split))
 
     @staticmethod
@@ -604,7 +611,9 @@ class ExplorerApp:
         for rep in (r for r in s.history if r["model"] == current):  # one model's runs share one metric
             rows = report_rows(rep)
             lines.append({"label": rep["label"], "removed": [r["removed_fraction"] for r in rows],
-                          "quality": [r["quality"] for r in rows]})
+                          "quality": [r["quality"] for r in rows],
+                          "intervals": [None if r.get("quality_lo") is None else [r["quality_lo"], r["quality_hi"]]
+                                        for r in rows]})
             points += rows
         s.figures["run history"] = hist = plots.history_chart(lines, m)
         s.figures["pareto"] = pareto = plots.pareto_chart(points, m)
@@ -627,13 +636,11 @@ class ExplorerApp:
         gr.Info(self.on_stop(request), duration=15)
 
     # tab 5
-    def on_prune_plan(self, method, target, amplitude, mode, max_sparsity, round_to, split,
-                      request: gr.Request, normalization="maxabs", budget="params", speedup=0.0) -> str:
+    def on_prune_plan(self, method, alloc: AllocationSettings, request: gr.Request) -> str:
         """-> the line above the Run button: the plan the run will use, which is the Allocation tab's."""
         s = self.session(request)
         try:
-            cfg = allocation_config(target, amplitude, mode, max_sparsity, round_to, split, normalization, budget,
-                                    speedup)
+            cfg = alloc.config()
         except ExplorerError as e:
             return warn(message(e))
         if cfg.mode == "search":
@@ -739,8 +746,8 @@ class ExplorerApp:
             return warn(message(e))
         m = metric_name(loaded.lm)
         size = f"{final['eval_examples']:,} examples" if "eval_examples" in final else f"{final['eval_tokens']:,} tokens"
-        return (f"**Test** ({size}, the whole split) for `{rep['label']}`: {m} **{final[m]:.4f}**, dense "
-                f"{dense[m]:.4f}. Report this figure; the runs' charts and table show val.")
+        return (f"**Test** ({size}, the whole split) for `{rep['label']}`: {m} {quality_text(final, m)}, dense "
+                f"{quality_text(dense, m)}. Report this figure; the runs' charts and table show val.")
 
     def plan_json(self, request: gr.Request) -> dict:
         """The plan the Allocation tab shows now (per layer: S_L, kept heads/groups/neurons), as JSON."""
@@ -764,17 +771,16 @@ class ExplorerApp:
         SearchConfig's defaults). With a measured predictor the JSON carries the plan's predicted val
         quality under "predicted"."""
         s = self.session(request)
+        alloc = AllocationSettings(target, amplitude, mode, max_sparsity, round_to, split, normalization, budget,
+                                   speedup)
         if mode == "search":
             last = None
-            for last in self.on_search(target, amplitude, mode, max_sparsity, round_to, split,
-                                       default_of(SearchConfig, "generations"), request, normalization, budget,
-                                       speedup):
+            for last in self.on_search(alloc, default_of(SearchConfig, "generations"), request):
                 pass
             if last is None or last.mode_in is SKIP:
                 return {"error": str(getattr(last, "predict_status", "the search did not run")).strip("⚠️* ")}
         try:
-            out = self.allocation_outputs(s, target, amplitude, mode, max_sparsity, round_to, split,
-                                          normalization=normalization, budget=budget, speedup=speedup)
+            out = self.allocation_outputs(s, alloc)
         except ExplorerError as e:
             return {"error": str(e)}
         if s.importance is None:

@@ -57,15 +57,16 @@ class RunOut(NamedTuple):
     search_plot: Any = SKIP  # AdaPruner's search curve (best objective against trial)
 
 
-LoadOut = combined("LoadOut", "A Load: the model tab, the task's defaults, and fresh contents for everything "
-                   "that depended on the previous model (see `views.fresh_views`).",
-                   "summary", "load_status", "metric_in", "recovery_in", "predict_status", "plan_search_plot",
-                   ImportanceOut, RunOut)
-
-
 class ExportOut(NamedTuple):
     export_files: Any = SKIP
     export_status: Any = SKIP
+
+
+LoadOut = combined("LoadOut", "A Load: the model tab (a failed one puts the loaded model's name back in the Model "
+                   "box), the task's defaults, and fresh contents for everything that depended on the previous model "
+                   "(see `views.fresh_views`; the Export tab's status and downloads too).",
+                   "summary", "load_status", "metric_in", "recovery_in", "model_in", "predict_status",
+                   "plan_search_plot", ImportanceOut, RunOut, ExportOut)
 
 
 class GenerateOut(NamedTuple):

@@ -78,11 +78,33 @@ def _widths(values: list[int]) -> str:
 
 
 def _quality_text(ev: dict) -> str:
-    if "accuracy" in ev:
-        return f"accuracy **{ev['accuracy']:.2%}** on {ev.get('eval_examples', '?'):,} {ev.get('eval_split', 'test')} examples"
-    if "perplexity" in ev:
-        return f"perplexity **{ev['perplexity']:.2f}** on {ev.get('eval_tokens', '?'):,} {ev.get('eval_split', 'test')} tokens"
+    for m in ("accuracy", "perplexity"):
+        if m in ev:
+            return f"{m} {quality_text(ev, m)}"
     return "not measured (no task head: encoder models are analysed with label-free metrics only)"
+
+
+def quality_value(v: float, metric: str, digits: int = 2) -> str:
+    return f"{v:.{digits}%}" if metric == "accuracy" else f"{v:.{digits}f}"
+
+
+def eval_budget(ev: dict) -> str:
+    """'4,096 val tokens' / '200 val examples': what a quality figure was measured on ('' if not said)."""
+    n, unit = (ev.get("eval_tokens"), "tokens") if ev.get("eval_tokens") else (ev.get("eval_examples"), "examples")
+    return f"{n:,} {ev.get('eval_split') or ''} {unit}".replace("  ", " ") if n else ""
+
+
+def quality_text(ev: dict, metric: str) -> str:
+    """'**47.13** (95 % 45.91–48.39) on 4,096 val tokens': a quality figure with its 95 % interval (perplexity:
+    from the tokens' spread; accuracy: binomial) and the evaluation budget it was measured on."""
+    v = ev.get(metric)
+    if v is None:
+        return "not measured"
+    ci = ev.get(f"{metric}_ci")
+    text = f"**{quality_value(v, metric)}**" + (
+        f" (95 % {quality_value(ci[0], metric, 1)}–{quality_value(ci[1], metric, 1)})" if ci else "")
+    budget = eval_budget(ev)
+    return text + (f" on {budget}" if budget else "")
 
 
 def model_summary(loaded: Loaded | None) -> str:
@@ -160,23 +182,50 @@ def parse_manual(table, shown: Allocation, manual: dict[int, float]) -> dict[int
     return out
 
 
-def report_rows(rep: dict) -> list[dict]:
+def report_rows(rep: dict, dense: dict | None = None) -> list[dict]:
     """The dense model and each completed stage of a run report (`PruningRun.report()`), one
-    flat row each: what the stage table, the history, the Pareto chart and the CSV show."""
-    m, d = rep["metric"], rep["dense"]
+    flat row each: what the stage table, the history, the Pareto chart and the CSV show. Each row
+    has its quality's 95 % interval (quality_lo / quality_hi) and evaluation budget where known;
+    `dense`: the run's full dense evaluation, for an interval the report's brief leaves out."""
+    m, d = rep["metric"], {**(dense or {}), **{k: v for k, v in rep["dense"].items() if v is not None}}
+    split = rep.get("eval_split") or d.get("eval_split")
     base = {"run": rep["label"], "status": rep["status"], "metric": m}
     rows = [{**base, "model": "dense", "params": d["params"], "block_params": d["block_params"],
-             "removed_fraction": 0.0, "quality": d.get(m), "latency_ms": d.get("latency_ms"),
+             "removed_fraction": 0.0, "quality": d.get(m), **_interval(d.get(f"{m}_ci")),
+             "eval_split": split, **_budget(d), "latency_ms": d.get("latency_ms"),
              "flops_per_token": d.get("flops_per_token"), "last_loss": None, "seconds": None,
              "latency_spread": d.get("latency_spread"), **speed_columns(d)}]
     for st in rep["stages"]:
+        phases = {f"after_{k}": v.get(m) for k, v in (st.get("phases") or {}).items()}
+        if st.get("reconstruction") and "after_reconstructed" not in phases and not st["losses"]:
+            phases["after_reconstructed"] = st["quality"].get(m)  # nothing trained after the refit: its figure
+        recon = st.get("reconstruction") or {}
         rows.append({**base, "model": f"stage {st['stage']}", "params": st["params"], "block_params": st["block_params"],
                      "removed_fraction": st["removed_fraction"], "quality": st["quality"].get(m),
+                     **_interval((st.get("interval") or {}).get(m)), "eval_split": split,
+                     **_budget(st.get("eval_size") or {}),
                      "latency_ms": st["latency_ms"], "flops_per_token": st["flops_per_token"],
                      "last_loss": st["losses"][-1] if st["losses"] else None, "seconds": st["seconds"],
                      "latency_spread": st.get("latency_spread"), **speed_columns(st.get("speed") or {}),
-                     **{f"after_{k}": v.get(m) for k, v in (st.get("phases") or {}).items()}})
+                     "refit_error_ratio": recon.get("error_ratio"), **phases})
     return rows
+
+
+def _interval(ci) -> dict:
+    return {"quality_lo": ci[0], "quality_hi": ci[1]} if ci else {"quality_lo": None, "quality_hi": None}
+
+
+def _budget(ev: dict) -> dict:
+    """The evaluation budget of a figure: {"eval_n": 4096, "eval_unit": "tokens"} (None where not said)."""
+    if ev.get("eval_tokens"):
+        return {"eval_n": ev["eval_tokens"], "eval_unit": "tokens"}
+    return {"eval_n": ev.get("eval_examples"), "eval_unit": "examples" if ev.get("eval_examples") else None}
+
+
+def stage_quality(record, metric: str) -> dict:
+    """A stage record's quality as one flat dict for `quality_text`: the figure, its interval, its budget."""
+    return {**record.quality, **{f"{k}_ci": v for k, v in (getattr(record, "interval", None) or {}).items()},
+            **(getattr(record, "eval_size", None) or {})}
 
 
 SPEED_COLUMNS = {"decode_tokens_per_s": "decode tok/s (b1)", "decode_tokens_per_s_b8": "decode tok/s (b8)",
@@ -198,22 +247,117 @@ def speed_columns(ev: dict) -> dict:
     return {k: ev.get(k) for k in SPEED_COLUMNS}
 
 
+NOT_TIMED = "not timed"
+
+
 def stage_table(rows: list[dict], metric: str, split: str = "") -> pd.DataFrame:
+    """One row per model (dense, each stage): quality (after the cut, after reconstruction, at the stage's
+    end) with its 95 % interval, latency ("not timed" where Measure latency was off), the speed figures that
+    were measured, FLOPs, the last recovery loss and the stage's time."""
     def num(v, digits):
         return None if v is None else round(v, digits)
+
+    def interval(r):
+        if r.get("quality_lo") is None:
+            return None
+        digits = 4 if metric == "accuracy" else 2  # as the quality column
+        return f"{r['quality_lo']:.{digits}f}–{r['quality_hi']:.{digits}f}"
     speed = [k for k in SPEED_COLUMNS if any(r.get(k) is not None for r in rows)]  # only what was measured
     return pd.DataFrame(
         [[r["model"], num(r["params"] / 1e6, 3), f"{r['removed_fraction']:.1%}", num(r.get("after_cut"), 4),
-          num(r.get("after_reconstructed"), 4), num(r["quality"], 4),
-          num(r["latency_ms"], 1), spread_text(r.get("latency_spread")), *[num(r.get(k), 1) for k in speed],
-          num(r["flops_per_token"] / 1e6, 2),
+          num(r.get("after_reconstructed"), 4), num(r["quality"], 4), interval(r),
+          NOT_TIMED if r["latency_ms"] is None else num(r["latency_ms"], 1), spread_text(r.get("latency_spread")),
+          *[num(r.get(k), 1) for k in speed], num(r["flops_per_token"] / 1e6, 2),
           num(r["last_loss"], 4), num(r["seconds"], 1)]
          for r in rows],
         columns=["model", "params (M)", "removed", "after cut", "after reconstruction",
-                 f"{metric or 'quality'} ({split})" if split else (metric or "quality"),
+                 f"{metric or 'quality'} ({split})" if split else (metric or "quality"), "95 % interval",
                  "latency (ms, 32×128)", "latency spread", *[SPEED_COLUMNS[k] for k in speed], "FLOPs/token (M)",
                  "last loss",
                  "time (s)"])
+
+
+# --- the run's charts, from report rows ----------------------------------------------------------
+
+def quality_figure(rows: list[dict], metric: str, label: str = ""):
+    """The Quality chart of one run: dense and each stage with their 95 % intervals as error bars, the
+    evaluation budget in the title, the run's label below it, and in each point's hover what it has
+    (interval, budget, latency or "not timed")."""
+    stages = rows[1:]
+    first = rows[0]
+    budget = eval_budget({"eval_tokens": first.get("eval_n") if first.get("eval_unit") == "tokens" else None,
+                          "eval_examples": first.get("eval_n") if first.get("eval_unit") == "examples" else None,
+                          "eval_split": first.get("eval_split")})
+    title = f"{metric or 'quality'} ({first.get('eval_split') or 'val'}) vs parameters removed"
+    what = f"{budget} a point" + (", bars: 95 % intervals" if any(r.get("quality_lo") is not None for r in rows)
+                                  else "") if budget else ""
+    return plots.quality_chart(
+        first["quality"], [r["removed_fraction"] for r in stages], [r["quality"] for r in stages], metric,
+        title=title, subtitle="; ".join(t for t in (what, label) if t),
+        phases=[{k: r.get(f"after_{k}") for k in ("cut", "reconstructed")} for r in stages],
+        intervals=[(r["quality_lo"], r["quality_hi"]) if r.get("quality_lo") is not None else None for r in rows],
+        notes=[point_note(r) for r in rows])
+
+
+def point_note(row: dict) -> str:
+    """What one point of the Quality chart has besides its quality: its latency, or that it was not timed."""
+    if row.get("latency_ms") is None:
+        return NOT_TIMED
+    return f"latency {row['latency_ms']:.1f} ms (32 × 128)"
+
+
+def cost_figure(rows: list[dict]):
+    """Size and latency per stage; says "not timed" when the run measured no latency."""
+    return plots.stage_cost_chart([r["model"] for r in rows], [r["params"] for r in rows],
+                                  [r["latency_ms"] for r in rows],
+                                  not_timed="latency not timed: tick “Measure latency” (Prune tab, Evaluation) to time "
+                                            "the dense model (once) and every stage")
+
+
+def recovery_figure(losses: dict, reconstructions: dict):
+    """The Recovery chart: the training loss per step; a run that only reconstructs (closed-form refit, no
+    steps) shows each layer's calibration error after the refit as a share of the plain cut's."""
+    if reconstructions and not any(losses.values()):
+        return plots.reconstruction_chart(reconstructions)
+    return plots.loss_chart(losses, after_reconstruction=bool(reconstructions))
+
+
+# --- the dense model's measurements, kept per loaded model ------------------------------------------
+
+SIZE_KEYS = ("params", "block_params", "weight_mb", "flops_per_token")
+
+
+def dense_parts(ev: dict) -> tuple[dict, dict]:
+    """(quality and size, timing) of a dense evaluation: the first depends on the evaluation budget, the
+    second only on the timing settings, so each is measured once per loaded model and reused."""
+    quality = {k: v for k, v in ev.items()
+               if k in SIZE_KEYS or k.startswith(("accuracy", "perplexity", "eval_")) or k == "quality_cached"}
+    return quality, {k: v for k, v in ev.items() if k not in quality}
+
+
+def remember_quality(cache: dict, ev: dict, eval_samples: int, split: str) -> None:
+    cache[("quality", int(eval_samples or 0), split)] = dense_parts(ev)[0]
+
+
+def known_dense(cache: dict, run: PruningRun) -> tuple[dict | None, dict | None]:
+    """(the dense model's quality at this run's budget, its timing) as measured before for this loaded model;
+    None where not measured yet; the timing is {} for a run that does not time."""
+    quality = cache.get(("quality", int(run.prune.eval_samples or 0), run.prune.eval_split))
+    timing = cache.get(("timing", run.prune.speed_repeats)) if run.timing else {}
+    return quality, timing
+
+
+def remember_dense(cache: dict, run: PruningRun) -> None:
+    """Keep the run's dense evaluation: its quality for this budget, its timing (the first one) for every run."""
+    quality, timing = dense_parts(run.dense)
+    remember_quality(cache, quality, run.prune.eval_samples, run.prune.eval_split)
+    if run.timing and timing.get("latency_ms") is not None:
+        cache.setdefault(("timing", run.prune.speed_repeats), timing)
+
+
+def fresh_export() -> dict:
+    """The Export tab's status and downloads, emptied (a Load: they belonged to the previous model)."""
+    return {"export_status": "", "export_files": None}
 
 
 def report_csv(history: list[dict]) -> str:
@@ -285,6 +429,26 @@ def method_values(method: str, values) -> dict:
     return out
 
 
+def method_note(method: str, values=()) -> str:
+    """The Method options' note: the method's description, with any option its text quotes at the default
+    ("TPE search (50 trials)") given the value set in the controls (`values`, METHOD_ADVANCED's order)."""
+    from explorer.methods import METHODS
+    if method not in METHODS:
+        return ""
+    text = METHODS[method].description
+    cls = METHOD_OPTIONS.get(method)
+    if cls is None:
+        return f"**{method}**: {text}. It has no options of its own."
+    try:
+        now = method_values(method, values)
+    except ExplorerError:  # a value the run will refuse with a message; the note keeps the defaults' text
+        now = {}
+    for f in fields(cls):
+        if now.get(f.name, f.default) != f.default:
+            text = text.replace(f"({f.default} {f.name})", f"({now[f.name]} {f.name})")
+    return f"**{method}**: {text}."
+
+
 def non_default(configs: dict[type, dict]) -> str:
     """', lr=0.0001, seed=3' for the advanced values that differ from the defaults (for run labels)."""
     parts = []
@@ -328,8 +492,9 @@ def eta(seconds: float) -> str:
     return f"about {seconds:.0f} s" if seconds < 120 else f"about {seconds / 60:.0f} min"
 
 
-def evaluation_note(run: PruningRun) -> str:
-    """What one evaluation of a run costs, in words: the status line shows it while it runs."""
+def evaluation_note(run: PruningRun, timing: bool = True) -> str:
+    """What one evaluation of a run costs, in words: the status line shows it while it runs (`timing`
+    False: its quality part only)."""
     n = run.prune.eval_samples
     split = run.prune.eval_split
     if run.lm.task == "causal-lm":
@@ -337,6 +502,8 @@ def evaluation_note(run: PruningRun) -> str:
     else:  # never more than the split has
         n_split = len(run.data.texts[split])
         what = f"{min(n, n_split) if n else n_split:,} {split} examples"
+    if not timing:
+        return what
     if not run.timing:
         return what + ", no timing"
     speed = ("decode at batch 1 and 8 + prefill" if run.lm.task == "causal-lm" else "latency at 1 and 32 × 128")
