@@ -21,6 +21,7 @@ import statistics
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 from .common import ROOT, generated_line, load, load_average, log, machine, write_json
 from explorer.allocation import allocate
@@ -58,7 +59,7 @@ def test_quality(lm, data, n: int) -> float:
     return perplexity(lm, data.texts["test"], max_tokens=n or 16384)
 
 
-def run_case(case: Case) -> dict:
+def run_case(case: Case, save: Callable[[dict], None] = lambda res: None) -> dict:
     lm, data = load(case.model)
     defaults = allocation_defaults(case.model)
     alloc = AllocationConfig(target=case.target, **defaults)
@@ -89,6 +90,7 @@ def run_case(case: Case) -> dict:
                    "sparsity": [lp.sparsity for lp in plan.layers]}
             out["rows"].append(row)
             log(f"{case.model} seed {seed} {metric}: analysis {t_imp:.1f} s, refit {t_rec:.1f} s, test {q:.4f}")
+            save(out)  # every row as it comes: a run cut short keeps what it measured
     return out
 
 
@@ -96,6 +98,8 @@ def summarise(res: dict) -> dict:
     """Per metric: mean/std of test quality and of the analysis time; the quick-look choice."""
     higher = res["higher_is_better"]
     per = {}
+    if not res["rows"]:
+        return {"per_metric": {}, "higher_is_better": higher}
     for m in METRICS:
         rows = [r for r in res["rows"] if r["metric"] == m]
         if not rows:
@@ -118,8 +122,12 @@ def render(doc: dict) -> str:
              "its OBS unit choice, 64 calibration samples; quality on the **test** split after the refit; "
              "mean ± std over calibration seeds. `analysis` is the importance pass's wall time on this (busy) "
              "machine. The quick-look default is the fastest metric within one seed spread of the best.", ""]
+    if not doc["meta"].get("complete"):
+        lines += ["**Partial run**: the rows below are what was measured before it stopped.", ""]
     for res in doc["results"]:
         s = res["summary"]
+        if not s["per_metric"]:
+            continue
         metric = "accuracy" if s["higher_is_better"] else "perplexity"
         a = res["allocation"]
         lines += [f"## {res['model']}, {res['case']['target']:.0%} of block parameters "
@@ -144,14 +152,18 @@ def main(argv=None) -> int:
             "load_before": load_average()}
     t0 = time.perf_counter()
     results = []
-    for case in cases:
-        res = run_case(case)
+
+    def save(res: dict, complete: bool = False) -> None:
         res["summary"] = summarise(res)
+        meta.update(seconds=time.perf_counter() - t0, load_after=load_average(), complete=complete)
+        doc = {"meta": meta, "results": results + ([res] if res not in results else [])}
+        write_json(Path(args.json), doc)
+        Path(args.md).write_text(render(doc))
+
+    for case in cases:
+        res = run_case(case, save)
         results.append(res)
-    meta["seconds"], meta["load_after"] = time.perf_counter() - t0, load_average()
-    doc = {"meta": meta, "results": results}
-    doc["provenance"] = write_json(Path(args.json), doc)
-    Path(args.md).write_text(render(doc))
+    save(results[-1], complete=True)
     log(f"wrote {args.json} and {args.md}")
     return 0
 
