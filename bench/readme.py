@@ -1,12 +1,21 @@
-"""`python -m bench.readme [--check]`: the README's benchmark tables, rendered from the committed
-bench JSONs, so that no figure in the README is older than the run that produced it.
+"""`python -m bench.readme [--check]`: the benchmark tables of the README and of docs/*.md, rendered
+from the committed bench JSONs, so that no figure there is older than the run that produced it.
 
-Each block sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in README.md:
+Each block sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in any of FILES (README.md
+and every docs/*.md); a NAME may live in any of them (once per file). The blocks (BLOCKS):
   * make-bench : `make bench`'s headline (bench/results.json: recon tables, targets, speed, analysis
                  cost, UI server time), with the run's date, load and wall time;
   * recon-long : the long reconstruction runs (bench/recon.json, `python -m bench.recon`);
   * plans      : the plan predictor against reality and the searched plans (bench/plans.json,
-                 `python -m bench.plans`).
+                 `python -m bench.plans`);
+  * decode     : decode / prefill / serving-batch speed and ONNX Runtime (bench/decode.json,
+                 `python -m bench.decode`);
+  * bigmodel   : the big-model memory summary and the estimate table for 1 B / 8 B / 70 B
+                 (bench/bigmodel.json, `python -m bench.bigmodel`);
+  * budgets    : quality against the training budget (bench/budgets.json, `python -m bench.budgets`).
+A block body is written with links relative to the repository root; in a file below it (docs/) its
+relative links are rebased (`bench/X.md` becomes `../bench/X.md`). A marker whose NAME is not in
+BLOCKS is an error, and so is a block of make-bench / recon-long / plans that no file holds.
 Without --check the blocks are rewritten in place; with --check nothing is written and the exit
 status is 1 when a block differs from its JSON (tests/test_readme_tables.py runs this).
 """
@@ -14,16 +23,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"<!-- bench:([\w.-]+) -->")
+REQUIRED = ("make-bench", "recon-long", "plans")  # the blocks some file must hold
+
+
+def files(root: Path = ROOT) -> list[Path]:
+    """The documents that may hold blocks: README.md and docs/*.md."""
+    out = [root / "README.md"] if (root / "README.md").exists() else []
+    return out + sorted((root / "docs").glob("*.md"))
 
 
 def _demote(lines: list[str], by: int = 2) -> list[str]:
     """Headings one or two levels deeper (a report's "## Speed" becomes the README's "#### Speed")."""
     return [("#" * by + ln) if ln.startswith("#") else ln for ln in lines]
+
+
+def _load(root: Path, name: str) -> dict | None:
+    p = root / "bench" / name
+    return json.loads(p.read_text()) if p.exists() else None
 
 
 def make_bench_block(results: dict) -> str:
@@ -52,49 +77,140 @@ def recon_long_block(recon: dict) -> str:
                      + model_tables(recon["results"], level="####")).strip() + "\n"
 
 
-def blocks(root: Path = ROOT) -> dict[str, str]:
+def plans_block(plans: dict) -> str:
+    from .plans import render
+    body = render(plans).split("\n", 3)  # drop the report's own title
+    return "\n".join(_demote([body[0], ""] + body[3].splitlines(), 2)).strip() + "\n"
+
+
+def decode_block(decode: dict) -> str:
+    from .decode import render
+    body = render(decode["results"], decode["meta"], decode.get("provenance")).split("\n", 2)[2]  # no title
+    return "\n".join(_demote(body.splitlines(), 2)).strip() + "\n"
+
+
+def bigmodel_block(data: dict) -> str:
+    """BIGMODEL.md's summary of the measured streamed / whole runs, then its "GPU and big models"
+    section (the two analysis modes and the estimate table), rendered by bench.bigmodel."""
+    from .bigmodel import write_report
+    with tempfile.TemporaryDirectory() as d:
+        write_report(Path(d), data)
+        md = (Path(d) / "BIGMODEL.md").read_text()
+    head, found, gpu = md.partition("\n## GPU and big models\n")
+    if not found:
+        raise SystemExit("bench.bigmodel's report has no '## GPU and big models' section (bench/readme.py bigmodel)")
+    first = head.splitlines()[2]  # the "Generated ... by python -m bench.bigmodel" line
+    summary = [p for p in head.split("\n\n") if p.startswith("Streamed mode:")]
+    return "\n\n".join([first, *summary, gpu.strip()]).strip() + "\n"
+
+
+def budgets_block(doc: dict) -> str:
+    from .budgets import readme_block
+    return readme_block(doc)
+
+
+# name -> (the JSON under bench/ it is rendered from, the renderer)
+BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "make-bench": ("results.json", make_bench_block),
+    "recon-long": ("recon.json", recon_long_block),
+    "plans": ("plans.json", plans_block),
+    "decode": ("decode.json", decode_block),
+    "bigmodel": ("bigmodel.json", bigmodel_block),
+    "budgets": ("budgets.json", budgets_block),
+}
+
+
+def blocks(root: Path = ROOT, names=None) -> dict[str, str]:
+    """NAME -> the block's body (links relative to the repository root), for every name in `names`
+    (default: every block in BLOCKS) whose JSON exists."""
     out = {}
-    res = root / "bench" / "results.json"
-    if res.exists():
-        out["make-bench"] = make_bench_block(json.loads(res.read_text()))
-    rec = root / "bench" / "recon.json"
-    if rec.exists():
-        out["recon-long"] = recon_long_block(json.loads(rec.read_text()))
-    plans = root / "bench" / "plans.json"
-    if plans.exists():
-        from .plans import render
-        body = render(json.loads(plans.read_text())).split("\n", 3)  # drop the report's own title
-        out["plans"] = "\n".join(_demote([body[0], ""] + body[3].splitlines(), 2)).strip() + "\n"
+    for name in (BLOCKS if names is None else names):
+        src, render = BLOCKS[name]
+        doc = _load(root, src)
+        if doc is not None:
+            out[name] = render(doc)
     return out
 
 
-def apply(text: str, rendered: dict[str, str]) -> tuple[str, list[str]]:
-    """README text with each marked block replaced; the names of blocks that changed."""
+_LINK = re.compile(r"(\]\()([^)\s#][^)\s]*)(\))")
+
+
+def rebase_links(body: str, rel_dir: str) -> str:
+    """`body`'s relative links (written from the repository root) as seen from `rel_dir`."""
+    if rel_dir in ("", "."):
+        return body
+
+    def fix(m):
+        target = m.group(2)
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("/"):
+            return m.group(0)
+        return m.group(1) + os.path.relpath(target, rel_dir).replace(os.sep, "/") + m.group(3)
+    return _LINK.sub(fix, body)
+
+
+def names_in(text: str) -> list[str]:
+    return MARKER.findall(text)
+
+
+def apply(text: str, rendered: dict[str, str], rel_dir: str = "", missing_ok: bool = False) -> tuple[str, list[str]]:
+    """`text` with each marked block replaced (links rebased for a file in `rel_dir`); the names of
+    the blocks that changed. A name of `rendered` absent from `text` is an error unless missing_ok."""
     changed = []
     for name, body in rendered.items():
+        body = rebase_links(body, rel_dir)
         pat = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n)(.*?)(<!-- /bench:{re.escape(name)} -->)", re.S)
         m = pat.search(text)
         if not m:
-            raise SystemExit(f"README.md has no <!-- bench:{name} --> ... <!-- /bench:{name} --> block")
+            if missing_ok:
+                continue
+            raise SystemExit(f"no <!-- bench:{name} --> ... <!-- /bench:{name} --> block")
         if m.group(2) != body:
             changed.append(name)
             text = text[:m.start(2)] + body + text[m.end(2):]
     return text, changed
 
 
+def render_all(root: Path = ROOT) -> dict[Path, tuple[str, list[str]]]:
+    """Every document of FILES -> (its text with its blocks rendered, the names that changed)."""
+    docs = {p: p.read_text() for p in files(root)}
+    held = {p: names_in(t) for p, t in docs.items()}
+    for p, names in held.items():
+        unknown = sorted(set(names) - set(BLOCKS))
+        if unknown:
+            raise SystemExit(f"{p.relative_to(root)}: unknown block(s) {', '.join(unknown)} (bench/readme.py BLOCKS)")
+    everywhere = {n for names in held.values() for n in names}
+    absent = [n for n in REQUIRED if n not in everywhere]
+    if absent:
+        raise SystemExit(f"no document holds the block(s) {', '.join(absent)} (README.md, docs/*.md)")
+    rendered = blocks(root, sorted(everywhere))
+    out = {}
+    for p, text in docs.items():
+        mine = {n: b for n, b in rendered.items() if n in held[p]}
+        rel = p.parent.relative_to(root).as_posix()
+        out[p] = apply(text, mine, rel)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README's tables differ from the JSONs")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a document's tables differ from the JSONs")
     args = ap.parse_args(argv)
-    readme = ROOT / "README.md"
-    text, changed = apply(readme.read_text(), blocks())
+    stale = []
+    for path, (text, changed) in render_all().items():
+        rel = path.relative_to(ROOT)
+        if not changed:
+            continue
+        stale.append(f"{rel} ({', '.join(changed)})")
+        if not args.check:
+            path.write_text(text)
+            print(f"{rel}: rewrote {', '.join(changed)}")
     if args.check:
-        if changed:
-            print(f"README.md is stale in block(s) {', '.join(changed)}: run python -m bench.readme", file=sys.stderr)
+        if stale:
+            print(f"stale block(s) in {'; '.join(stale)}: run python -m bench.readme", file=sys.stderr)
             return 1
         return 0
-    readme.write_text(text)
-    print(f"README.md: rewrote {', '.join(changed) or 'nothing (up to date)'}")
+    if not stale:
+        print("every block is up to date")
     return 0
 
 
