@@ -599,3 +599,15 @@ def test_latency_is_off_by_default(app):
     demo = A.build_ui(app)
     box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "timing-input")
     assert box.value is False
+
+
+def test_the_quick_look_metric_is_forward_only(app):
+    """The Importance tab opens on the forward-only metric that bench/METRICS.md found within the seed spread
+    of taylor after reconstruction (issue 24); encoders without a head keep a label-free one too."""
+    from explorer.importance import GRAD_METRICS
+    from ui.views import QUICK_LOOK_METRIC, task_defaults
+    demo = A.build_ui(app)
+    drop = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "Salience metric")
+    assert drop.value == QUICK_LOOK_METRIC == "fluctuation"
+    for task in ("classification", "causal-lm", "encoder"):
+        assert task_defaults(task)[0] not in GRAD_METRICS

@@ -538,9 +538,15 @@ def layer_figure(imp, normalization: str = "maxabs"):
     return plots.layer_importance(imp.layer_cos, imp.normalized_by(normalization), imp.attn_cos, imp.mlp_cos)
 
 
+# The quick look's salience metric: forward only (FLAP's fluctuation, streamed layer by layer), within the
+# seed spread of the gradient metric after reconstruction on both bundled models and 2-4x faster to compute
+# (bench/METRICS.md); taylor & co. stay one click away in the Importance tab.
+QUICK_LOOK_METRIC = "fluctuation"
+
+
 def task_defaults(task: str | None) -> tuple[str, str]:
     """(metric, recovery) that work for a task: encoders have no head, so no gradients."""
-    return (LABEL_FREE_METRICS[0], "reconstruct") if task == "encoder" else ("taylor", "reconstruct")
+    return (LABEL_FREE_METRICS[0], "reconstruct") if task == "encoder" else (QUICK_LOOK_METRIC, "reconstruct")
 
 
 def require_loaded(s: Session) -> Loaded:
