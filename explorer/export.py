@@ -5,19 +5,24 @@
   * gguf      LLaMA family (export_gguf.py), per-layer `feed_forward_length` / `head_count(_kv)`
               arrays; written as llama.cpp's `llama` architecture when every layer has the same
               width, else as `deci` (same tensors, per-layer sizes: llama.cpp's `llama` graph sizes
-              every layer from layer 0); checked by reading it back; gguf-f16 halves it;
-  * the model card: README.md with Hugging Face front matter, written by `save_model`: which form
-    the directory has (plain transformers, or transformers with the explorer's own modeling code
-    and why that needs `trust_remote_code=True`; see hub_code) and each quality figure with the
-    split it was measured on.
+              every layer from layer 0); checked by reading it back; gguf-f16 halves it; `quant`
+              ("q8_0", "q4_k_m", ...) stores the matrices quantised (Q8_0 by gguf-py, the others
+              by llama.cpp's llama-quantize: explorer/llama_cpp.py, `make llama-cpp`).
+The model card (README.md of a saved directory) lives in card.py, written by `save_model`; its
+names stay importable from here.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from .card import AUTO_CLASS, HUB_IDS, eval_split, model_card  # the model card moved to card.py; kept importable
 from .errors import ExplorerError
+from .export_gguf import check_gguf, export_gguf
+from .export_onnx import check_onnx, export_onnx
 from .models import BUILTIN_MODELS, LoadedModel, package_dir
+
+__all__ = ["AUTO_CLASS", "CHECK_SENTENCES", "FORMATS", "HUB_IDS", "eval_split", "export", "model_card", "source_gguf"]
 
 FORMATS = ("onnx", "gguf", "gguf-f16")
 ONNX_ATOL, ONNX_RTOL = 1e-4, 2e-5  # onnxruntime vs PyTorch: absolute, or relative to the largest output
@@ -30,8 +35,6 @@ CHECK_SENTENCES = [
     "She said the results were better than anyone had expected, and that the team would keep going.",
 ]
 
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm-rt": "sentence-transformers/all-MiniLM-L6-v2",
-           "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def source_gguf(lm: LoadedModel) -> Path | None:
@@ -44,17 +47,19 @@ def source_gguf(lm: LoadedModel) -> Path | None:
     return None
 
 
-def export(lm: LoadedModel, fmt: str, out: str | Path, check: bool = True) -> dict:
-    """Write `lm` as `fmt` to the file `out`; with `check`, verify the file reproduces the model."""
+def export(lm: LoadedModel, fmt: str, out: str | Path, check: bool = True, quant: str | None = None) -> dict:
+    """Write `lm` as `fmt` to the file `out`; with `check`, verify the file reproduces the model.
+    `quant`: a GGUF quantisation type (llama-quantize's names, e.g. q8_0, q4_k_m); gguf formats only."""
     out = Path(out).expanduser()
     if out.is_dir():
         raise ExplorerError(f"'{out}' is a directory: give a file name (e.g. {out / ('model.' + fmt.split('-')[0])})")
     if fmt not in FORMATS:
         raise ExplorerError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    if quant and not fmt.startswith("gguf"):
+        raise ExplorerError(f"a quantisation type ('{quant}') applies to GGUF files only, not {fmt}")
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if fmt == "onnx":
-        from .export_onnx import check_onnx, export_onnx
         res = export_onnx(lm, out)
         if check:
             c = check_onnx(lm, out, CHECK_SENTENCES)
@@ -66,157 +71,15 @@ def export(lm: LoadedModel, fmt: str, out: str | Path, check: bool = True) -> di
                                     f"{'ok' if c['ok'] else 'NOT within tolerance'}), {c['onnx_ms']:.1f} ms vs "
                                     f"PyTorch {c['torch_ms']:.1f} ms at {c['batch_size']} x {c['seq_len']}")
     else:
-        from .export_gguf import check_gguf, export_gguf
-        res = export_gguf(lm, out, dtype="f16" if fmt == "gguf-f16" else "f32", source_gguf=source_gguf(lm))
+        res = export_gguf(lm, out, dtype="f16" if fmt == "gguf-f16" else "f32", source_gguf=source_gguf(lm),
+                          quant=quant or None)
         if check:
             c = check_gguf(lm, out)
             res["check"] = c
-            res["check_summary"] = (f"read back ({res['architecture']} architecture): per-layer widths, tensor "
-                                    "shapes and values match" if c["ok"] else "; ".join(c["problems"][:3]))
+            res["check_summary"] = (f"read back ({res['architecture']} architecture"
+                                    + (f", {res['quant']}" if res.get("quant") else "") + "): per-layer widths, tensor "
+                                    "shapes and values match" + (" within the quantisation's error" if res.get("quant")
+                                                                 else "") if c["ok"] else "; ".join(c["problems"][:3]))
             res["check_summary"] += "".join(f"; note: {w}" for w in res.get("warnings", []))
     res.update(format=fmt, seconds=time.perf_counter() - t0)
     return res
-
-
-# --- the model card ------------------------------------------------------------------------------
-
-def _fmt(v, metric: str = "") -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if metric == "accuracy":
-        return f"{v:.4f}"
-    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4f}"
-
-
-AUTO_CLASS = {"causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
-              "encoder": "AutoModel"}
-
-
-def eval_split(report: dict) -> str | None:
-    """The split a run's quality figures were measured on (the run's `eval_split`, which the app
-    sets to val and the CLI to test unless told), or None where the report does not say."""
-    split = report.get("eval_split") or ((report.get("config") or {}).get("prune") or {}).get("eval_split")
-    for ev in (report.get("final"), report.get("dense")):
-        split = split or (ev or {}).get("eval_split")
-    return split
-
-
-def _quality_label(metric: str, split: str | None) -> str:
-    return f"{metric} ({split} split)" if split else f"{metric} (split not recorded)"
-
-
-def _how_to_load(lm: LoadedModel, plan: dict) -> list[str]:
-    auto = AUTO_CLASS.get(lm.task, "AutoModel")
-    pipe = {"causal-lm": "text-generation", "classification": "text-classification"}.get(lm.task)
-    remote = plan.get("remote_code")
-    lines = ["## How to load", ""]
-    if plan.get("loads_with_plain_from_pretrained"):
-        lines += ["**Form: plain transformers.** Every layer has the same width and config.json says it, so "
-                  "transformers loads the folder with its own classes; the folder holds no code.", "", "```python",
-                  f"from transformers import {auto}", f"model = {auto}.from_pretrained('path/to/this/folder')",
-                  "```", ""]
-    elif remote:
-        family = lm.adapter.family
-        how = ("transformers' own decoder layer, built from the layer's entry of `per_layer_config` in config.json"
-               if family == "LLaMA" else
-               f"transformers' own {family} layer, its projections made at the layer's widths "
-               "(`pruned_layer_heads`, `pruned_layer_ffn` in config.json)")
-        need = remote.get("min_transformers")
-        layers = plan.get("layers") or []
-        if len({(w["groups"], w["neurons"]) for w in layers}) > 1:
-            why = "The widths differ between layers"
-        elif family == "LLaMA":
-            why = ("Every layer has the same widths, but LlamaConfig cannot say them (it wants the hidden size to be "
-                   "a multiple of the query-head count)")
-        else:
-            why = (f"Every layer has the same widths, but a {family} config cannot say them (it derives the head size "
-                   "from hidden size / head count" + (", and the hidden size was pruned" if plan.get("hidden") else "")
-                   + ")")
-        lines += [f"**Form: transformers with this folder's own modeling code.** {why}, and transformers' {family} "
-                  "classes build every layer at the one width the config names: plain `from_pretrained` stops at the "
-                  "size mismatch. So the folder "
-                  "carries `configuration_pruned.py` and `modeling_pruned.py`, written by Pruning Explorer and named "
-                  "in config.json's `auto_map`:", "", "```python",
-                  f"from transformers import {auto}" + (", pipeline" if pipe else ""),
-                  f"model = {auto}.from_pretrained('path/to/this/folder', trust_remote_code=True)"]
-        if pipe:
-            lines.append(f"pipe = pipeline('{pipe}', model='path/to/this/folder', trust_remote_code=True)")
-        lines += ["```", "",
-                  "Why `trust_remote_code=True`: transformers runs those two files to build the model. They import "
-                  "nothing but the standard library, torch and transformers, subclass transformers' own classes and "
-                  f"build each layer with {how}; then the safetensors weights load as usual. Read them before "
-                  "trusting a copy of this folder from elsewhere. Without the flag transformers refuses to load it "
-                  f"(config.json's model type `{remote.get('model_type')}` is not one of its own)."
-                  + (f" Needs transformers >= {need} (`per_layer_config`)." if need else "")
-                  + f" Written with transformers {remote.get('written_with_transformers')}.", ""]
-    lines += ["Pruning Explorer reads the folder without running any of its code:", "", "```python",
-              "from explorer.models import load_model  # Pruning Explorer",
-              "lm = load_model('path/to/this/folder')  # rebuilds the per-layer widths from explorer_plan.json",
-              "```", ""]
-    if not plan.get("loads_with_plain_from_pretrained"):
-        lines += ["For runtimes without Python export it: `python -m explorer export --model DIR --format onnx "
-                  "--out model.onnx`" + (" (or `--format gguf` for llama.cpp)." if lm.adapter.family == "LLaMA"
-                                          else "."), ""]
-    return lines
-
-
-def model_card(lm: LoadedModel, plan: dict) -> str:
-    """README.md of a saved model: what it came from, how it was pruned, what it measures (each
-    quality figure labelled with the split it was measured on), and how to load it, in the form
-    the directory was written (front matter as the Hugging Face hub reads it)."""
-    base = plan.get("base", lm.name)
-    report = plan.get("report") or {}
-    metric = report.get("metric", "")
-    pipeline = {"causal-lm": "text-generation", "classification": "text-classification"}.get(lm.task,
-                                                                                              "feature-extraction")
-    lines = ["---", f"base_model: {HUB_IDS.get(base, base)}", "library_name: transformers",
-             f"pipeline_tag: {pipeline}", "tags:", "- pruned", "- structured-pruning", "- pruning-explorer",
-             *(["- custom_code"] if plan.get("remote_code") else []), "---", "",
-             f"# {Path(str(base)).name}, structurally pruned", "",
-             f"Pruned with Pruning Explorer from `{base}` ({plan.get('model_type')}, task {lm.task}). "
-             "Attention heads (whole KV groups for GQA) and FFN neurons were removed physically: every layer has "
-             "its own width, listed below.", ""]
-    cfg = report.get("config") or {}
-    if cfg:
-        a, al, p = cfg.get("analysis", {}), cfg.get("allocation", {}), cfg.get("prune", {})
-        lines += ["## Method", "",
-                  f"- method: {report.get('method', 'adaptive')}; allocation {al.get('mode')} with target "
-                  f"S_base = {al.get('target')}, A = {al.get('amplitude')} (normalisation {al.get('normalization')}), "
-                  f"split {al.get('split')}",
-                  f"- importance: {a.get('metric')} on {a.get('samples')} calibration samples of `{plan.get('data')}`",
-                  f"- {p.get('stages')} stage(s), recovery {p.get('recovery')}, {p.get('recovery_steps')} steps per "
-                  "stage", ""]
-    dense, final = report.get("dense") or {}, report.get("final") or {}
-    if dense and final:
-        split = eval_split(report)
-        rows = [(_quality_label(metric, split), metric), ("parameters", "params"),
-                ("block parameters", "block_params"),
-                ("weights, MB", "weight_mb"), ("latency, ms (forward, 32 x 128)", "latency_ms"),
-                ("decode tokens/s (batch 1, KV cache)", "decode_tokens_per_s"),
-                ("decode tokens/s (batch 8)", "decode_tokens_per_s_b8"), ("prefill ms (batch 1)", "prefill_ms"),
-                ("latency ms (1 x 128)", "latency_b1x128_ms"), ("latency ms (32 x 128)", "latency_b32x128_ms")]
-        lines += ["## Dense vs pruned", "", "Measured by the explorer at the end of the run (speed on the machine "
-                  "that ran it, dense measured at the start of the run)"
-                  + (f"; {metric} on the {split} split of `{plan.get('data')}`"
-                     + (" (the split the run chose its settings on, not a held-out test figure)"
-                        if split == "val" else "") if split else "") + ".", "",
-                  "| | dense | pruned |", "|---|---|---|"]
-        lines += [f"| {label} | {_fmt(dense.get(k), metric)} | {_fmt(final.get(k), metric)} |"
-                  for label, k in rows if dense.get(k) is not None or final.get(k) is not None]
-        lines.append("")
-    rec = plan.get("recovery") or {}
-    before, after = rec.get("before") or {}, rec.get("after") or {}
-    m = next((k for k in ("accuracy", "perplexity") if k in after), None)
-    if m:
-        split = after.get("eval_split") or before.get("eval_split")
-        lines += ["## Recovery", "", f"{rec.get('recovery')} recovery, {rec.get('steps')} steps: "
-                  f"{_quality_label(m, split)} {_fmt(before.get(m), m)} before, {_fmt(after.get(m), m)} after.", ""]
-    layers = plan.get("layers") or []
-    if layers:
-        lines += ["## Plan per layer", "", "| layer | KV groups (attention units) | FFN neurons |", "|---|---|---|"]
-        lines += [f"| {i} | {w['groups']} | {w['neurons']} |" for i, w in enumerate(layers)]
-        lines.append("")
-    lines += _how_to_load(lm, plan)
-    return "\n".join(lines)

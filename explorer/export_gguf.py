@@ -25,6 +25,13 @@ BPE tokenizer becomes tokenizer.ggml.model "gpt2" (tokens by id, token types, me
 ids); any other kind (WordLevel, WordPiece, Unigram) gets "none", which llama.cpp loads as a
 vocabulary of `{arch}.vocab_size` ids without text tokenization (feed it token ids), while the
 tokens and their types are still written for readers such as `read_gguf_summary`.
+
+Quantised files (`quant`, llama-quantize's type names): Q8_0 is written here with gguf-py (the
+same blocks as ggml's reference Q8_0, no llama.cpp needed); every other type is the f32/f16
+file run through llama-quantize (explorer/llama_cpp.py, built by `make llama-cpp`). A matrix
+whose rows are no multiple of the type's block (256 values for the k-quants, 32 for Q8_0 /
+Q4_0 ...) is stored in another type by llama-quantize; the export says which, before
+quantising. `check_gguf` dequantises such tensors and compares them within the type's error.
 """
 from __future__ import annotations
 
@@ -37,13 +44,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import llama_cpp
 from .errors import ExplorerError
+from .surgery import widths
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # the LLaMA block, as llama.cpp's llama loader runs it
 ARCHES = ("auto", "llama", "deci")
 F16_MAX = 65504.0
-LLAMA_CPP_SKIP = ("llama-cpp-python has no wheel for this platform in the registry; "
-                  "GGUF checked by reading it back only")
+# relative error (|dequantised - model| / |model|, per tensor) a quantised tensor may show in check_gguf;
+# measured on SmolLM2's Q8_0 / Q4_K_M files (largest over its matrices): Q8_0 0.0065, Q6_K 0.018,
+# Q5_0 0.052, Q4_K 0.020 (its weights come from a Q4_1 file); the types not measured scaled by their bits
+QUANT_REL_TOL = {"Q8_0": 0.02, "Q6_K": 0.04, "Q5_0": 0.08, "Q5_1": 0.08, "Q5_K": 0.08, "Q4_0": 0.15,
+                 "Q4_1": 0.15, "Q4_K": 0.15, "Q3_K": 0.3, "Q2_K": 0.5, "BF16": 0.01}
 
 
 def _refuse(what: str) -> ExplorerError:
@@ -115,7 +127,7 @@ def _layer_dims(lm) -> list[dict]:
 
 
 def _tname(tensor, bid: int | None = None, suffix: str = "weight") -> str:
-    import gguf
+    import gguf  # optional dependency: the explorer imports without it
     base = gguf.TENSOR_NAMES[tensor]
     return (base.format(bid=bid) if bid is not None else base) + "." + suffix
 
@@ -124,7 +136,7 @@ def _entries(lm) -> list[tuple[str, torch.Tensor, int | None, str]]:
     """(GGUF name, HF tensor, heads to permute by or None, kind) for every tensor to write;
     kind is "matrix" (written in the chosen dtype) or "vector" (always f32). Zero biases are
     left out."""
-    import gguf
+    import gguf  # optional dependency: the explorer imports without it
     T = gguf.MODEL_TENSOR
     model = lm.model
     base = lm.adapter.base(model)
@@ -162,7 +174,7 @@ def _scalar_or_list(values: list[int]):
 
 def _tokenizer_fields_from_gguf(path) -> list[tuple[str, object, object, object]]:
     """Every `tokenizer.*` field of a GGUF file as (key, value, type, array sub-type)."""
-    import gguf
+    import gguf  # optional dependency: the explorer imports without it
     V = gguf.GGUFValueType
     reader = gguf.GGUFReader(str(path))
     out = []
@@ -180,7 +192,7 @@ def _tokenizer_fields_from_gguf(path) -> list[tuple[str, object, object, object]
 
 def _add_tokenizer_from_hf(writer, tok, n_vocab: int) -> list[str]:
     """Write the HF fast tokenizer's vocabulary; returns warnings."""
-    import gguf
+    import gguf  # optional dependency: the explorer imports without it
     TT = gguf.TokenType
     warnings: list[str] = []
     backend = getattr(tok, "backend_tokenizer", None)
@@ -242,16 +254,24 @@ def _add_tokenizer_from_hf(writer, tok, n_vocab: int) -> list[str]:
 # --- export ------------------------------------------------------------------------------------------
 
 def export_gguf(lm, path, dtype: str = "f32", source_gguf: str | Path | None = None,
-                arch: str = "auto") -> dict:
+                arch: str = "auto", quant: str | None = None, threads: int | None = None) -> dict:
     """Write `lm` to the GGUF file `path` (atomically: a temporary file in the same folder,
-    then renamed). dtype "f32" or "f16" for the matrices (norms and biases stay f32)."""
-    import gguf
+    then renamed). dtype "f32" or "f16" for the matrices (norms and biases stay f32).
+    `quant` (e.g. "q8_0", "q4_k_m"; llama-quantize's names, any case): store the matrices in
+    that type instead: Q8_0 by gguf-py here, the others by llama-quantize from the `dtype` file
+    (needs `make llama-cpp`; checked before anything is written)."""
+    import gguf  # optional dependency: the explorer imports without it
 
     _check_model(lm)
     if dtype not in ("f32", "f16"):
         raise ExplorerError(f"unknown GGUF dtype '{dtype}': use f32 or f16")
     if arch not in ARCHES:
         raise ExplorerError(f"unknown GGUF architecture '{arch}': use {', '.join(ARCHES)}")
+    q = llama_cpp.quant_type(quant) if quant else None
+    if q == "F16":
+        dtype, q = "f16", None
+    if q is not None and q != "Q8_0":
+        llama_cpp.find_tools()  # a missing build is said before the export starts
     cfg = lm.model.config
     blocks = lm.adapter.blocks(lm.model)
     dims = _layer_dims(lm)
@@ -265,8 +285,9 @@ def export_gguf(lm, path, dtype: str = "f32", source_gguf: str | Path | None = N
     name = "llama" if arch == "llama" or (arch == "auto" and uniform) else "deci"
     warnings: list[str] = []
     if name == "llama" and not uniform:
-        warnings.append("architecture 'llama' with per-layer widths: llama.cpp's llama loader sizes every "
-                        "layer like layer 0 and will refuse this file (arch='deci' or 'auto' avoids that)")
+        raise ExplorerError("architecture 'llama' cannot carry per-layer widths: llama.cpp's llama loader sizes "
+                            "every layer like layer 0 and refuses the file (llama.cpp #9818); export with "
+                            "arch 'deci' or 'auto' (the default), which llama.cpp runs with each layer's own widths")
     window = getattr(cfg, "sliding_window", None)
     if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
         window = None
@@ -279,6 +300,9 @@ def export_gguf(lm, path, dtype: str = "f32", source_gguf: str | Path | None = N
         if gname.endswith("attn_q.bias") and t.shape[0] != n_embd:
             warnings.append(f"{gname} has {t.shape[0]} values; some llama.cpp versions expect the hidden "
                             f"size ({n_embd}) for it and refuse the file")
+    fallbacks = llama_cpp.quant_fallbacks({g: list(t.shape) for g, t, _, k in entries if k == "matrix"}, q) if q else []
+    if fallbacks:
+        warnings.append(llama_cpp.fallback_summary(fallbacks, q))
 
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +313,8 @@ def export_gguf(lm, path, dtype: str = "f32", source_gguf: str | Path | None = N
         w = gguf.GGUFWriter(tmp, name)
         w.add_type("model")
         w.add_name(str(lm.name))
-        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
+        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0 if q == "Q8_0" else gguf.LlamaFileType.MOSTLY_F16
+                            if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
         w.add_context_length(int(getattr(cfg, "max_position_embeddings", 0) or lm.max_positions))
         w.add_embedding_length(n_embd)
         w.add_block_count(len(blocks))
@@ -322,9 +347,16 @@ def export_gguf(lm, path, dtype: str = "f32", source_gguf: str | Path | None = N
             w.add_tensor(_tname(gguf.MODEL_TENSOR.ROPE_FREQS),
                          _llama3_rope_factors(head_dim, theta, rope).numpy())
             n_tensors += 1
+        Q8 = gguf.GGMLQuantizationType.Q8_0
         for gname, t, nh, kind in entries:
-            arr = _gguf_layout(t, nh).numpy()
-            if kind == "matrix" and np_dtype is np.float16:
+            arr = _gguf_layout(t, nh).numpy()  # [out, in]: a GGUF row is one output's `in` values
+            if kind == "matrix" and q == "Q8_0" and arr.shape[-1] % 32 == 0:
+                # ggml's Q8_0 blocks (32 values: one f16 scale + 32 int8), as llama-quantize writes them
+                w.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), Q8),
+                             raw_dtype=Q8)
+                n_tensors += 1
+                continue
+            if kind == "matrix" and (np_dtype is np.float16 or q == "Q8_0"):
                 if np.abs(arr).max() > F16_MAX:
                     raise ExplorerError(f"{gname} has values beyond the f16 range: export with dtype f32")
                 arr = arr.astype(np.float16)
@@ -334,14 +366,22 @@ def export_gguf(lm, path, dtype: str = "f32", source_gguf: str | Path | None = N
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
+        quantized = None
+        if q is not None and q != "Q8_0":
+            quantized = llama_cpp.quantize(tmp, path, q, threads=threads)  # writes `path` atomically
+        else:
+            os.replace(tmp, path)
     finally:
         for f in (getattr(w, "fout", None) or []) if w is not None else []:
             f.close()  # a failed write leaves the writer's file open
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return {"path": str(path), "bytes": path.stat().st_size, "tensors": n_tensors, "architecture": name,
-            "dtype": dtype, "layers": dims, "warnings": warnings}
+    res = {"path": str(path), "bytes": path.stat().st_size, "tensors": n_tensors, "architecture": name,
+           "dtype": dtype, "quant": q, "layers": dims, "warnings": warnings,
+           "fallbacks": fallbacks}
+    if quantized is not None:
+        res["quantize"] = {k: quantized[k] for k in ("seconds", "fallback_tensors", "fallbacks")}
+    return res
 
 
 # --- reading back ------------------------------------------------------------------------------------
@@ -354,7 +394,7 @@ def _field(reader, key, default=None):
 def read_gguf_summary(path) -> dict:
     """Architecture, widths (per-layer lists even where the file has a scalar), tensor shapes
     in PyTorch order ([out, in]; GGUF stores dims innermost first) and the tokenizer."""
-    import gguf
+    import gguf  # optional dependency: the explorer imports without it
     return _summary(gguf.GGUFReader(str(path)))
 
 
@@ -391,9 +431,7 @@ def check_gguf(lm, path, all_values: bool = False) -> dict:
     """Read `path` back and compare it with `lm`: per-layer widths, every tensor's name and
     shape, and the values of a few tensors (all with `all_values`), Q/K permutation undone,
     within f16 tolerance."""
-    import gguf
-
-    from .surgery import widths
+    import gguf  # optional dependency: the explorer imports without it
     problems: list[str] = []
     reader = gguf.GGUFReader(str(path))
     s = _summary(reader)
@@ -425,28 +463,28 @@ def check_gguf(lm, path, all_values: bool = False) -> dict:
         if n not in data or got.get(n) != want_shapes[n] or not (all_values or n in few or n.endswith(".bias")):
             continue
         rt = data[n]
-        if rt.tensor_type.name not in ("F32", "F16"):
-            problems.append(f"{n}: stored as {rt.tensor_type.name}, not F32/F16")
-            continue
-        a = np.asarray(rt.data, dtype=np.float32).reshape(want_shapes[n])
-        if nh:
-            a = unpermute_qk(a, nh)
+        kind = rt.tensor_type.name
         b = t.detach().to("cpu", torch.float32).numpy()
-        if not np.allclose(a, b, rtol=1e-3, atol=1e-6):
-            problems.append(f"{n}: values differ from the model (max |diff| {float(np.abs(a - b).max()):.3g})")
+        if kind in ("F32", "F16"):
+            a = np.asarray(rt.data, dtype=np.float32).reshape(want_shapes[n])
+            if nh:
+                a = unpermute_qk(a, nh)
+            if not np.allclose(a, b, rtol=1e-3, atol=1e-6):
+                problems.append(f"{n}: values differ from the model (max |diff| {float(np.abs(a - b).max()):.3g})")
+        else:
+            tol = next((v for k, v in QUANT_REL_TOL.items() if kind.startswith(k)), None)
+            try:
+                a = gguf.quants.dequantize(rt.data, rt.tensor_type).astype(np.float32).reshape(want_shapes[n])
+            except (NotImplementedError, ValueError, KeyError):
+                a = None
+            if tol is None or a is None:
+                problems.append(f"{n}: stored as {kind}, which the check cannot read")
+                continue
+            if nh:
+                a = unpermute_qk(a, nh)
+            rel = float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
+            if rel > tol:
+                problems.append(f"{n}: {kind} values differ from the model by {rel:.3f} (relative; {kind} "
+                                f"allows {tol})")
         checked.append(n)
     return {"ok": not problems, "problems": problems, "checked_values": checked, "summary": s}
-
-
-def llama_cpp_next_token(path, prompt: str | list[int]) -> int | None:
-    """Greedy next token after `prompt` (text, or token ids for a file whose tokenizer model
-    is 'none') by llama.cpp through llama-cpp-python; None where that package is missing."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
-    ids = list(prompt) if not isinstance(prompt, str) else llm.tokenize(prompt.encode("utf-8"), add_bos=True)
-    llm.reset()
-    llm.eval(ids)
-    return int(np.argmax(np.asarray(llm.scores[llm.n_tokens - 1])))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for
+from .card import model_card
 from .errors import ModelError
 
 PLAN_FILE = "explorer_plan.json"
@@ -459,7 +460,6 @@ def save_model(lm: LoadedModel, out_dir: str | Path, extra: dict | None = None) 
                 "layers": layers, **({"hidden": hidden} if hidden else {}),
                 **(extra or {})}
         (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1, default=float))
-        from .export import model_card
         (tmp / "README.md").write_text(model_card(lm, plan))
         if out.exists():
             old = out.with_name(out.name + ".old")

@@ -389,3 +389,123 @@ def test_bfloat16_model_trains_and_keeps_its_dtype(tuning):
     assert run.status == "done", run.error
     assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
     assert torch.isfinite(_out(lm).float()).all() and run.records[-1].removed_fraction >= 0.3
+
+
+# --- the schedule scaled with the run's length (issue 27) -----------------------------------------
+
+def _opts(**kw):
+    from explorer.config import APTOptions
+    return APTOptions(**kw)
+
+
+def test_schedule_scales_with_the_run_and_reaches_the_document_at_length():
+    from explorer.methods.apt import DOC_MASK_DECAY, DOC_UPDATE_FREQUENCY, schedule_for
+    got = {T: schedule_for(T, _opts()) for T in (20, 100, 400, 1000, 2000)}
+    assert [got[T]["prune_steps"] for T in got] == [14, 70, 280, 700, 1400]
+    assert [got[T]["update_frequency"] for T in got] == [1, 7, 28, 70, DOC_UPDATE_FREQUENCY]
+    assert got[2000]["mask_decay"] == DOC_MASK_DECAY  # the document's pair once T_p >= 1,000
+    for s in got.values():
+        assert s["mask_decay"] * s["update_frequency"] == pytest.approx(1.0)
+        assert len(s["growth_at"]) == 2 and all(0 < g < s["prune_steps"] for g in s["growth_at"])
+    assert schedule_for(100, _opts(update_frequency=10))["update_frequency"] == 10  # explicit wins
+    assert schedule_for(0, _opts())["growth_at"] == []
+
+
+def test_ramp_with_a_decay_rate_moves_at_least_the_rate_and_meets_the_deadline():
+    m = torch.tensor([1.0, 1.0, 0.0, 0.5])
+    tau = torch.tensor([False, False, True, True])
+    ramp_masks(m, tau, 10, rate=0.25)  # the rate (0.25) beats the linear share (0.1)
+    assert m.tolist() == [0.75, 0.75, 0.25, 0.75]
+    ramp_masks(m, tau, 3, rate=0.3)  # 0.3 beats 0.75 / 3; the last unit (0.25 away) stops at its target
+    torch.testing.assert_close(m, torch.tensor([0.45, 0.45, 0.55, 1.0]))
+    assert m[3] == 1.0  # exactly, not past it
+    ramp_masks(m, tau, 2, rate=0.0)  # the deadline alone: half the way
+    torch.testing.assert_close(m, torch.tensor([0.225, 0.225, 0.775, 1.0]))
+    ramp_masks(m, tau, 1, rate=0.01)
+    assert m.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("T", [20, 100, 400, 1000])  # bench.budgets' step budgets
+def test_masks_reach_exactly_their_targets_at_every_budget_setting(monkeypatch, T):
+    """The mask machinery of a real run at each budget's settings (schedule_for(T)), with the training
+    step and the salience stubbed (random salience at every update, so targets flip between updates):
+    every mask is exactly its target from T_p on, a unit pruned at an update is at 0 within
+    update_frequency steps (the document's decay 1/f per step), and the cut is the budget."""
+    from explorer.methods.apt import schedule_for
+    rng = np.random.default_rng(T)
+
+    def fresh(self):
+        return {(b.index, g.kind): rng.random(g.n_units) for b in self.lm.adapter.blocks(self.lm.model)
+                for g in (b.attn, b.mlp)}
+    monkeypatch.setattr(APTRun, "_fresh_salience", fresh)
+    monkeypatch.setattr(APTRun, "_step", lambda self, batch, mu, step: 0.0)
+    monkeypatch.setattr("explorer.methods.apt._train_batches", lambda lm, data, steps, bs, seed: iter([{}] * steps))
+    seen = {}
+    real = APTRun._finalize
+
+    def spy(self):
+        seen["final"] = {k: (m.clone(), self.targets[k].clone()) for k, m in self.masks.items()}
+        real(self)
+    monkeypatch.setattr(APTRun, "_finalize", spy)
+    lm, run = _make("llama", stages=1, steps=T)
+    sched = schedule_for(T, run.opts)
+    Tp, f = sched["prune_steps"], sched["update_frequency"]
+    at_zero_since: dict = {}
+    slow = []
+    s = 0
+    for ev in run.events():
+        if ev["type"] != "step":
+            continue
+        s += 1
+        for key, m in run.masks.items():
+            tau = run.targets[key]
+            if s >= Tp:
+                assert torch.equal(m, tau.to(m.dtype)), (T, s, key)  # exactly the targets, from T_p on
+            for u in torch.nonzero(~tau).flatten().tolist():  # pruned targets: at 0 within f steps
+                since = at_zero_since.setdefault((key, u), s)
+                if s - since >= f and m[u] != 0:
+                    slow.append((key, u, s))
+            for u in torch.nonzero(tau).flatten().tolist():
+                at_zero_since.pop((key, u), None)
+    assert run.status == "done", run.error
+    assert not slow
+    assert run.summary["schedule"]["update_frequency"] == f and run.summary["mask_decay"] == pytest.approx(1 / f)
+    assert run.salience_updates == 1 + len(range(f, T + 1, f)) + (T % f != 0)  # calibration, every f, the last
+    for m, tau in seen["final"].values():
+        assert torch.equal(m, tau.to(m.dtype))
+    assert 0.4 <= run.records[-1].removed_fraction < 0.46
+
+
+def test_a_real_short_run_at_the_smallest_budget_setting_ends_exactly_at_its_targets(monkeypatch):
+    seen = {}
+    real = APTRun._finalize
+
+    def spy(self):
+        seen["final"] = [(m.clone(), self.targets[k].clone()) for k, m in self.masks.items()]
+        real(self)
+    monkeypatch.setattr(APTRun, "_finalize", spy)
+    lm, run = _make("bert", stages=1, steps=20)
+    run.run()
+    assert run.status == "done", run.error
+    assert run.summary["schedule"] == {"steps": 20, "prune_steps": 14, "update_frequency": 1, "mask_decay": 1.0,
+                                       "mask_updates": 14}
+    assert all(torch.equal(m, tau.to(m.dtype)) for m, tau in seen["final"]) and any((~t).any() for _, t in seen["final"])
+
+
+@pytest.mark.parametrize("steps,options,message", [
+    (10, {"update_frequency": 25}, r"--update-frequency 25 is longer than the run's 20 optimiser steps"),
+    (10, {"update_frequency": 15}, r"--update-frequency 15 is longer than the pruning phase \(T_p = .* = 14 steps"),
+])
+def test_settings_that_cannot_work_for_the_run_length_are_refused(steps, options, message):
+    with pytest.raises(ExplorerError, match=message):
+        _make("bert", stages=2, steps=steps, **options)
+
+
+def test_a_schedule_ending_after_training_is_refused_naming_the_length():
+    from explorer.config import APTOptions
+    with pytest.raises(ExplorerError, match=r"--prune-until 1.5 ends the pruning schedule after training.*"
+                                            r"run's 20 optimiser steps \(2 stage\(s\) x 10 recovery steps\)"):
+        APTRun(tiny_lm("bert"), tiny_data(), AnalysisConfig(samples=8, batch_size=4), AllocationConfig(target=0.4),
+               PruneConfig(stages=2, recovery="full", recovery_steps=10), opts=APTOptions(prune_until=1.5))
+    _make("bert", stages=2, steps=10, update_frequency=14)  # the longest that works: T_p
+    _make("bert", recovery="none", update_frequency=1000)  # no training: nothing to schedule

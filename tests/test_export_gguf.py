@@ -15,10 +15,12 @@ import torch
 from conftest import tiny_lm
 from torch import nn
 
+from explorer import llama_cpp
 from explorer.errors import ExplorerError
-from explorer.export_gguf import (LLAMA_CPP_SKIP, check_gguf, export_gguf, llama_cpp_next_token, permute_qk,
-                                  read_gguf_summary, unpermute_qk)
+from explorer.export_gguf import check_gguf, export_gguf, permute_qk, read_gguf_summary, unpermute_qk
 from explorer.surgery import prune_block, widths
+
+LLAMA_CPP_SKIP = llama_cpp.skip_reason()
 
 
 def _nonuniform():
@@ -337,14 +339,84 @@ def test_byte_level_bpe_tokenizer_becomes_gpt2(tmp_path):
     assert any("tokenizer.ggml.pre" in w for w in res["warnings"])
 
 
-def test_llama_cpp_runs_the_export(tmp_path):
-    pytest.importorskip("llama_cpp", reason=LLAMA_CPP_SKIP)
+@pytest.mark.skipif(LLAMA_CPP_SKIP is not None, reason=LLAMA_CPP_SKIP or "")
+def test_llama_cpp_loads_and_runs_the_nonuniform_export(tmp_path):
+    """The deci file of a non-uniform model (tokenizer model 'none': token ids only) loads in
+    llama.cpp and decodes (llama-bench feeds it token ids); tests/test_llama_cpp.py compares
+    llama.cpp's perplexity with the explorer's."""
     lm = _nonuniform()
     export_gguf(lm, tmp_path / "m.gguf")
-    ids = [5, 6, 7, 8]
+    res = llama_cpp.bench({"m": tmp_path / "m.gguf"}, n_gen=4, rounds=1, reps=1, threads=1)
+    assert res["models"]["m"]["decode_tokens_per_s"] > 0
+
+
+def _tiny64():
+    """A tiny LLaMA whose rows are multiples of 32 (hidden 64, head_dim 16): Q8_0 fits every matrix."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import tiny_tokenizer
+    from explorer.adapters import adapter_for
+    from explorer.models import LoadedModel
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=True)
+    return LoadedModel(LlamaForCausalLM(cfg).eval(), tiny_tokenizer(), "causal-lm", "tiny64", adapter_for("llama"),
+                       torch.device("cpu"))
+
+
+def test_q8_0_is_written_by_gguf_py_and_checked(tmp_path):
+    """quant="q8_0" needs no llama.cpp: every matrix whose rows are multiples of 32 is Q8_0 (the
+    blocks gguf-py writes are ggml's), the others f16 with a warning naming them; check_gguf
+    dequantises and compares; a model changed afterwards fails the check."""
+    lm = _tiny64()
+    prune_block(lm.adapter, lm.model, 0, [1], list(range(40)))  # ffn_down rows of 40: no multiple of 32
+    f16 = export_gguf(lm, tmp_path / "f16.gguf", dtype="f16")
+    res = export_gguf(lm, tmp_path / "q8.gguf", quant="Q8_0")
+    assert res["quant"] == "Q8_0"
+    s = read_gguf_summary(tmp_path / "q8.gguf")
+    assert s["file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    types = s["tensor_types"]
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert [f["tensor"] for f in res["fallbacks"]] == ["blk.0.ffn_down.weight"]
+    assert res["fallbacks"][0]["fallback"] == "F16" and res["fallbacks"][0]["row"] == 40
+    assert any("blk.0.ffn_down.weight" in w and "round_to=32" in w for w in res["warnings"])
+    assert res["bytes"] < 0.75 * f16["bytes"]
+    chk = check_gguf(lm, tmp_path / "q8.gguf", all_values=True)
+    assert chk["ok"], chk["problems"]
+    # Q8_0 values really are the model's (within 8-bit error), Q/K permutation included
+    r = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q8.gguf")).tensors}
+    q = gguf.quants.dequantize(r["blk.1.attn_q.weight"].data, r["blk.1.attn_q.weight"].tensor_type)
+    want = lm.model.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    assert np.abs(unpermute_qk(q, 4) - want).max() < 0.01 * np.abs(want).max()
     with torch.no_grad():
-        want = int(lm.model(torch.tensor([ids])).logits[0, -1].argmax())
-    assert llama_cpp_next_token(tmp_path / "m.gguf", ids) == want
+        lm.model.model.layers[1].self_attn.k_proj.weight.mul_(-1)
+    chk = check_gguf(lm, tmp_path / "q8.gguf")
+    assert not chk["ok"] and any("blk.1.attn_k.weight: Q8_0 values differ" in p for p in chk["problems"])
+
+
+def test_bad_quant_requests_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    lm = _tiny64()
+    with pytest.raises(ExplorerError, match="unknown quantisation type 'q4_k_x'.*Q8_0.*Q4_K_M") as e:
+        export_gguf(lm, tmp_path / "a.gguf", quant="q4_k_x")
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("EXPLORER_LLAMA_CPP", str(tmp_path / "no-build"))
+    with pytest.raises(ExplorerError, match="make llama-cpp"):
+        export_gguf(lm, tmp_path / "b.gguf", quant="q4_k_m")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+    # Q8_0 and F16 need no llama.cpp
+    assert export_gguf(lm, tmp_path / "c.gguf", quant="q8_0")["quant"] == "Q8_0"
+    assert export_gguf(lm, tmp_path / "d.gguf", quant="f16")["dtype"] == "f16"
+
+
+def test_llama_architecture_with_per_layer_widths_is_refused(tmp_path):
+    lm = _nonuniform()
+    with pytest.raises(ExplorerError, match="'llama' cannot carry per-layer widths.*deci"):
+        export_gguf(lm, tmp_path / "x.gguf", arch="llama")
+    assert not list(tmp_path.iterdir())
+    assert export_gguf(tiny_lm("llama"), tmp_path / "u.gguf", arch="llama")["architecture"] == "llama"
+    assert export_gguf(tiny_lm("llama"), tmp_path / "d.gguf", arch="deci")["architecture"] == "deci"
 
 
 @pytest.mark.slow

@@ -23,17 +23,25 @@ pruning happens *inside* it, per optimiser step, over the first T_p = round(prun
     written; "layer_mean" divides each of the two terms by its mean over the units of the (layer,
     kind) before adding; "first_order" rescales the Eq. 5 scores of each (layer, kind) so their
     mean equals that of the first-order loss estimate Σ_samples |Σ_(t,j∈u) H ⊙ ∂L/∂H|.
-    Re-estimated every `update_frequency` optimiser steps (and once on the calibration samples
-    before the first step), then an EMA: s ← β·s + (1-β)·ŝ, β = `salience_momentum` (0.9).
+    Re-estimated every `update_frequency` optimiser steps (0: T_p/10, at most the document's 100)
+    and once on the calibration samples before the first step, then an EMA: s ← β·s + (1-β)·ŝ, β = `salience_momentum` (0.9).
   * Cubic schedule of the kept block parameters, γ_t = γ_T + (1-γ_T)(1 - t/T_p)^3, γ_T = 1 - target.
     At an update at step t < T_p all units of all layers and kinds are ranked together by
     salience density (salience / parameters of the unit) and a binary search keeps the longest
     prefix that fits γ_t'·(dense block parameters), t' = min(t + update_frequency, T_p) (the
     density due by the next update, so the last update before T_p asks for γ_T); the most
     salient unit of each (layer, kind) is always kept (`select_by_density`).
-  * Masks move toward their target τ ∈ {0, 1} linearly over the steps left: after step t (t ≤ T_p)
-    m ← m + (τ - m)/(T_p - t + 1), so every mask is exactly τ from step T_p + 1 on; the last
-    T - T_p steps train with the pruned units at 0 (nothing is cut that training has not seen).
+  * Masks move toward their target τ ∈ {0, 1} by the document's mask_decay_rate α per optimiser step
+    (before the first step and after every step t ≤ T_p), α = 1/update_frequency (the document's
+    0.01 with its 100: a unit pruned at an update is at 0 by the next one), faster only where the
+    deadline needs it: m moves by max(α, |τ - m|/(T_p - t + 1)), so every mask is exactly τ from
+    step T_p + 1 on; the last T - T_p steps train with the pruned units at 0 (nothing is cut that
+    training has not seen).
+  * Scaled with the run's length T (`schedule_for`, recorded in the summary's "schedule"):
+    T_p = round(prune_until x T); update_frequency (0) = T_p/10 capped at the document's 100; α =
+    1/update_frequency; the rank growths evenly spaced over T_p. Settings that cannot work for T are
+    refused at construction (`check_schedule`): an update frequency longer than the run or than
+    its pruning phase, a schedule ending after training.
   * Adaptive tuning: adapter salience Σ|B ⊙ ∂L/∂B| summed since the last growth; at
     `rank_growth_steps` evenly spaced steps of the pruning phase the top half of the adapters by
     that salience get extra ranks (the same number each, then one more in salience order while it
@@ -77,8 +85,8 @@ Departures from the paper, stated:
     on different scales). allocation.mode / amplitude / round_to do not apply (prune_attention /
     prune_mlp do: a kind switched off keeps all its units).
   * The salience of a block sums Eq. 5 over its columns; the paper states it per column.
-  * Masks ramp linearly over the steps left to T_p instead of 0.01 a step, so that they reach 0
-    within any budget.
+  * α = 1/update_frequency per optimiser step (the document's ratio, 0.01 at 100) rather than a fixed
+    0.01, with the deadline above, so that the masks reach 0 within any budget.
   * Adapter rank growth gives the same increment to the top half (by Σ|B ⊙ ∇B|); the scale s stays
     fixed when ranks grow (so growth does not change outputs). The task head is frozen with the
     adapters (the bundled models are fine-tuned already), so the in-place teacher stays dense.
@@ -132,14 +140,68 @@ def ema_update(prev: np.ndarray | None, new: np.ndarray, momentum: float = 0.9) 
     return momentum * np.asarray(prev, dtype=np.float64) + (1 - momentum) * new
 
 
-def ramp_masks(mask: torch.Tensor, target: torch.Tensor, updates_left: int) -> torch.Tensor:
-    """Move every mask linearly toward its target (bool: 1 keep, 0 prune), in place, so that it is
-    exactly the target after `updates_left` such calls: m += (τ - m) / updates_left; with
-    updates_left <= 1 the mask is set to the target."""
+def ramp_masks(mask: torch.Tensor, target: torch.Tensor, updates_left: int, rate: float = 0.0) -> torch.Tensor:
+    """Move every mask toward its target (bool: 1 keep, 0 prune), in place, by max(rate, |τ - m| /
+    updates_left) (never past τ), so that it is exactly the target after `updates_left` such calls
+    whatever the rate: rate 0 is the linear ramp m += (τ - m) / updates_left; rate α moves α per
+    call (APT's mask_decay_rate), faster only where the deadline needs it. With updates_left <= 1
+    the mask is set to the target."""
     tau = target.to(mask.dtype)
     if updates_left <= 1:
         return mask.copy_(tau)
-    return mask.add_((tau - mask) / updates_left).clamp_(0.0, 1.0)
+    gap = tau - mask
+    dist = gap.abs()
+    move = torch.clamp(dist / updates_left, min=float(rate))
+    arrived = move >= dist
+    mask.add_(torch.sign(gap) * move)
+    mask.copy_(torch.where(arrived, tau, mask))  # exactly τ (no rounding) once it is reached
+    return mask.clamp_(0.0, 1.0)
+
+
+DOC_UPDATE_FREQUENCY = 100  # the document's pruning.update_frequency (optimiser steps between mask updates)
+DOC_MASK_DECAY = 0.01  # the document's mask_decay_rate: α·update_frequency = 1, a pruned mask reaches 0 by the next update
+
+
+def schedule_for(T: int, opts) -> dict:
+    """APT's settings for a run of T optimiser steps, scaled with its length:
+      * prune_steps T_p = round(prune_until x T): the cubic schedule's length (masks exactly at their
+        targets from step T_p + 1 on);
+      * update_frequency f: the option, or (0) a tenth of T_p capped at the document's 100 (so the
+        schedule has about 10 mask updates, and the document's value from T_p >= 1,000 steps on);
+      * mask_decay α = 1/f per optimiser step: the document's pair (0.01 every step, targets re-chosen
+        every 100 steps), a mask pruned at an update reaches 0 by the next one, at any length;
+      * growth_at: the steps of the `rank_growth_steps` adapter growths, evenly spaced over T_p (at
+        most one per step, none at step 0).
+    The numbers every run records (summary "schedule") and the bench reports per budget."""
+    Tp = int(round(opts.prune_until * T))
+    f = int(opts.update_frequency or min(DOC_UPDATE_FREQUENCY, max(1, Tp // 10)))
+    G = int(opts.rank_growth_steps)
+    growth_at = sorted({int(round(g * Tp / (G + 1))) for g in range(1, G + 1)} - {0}) if Tp > 0 else []
+    return {"steps": int(T), "prune_steps": Tp, "update_frequency": f, "mask_decay": 1.0 / f,
+            "mask_updates": len(range(f, Tp, f)) + 1 if Tp > 0 else 0, "growth_at": growth_at}
+
+
+def check_schedule(T: int, opts, where: str = "") -> None:
+    """Refuse settings that cannot work for a run of T optimiser steps (ExplorerError naming the
+    setting and the run's length): a schedule that ends after training (prune_until > 1), an
+    update frequency longer than the run or than its pruning phase (the cubic schedule would be one
+    cut). More rank growths than steps in the pruning phase are not refused: at most one per step
+    happens (schedule_for's growth_at), and the run's summary records how many did."""
+    if T <= 0:
+        return
+    run = f"the run's {T} optimiser steps" + (f" ({where})" if where else "")
+    if opts.prune_until > 1:
+        raise ExplorerError(f"--prune-until {opts.prune_until:g} ends the pruning schedule after training: "
+                            f"T_p = {opts.prune_until:g} x {T} = {opts.prune_until * T:g} steps > {run}; use at most 1")
+    Tp = int(round(opts.prune_until * T))
+    f = opts.update_frequency
+    if f and f > T:
+        raise ExplorerError(f"--update-frequency {f} is longer than {run}: no salience update would happen "
+                            f"during training; use at most {max(1, Tp)} (or 0: a tenth of the pruning phase)")
+    if f and Tp > 0 and f > Tp:
+        raise ExplorerError(f"--update-frequency {f} is longer than the pruning phase (T_p = round(prune_until "
+                            f"{opts.prune_until:g} x {T}) = {Tp} steps of {run}): the cubic schedule would be "
+                            f"a single cut; use at most {Tp} (or 0: a tenth of the pruning phase)")
 
 
 def select_by_density(salience, params, budget: float, always_keep=None) -> tuple[np.ndarray, float]:
@@ -312,13 +374,15 @@ class APTRun(MethodRun):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         o = self.opts
+        self.trains = self.prune.recovery != "none" and self.prune.recovery_steps > 0
+        T = self.prune.stages * self.prune.recovery_steps if self.trains else 0
+        check_schedule(T, o, f"{self.prune.stages} stage(s) x {self.prune.recovery_steps} recovery steps")
         validate(o)  # choices / min / max of every field: ExplorerError naming the flag
         if self.prune.layer_drop or self.prune.prune_hidden:
             raise ExplorerError("apt prunes the hidden size itself: use --hidden-fraction instead of "
                                 "--prune-hidden, and no --layer-drop")
         if o.tuning not in ("lora", "full"):
             raise ExplorerError(f"--tuning must be lora or full, got '{o.tuning}'")
-        self.trains = self.prune.recovery != "none" and self.prune.recovery_steps > 0
         self.training = "apt"  # not "kd": the base class makes no teacher copy (APT's teacher: see _teacher_out)
         self.momentum = o.salience_momentum
         self.masks: dict[tuple[int, str], torch.Tensor] = {}
@@ -351,6 +415,7 @@ class APTRun(MethodRun):
         self.H = 0
         self._dtype = torch.float32
         self._names: dict = {}
+        self.schedule: dict = {}
 
     # --- hooks ---------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -734,11 +799,11 @@ class APTRun(MethodRun):
                 "density_threshold": threshold if np.isfinite(threshold) else None,
                 "planned_removed": 1 - (fixed + float(np.dot(keep, par))) / self.original}
 
-    def _ramp(self, updates_left: int) -> None:
+    def _ramp(self, updates_left: int, rate: float = 0.0) -> None:
         for key in self.masks:
-            ramp_masks(self.masks[key], self.targets[key], updates_left)
+            ramp_masks(self.masks[key], self.targets[key], updates_left, rate)
         if self.hmask is not None:
-            ramp_masks(self.hmask, self.htarget, updates_left)
+            ramp_masks(self.hmask, self.htarget, updates_left, rate)
         self._refresh_flags()
 
     # --- adaptive tuning -------------------------------------------------------------------------
@@ -875,10 +940,9 @@ class APTRun(MethodRun):
             raise ExplorerError("APT's salience needs gradients: use a classifier or a causal LM")
         K, R = cfg.stages, cfg.recovery_steps
         T = K * R if self.trains else 0
-        Tp = int(round(o.prune_until * T))
-        f = o.update_frequency or max(1, Tp // 10)
-        growth_at = sorted({int(round(g * Tp / (o.rank_growth_steps + 1))) for g in range(1, o.rank_growth_steps + 1)}
-                           - {0}) if Tp > 0 else []
+        self.schedule = schedule_for(T, o)
+        Tp, f, alpha = self.schedule["prune_steps"], self.schedule["update_frequency"], self.schedule["mask_decay"]
+        growth_at = self.schedule["growth_at"]
         dense_layer = [b.params for b in lm.adapter.blocks(lm.model)]
         self._setup()
         if self.trains:
@@ -897,7 +961,7 @@ class APTRun(MethodRun):
             else:
                 if s == 0:  # the first cut, from the calibration estimate
                     info = self._select(min(f, Tp), Tp)
-                    self._ramp(Tp + 1)
+                    self._ramp(Tp + 1, alpha)
                 lm.model.train()
                 for n, batch in enumerate(_train_batches(lm, self.data, R, cfg.train_batch_size,
                                                          seed=cfg.seed * 1000 + k), start=1):
@@ -914,7 +978,7 @@ class APTRun(MethodRun):
                     if s < Tp and s % f == 0:
                         info = self._select(min(s + f, Tp), Tp)
                     if s <= Tp:
-                        self._ramp(Tp - s + 1)
+                        self._ramp(Tp - s + 1, alpha)
                     losses.append(loss)
                     lm.model.eval()
                     yield {"type": "step", "stage": k, "step": n, "loss": loss}
@@ -937,7 +1001,8 @@ class APTRun(MethodRun):
                 rec = self._intermediate_record(k, losses, t0, dense_layer, extra)
             yield self._stage_event(rec)
         self.summary = {"final_density_target": 1 - self.allocation.target, "tuning": o.tuning,
-                        "optimizer_steps": s, "prune_steps": Tp, "update_frequency": f,
+                        "optimizer_steps": s, "prune_steps": Tp, "update_frequency": f, "mask_decay": alpha,
+                        "schedule": {k: v for k, v in self.schedule.items() if k != "growth_at"},
                         "salience_momentum": self.momentum, "salience_scale": o.salience_scale,
                         "salience_updates": self.salience_updates,
                         "teacher": ("none" if o.self_distill == 0 or not self.trains else
