@@ -436,7 +436,8 @@ def ablation_section(doc: dict) -> list[str]:
             p = paired(agg, label, "apt", target, T)
             pd = f"{p['diff']:+.4f} ± {p['std']:.4f}" if p else "–"
             reading = "–" if not p else ("inside the spread" if not p["beyond_spread"] else
-                                         f"{comp} {'hurts' if p['diff'] > 0 else 'helps'} APT here")
+                                         f"the variant is better: APT's {comp} costs accuracy here" if p["diff"] > 0
+                                         else f"the variant is worse: APT's {comp} is the better choice here")
             L.append(f"| {target:.0%} | {T:,} | {label}: {what} | {comp} | {_fmt([r['test'] for r in by.values()])} | "
                      f"{pd} | {reading} |")
     return L
@@ -463,6 +464,29 @@ def header(doc: dict) -> str:
             f"{r['date']} `{r['command']}` {r['seconds'] / 60:.1f} min, load {r['load_before']} / {r['load_after']}"
             for r in runs[:-1]) + "."
     return line
+
+
+def claim_summary(doc: dict) -> list[str]:
+    """One line per design-document claim: the budgets where it holds / fails beyond the seed spread,
+    and where the seeds cannot tell."""
+    cl = claims(doc)
+    out = []
+    for better, worse in CLAIMS:
+        cs = [c for c in cl if (c["better"], c["worse"]) == (better, worse)]
+        if not cs:
+            out.append(f"- **{better} ≥ {worse}**: not run here.")
+            continue
+
+        def at(xs):
+            return ", ".join(f"T = {c['budget']:,}" + (f" ({c['target']:.0%})" if len({x['target'] for x in cs}) > 1
+                                                       else "") + f" ({c['diff']:+.4f} ± {c['std']:.4f})" for c in xs)
+        holds = [c for c in cs if c["beyond_spread"] and c["diff"] > 0]
+        fails = [c for c in cs if c["beyond_spread"] and c["diff"] < 0]
+        unclear = [c for c in cs if not c["beyond_spread"]]
+        parts = ([f"holds at {at(holds)}"] if holds else []) + ([f"fails at {at(fails)}"] if fails else []) \
+            + ([f"undecided (inside the spread or one seed) at {at(unclear)}"] if unclear else [])
+        out.append(f"- **{better} ≥ {worse}**: " + "; ".join(parts) + ".")
+    return out
 
 
 def claims_table(doc: dict) -> list[str]:
@@ -511,13 +535,14 @@ def render(doc: dict) -> str:
             "rising to 0.5 over T_p.", ""]
     cl = claims_table(doc)
     if cl:
-        L += ["## The design documents' claims at each budget (paired by seed)", ""] + cl + [""]
+        L += ["## The design documents' claims at each budget (paired by seed)", ""] + claim_summary(doc) + [""] \
+            + cl + [""]
     g = goals(doc)
     if g:
         L += ["## The issue's goals", ""] + g + [""]
     ab = ablation_section(doc)
     if ab:
-        L += ["## Why APT loses: one component changed at a time", "",
+        L += ["## APT's components, one at a time", "",
               "Each variant changes one component of APT (paired with the default APT run of the same seed; a positive "
               "difference means the default's component costs accuracy at this budget):", ""] + ab + [""]
     ad = adapruner_section(doc)
@@ -541,6 +566,7 @@ def methods_section(doc: dict) -> list[str]:
          ""]
     for target in sorted({r["target"] for r in grid_rows(doc)}, reverse=True):
         L += [f"**{target:.0%} removed**:", ""] + quality_table(doc, target) + [""]
+    L += ["Each claim of the design documents, by budget (paired by seed):", ""] + claim_summary(doc) + [""]
     L += claims_table(doc) + [""] + goals(doc) + [""]
     st = apt_settings(doc)
     if st:
@@ -564,7 +590,7 @@ def readme_block(doc: dict) -> str:
     for target in sorted({r["target"] for r in grid_rows(doc)}, reverse=True):
         L += [f"**{target:.0%} removed**:", ""] + quality_table(doc, target) + [""]
     L += [f"![quality against steps and wall time](bench/{SVG_NAME})", ""]
-    L += claims_table(doc) + [""] + goals(doc) + [""]
+    L += claim_summary(doc) + [""] + claims_table(doc) + [""] + goals(doc) + [""]
     st = apt_settings(doc)
     if st:
         L += ["APT's settings at each budget (`explorer.methods.apt.schedule_for`):", ""] + st + [""]

@@ -96,20 +96,12 @@ def run(args) -> dict:
             + ", ".join(f"{q} {row['files'][q]['ppl']:.2f} ({row['files'][q]['mb']:.0f} MB)" for q in TYPES)
             + f" [{time.perf_counter() - t1:.0f} s]")
         rows.append(row)
-    t2 = time.perf_counter()
-    speed = llama_cpp.bench({f"{n}|{q}": p for (n, q), p in files.items()}, n_gen=args.n_gen, rounds=args.rounds,
-                            reps=args.reps, threads=args.threads)
-    log(f"llama-bench: {len(files)} files x {args.rounds} rounds in {time.perf_counter() - t2:.0f} s")
-    for row in rows:
-        for q in TYPES:
-            s = speed["models"][f"{row['name']}|{q}"]
-            row["files"][q].update(decode_tokens_per_s=s["decode_tokens_per_s"], decode_spread=s["decode_spread"],
-                                   decode_rounds=s["decode_rounds"])
     stamp = tools.bin_dir.parent / "BUILT"
     build = dict(line.split("=", 1) for line in stamp.read_text().splitlines() if "=" in line) if stamp.exists() else {}
-    return {"model": MODEL, "rows": rows, "ctx": args.ctx, "chunks": args.chunks, "n_gen": args.n_gen,
-            "rounds": args.rounds, "reps": args.reps, "threads": speed["threads"], "val_tokens": args.val_tokens,
-            "samples": args.samples, "llama_cpp": {"version": tools.version, "build": build}}
+    doc = {"model": MODEL, "rows": rows, "ctx": args.ctx, "chunks": args.chunks, "val_tokens": args.val_tokens,
+           "samples": args.samples, "llama_cpp": {"version": tools.version, "build": build}}
+    measure_speed(doc, args)
+    return doc
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -160,7 +152,10 @@ def render(doc: dict) -> str:
              "on the same token chunks (explorer.llama_cpp.explorer_perplexity). *val* is the explorer's usual "
              f"figure ({doc['val_tokens']:,} BBC val tokens, strided windows). Speed: llama-bench decode, "
              f"{doc['n_gen']} tokens after an empty context, {doc['threads']} threads, every file once per round "
-             f"over {doc['rounds']} interleaved rounds ({doc['reps']} repetitions each): median [min–max] over rounds.",
+             f"over {doc['rounds']} interleaved rounds ({doc['reps']} repetitions each): median [min–max] over rounds"
+             + (f"; timed again on {doc['speed_run']['date']} (`--speed-only`, {doc['speed_run']['seconds'] / 60:.0f} "
+                f"min, load average before/after {doc['speed_run']['load_before']} / "
+                f"{doc['speed_run']['load_after']})" if doc.get("speed_run") else "") + ".",
              "", "## Goals", "", *goals(doc), "",
              "## Quality", "",
              "| model | params (M) | val ppl | explorer ppl | ratio | llama.cpp f16 | ratio | Q8_0 | Q4_K_M |",
@@ -202,6 +197,44 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_speed(doc: dict, args) -> None:
+    """llama-bench decode of every file in `doc`, interleaved; fills each file's speed fields."""
+    from explorer import llama_cpp
+    t0 = time.perf_counter()
+    files = {f"{r['name']}|{q}": r["files"][q]["path"] for r in doc["rows"] for q in TYPES}
+    speed = llama_cpp.bench(files, n_gen=args.n_gen, rounds=args.rounds, reps=args.reps, threads=args.threads)
+    log(f"llama-bench: {len(files)} files x {args.rounds} rounds in {time.perf_counter() - t0:.0f} s")
+    for row in doc["rows"]:
+        for q in TYPES:
+            s = speed["models"][f"{row['name']}|{q}"]
+            row["files"][q].update(decode_tokens_per_s=s["decode_tokens_per_s"], decode_spread=s["decode_spread"],
+                                   decode_rounds=s["decode_rounds"])
+    doc.update(n_gen=args.n_gen, rounds=args.rounds, reps=args.reps, threads=speed["threads"])
+
+
+def speed_only(args, folder: Path) -> None:
+    """--speed-only: time the files of the existing deploy.json again (they must still exist, see
+    --work), keep everything else; the speed section says when and under which load it ran."""
+    import json
+    doc = json.loads((folder / OUT_JSON.name).read_text())
+    missing = [r["files"][q]["path"] for r in doc["rows"] for q in TYPES if not Path(r["files"][q]["path"]).exists()]
+    if missing:
+        raise SystemExit(f"--speed-only needs the GGUF files of the earlier run: {missing[0]} is gone (run without it)")
+    m = machine()
+    doc["speed_run"] = {"date": m["date"], "load_before": load_average()}
+    t0 = time.perf_counter()
+    measure_speed(doc, args)
+    doc["speed_run"].update(seconds=time.perf_counter() - t0, load_after=load_average(),
+                            args=" ".join(argv_of(args)))
+    write_json(folder / OUT_JSON.name, doc, earlier=[doc])
+    (folder / OUT_MD.name).write_text(render(doc))
+    log(f"wrote {folder / OUT_JSON.name} and {OUT_MD.name} (speed re-measured)")
+
+
+def argv_of(args) -> list[str]:
+    return [f"--rounds {args.rounds}", f"--reps {args.reps}", f"--n-gen {args.n_gen}", f"--threads {args.threads}"]
+
+
 def main(argv=None) -> None:
     import torch
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,7 +248,12 @@ def main(argv=None) -> None:
     ap.add_argument("--val-tokens", type=int, default=4096, help="BBC val tokens of the explorer's val perplexity")
     ap.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="folder for deploy.json and DEPLOY.md (default: bench/)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only time the GGUF files of the existing deploy.json again (kept with --work)")
     args = ap.parse_args(argv)
+    if args.speed_only:
+        speed_only(args, Path(args.out) if args.out else ROOT / "bench")
+        return
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
     m = machine()
