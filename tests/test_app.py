@@ -3,6 +3,7 @@
 A tiny BERT classifier (conftest's `tiny_dir`: saved with the bundled MiniLM tokenizer)
 keeps every step fast; one test loads the real bundled MiniLM encoder through the Load
 handler."""
+import re
 import statistics
 import time
 import zipfile
@@ -278,6 +279,10 @@ def test_export_writes_model_zip_reports_and_charts(ready):
     assert list(csv["model"]) == ["dense", "stage 1"]
     html = got["charts.html"].read_text()
     assert "layer importance" in html and "quality" in html
+    # where the exported model runs, said in the Export tab as in its card (explorer.deploy): a BERT runs in
+    # ONNX Runtime and with transformers, never in llama.cpp (LLaMA family only)
+    assert "Where run" in status and "ONNX Runtime" in status
+    assert re.search(r"\| llama\.cpp[^|]*\| no \|", status), status
 
 
 def test_unload_drops_the_session_and_its_files(ready):

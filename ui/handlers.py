@@ -24,6 +24,7 @@ from explorer.config import (METHOD_OPTIONS, AllocationConfig, AnalysisConfig, P
                              SearchConfig, default_of, validate)
 from explorer.data import BUILTIN_DATA, load_data
 from explorer.errors import Cancelled, DataError, ExplorerError
+from explorer.deploy import table_markdown
 from explorer.evaluate import evaluate, metric_name, quality
 from explorer.export import export
 from explorer.importance import analyze
@@ -717,6 +718,8 @@ class ExplorerApp:
                         res = export(model, fmt, out / f"{stem}.{fmt.split('-')[0]}")
                         files.append(Path(res["path"]))
                         checks.append(f"{name}: {res.get('check_summary', 'written')}")
+                    checks.append(table_markdown(model, heading=f"**Where run '{label}''s model runs** (from its "
+                                                                "widths; the model card has the same table)"))
         except Exception as e:
             return ExportOut([], warn(f"Export failed, nothing to download ({message(e)}); the pruned model is "
                                       "kept: try again."))
