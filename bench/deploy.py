@@ -243,7 +243,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved llama-bench rounds")
     ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions per round")
     ap.add_argument("--n-gen", type=int, default=64, help="decoded tokens per llama-bench test")
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="llama-bench threads (1: on a shared 2-core machine 2 threads decode 3-4x slower than 1, "
+                    "each waiting at every step for the other to be scheduled)")
     ap.add_argument("--samples", type=int, default=16, help="calibration samples (analysis and reconstruction)")
     ap.add_argument("--val-tokens", type=int, default=4096, help="BBC val tokens of the explorer's val perplexity")
     ap.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary folder)")
