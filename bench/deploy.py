@@ -125,13 +125,27 @@ def goals(doc: dict) -> list[str]:
         d4, p4 = dense["files"]["q4_k_m"], r["files"]["q4_k_m"]
         smaller_faster = p4["mb"] < d4["mb"] and p4["decode_spread"][0] > d4["decode_spread"][1]
         out.append(f"- **{name}**: perplexity ratio to dense {theirs:.3f} in llama.cpp (f16) against {ours:.3f} in the "
-                   f"explorer on the same tokens ({100 * (theirs / ours - 1):+.1f} %, goal within ±5 %: "
+                   f"explorer on the same tokens ({100 * (theirs / ours - 1):+.2f} %, goal within ±5 %: "
                    f"{'met' if abs(theirs / ours - 1) < 0.05 else 'NOT met'}); decode {sp['f16']:.2f}x dense at f16, "
                    f"{sp['q4_k_m']:.2f}x at Q4_K_M; its Q4_K_M file {p4['mb']:.0f} MB against dense's {d4['mb']:.0f} MB, "
                    f"{p4['decode_tokens_per_s']:.1f} against {d4['decode_tokens_per_s']:.1f} tokens/s "
                    f"({'smaller and faster, spreads apart' if smaller_faster else 'smaller' if p4['mb'] < d4['mb'] else 'not smaller'}"
                    f"), at llama.cpp perplexity {p4['ppl']:.2f} against dense Q4_K_M {d4['ppl']:.2f}.")
     return out
+
+
+def _run_time(doc: dict) -> list[str]:
+    """Where the run's time went, when it ran long (the machine is shared)."""
+    meta = doc["meta"]
+    per_chunk = sorted(f["ppl_seconds"] / doc["chunks"] for r in doc["rows"] for f in r["files"].values()
+                       if f.get("ppl_seconds"))
+    if meta["seconds"] < 30 * 60 or not per_chunk:
+        return []
+    return [f"The run took {meta['seconds'] / 60:.0f} min: it ran at nice 19 beside other jobs (load average "
+            f"{meta['load_before'][0]:.0f}–{meta['load_after'][0]:.0f} on 2 cores), where llama-perplexity needed "
+            f"{per_chunk[len(per_chunk) // 2]:.0f} s per {doc['ctx']}-token chunk (about 1 s on an idle core) and the "
+            "reconstruction and analysis several minutes each. `--chunks 4 --rounds 3` shortens it (the "
+            "llama.cpp-against-explorer comparison is on the same tokens, so fewer chunks keep it exact).", ""]
 
 
 def render(doc: dict) -> str:
@@ -151,12 +165,14 @@ def render(doc: dict) -> str:
              f"(each scores its second half: {dense['tokens_scored']:,} tokens); *explorer* is the same PyTorch model "
              "on the same token chunks (explorer.llama_cpp.explorer_perplexity). *val* is the explorer's usual "
              f"figure ({doc['val_tokens']:,} BBC val tokens, strided windows). Speed: llama-bench decode, "
-             f"{doc['n_gen']} tokens after an empty context, {doc['threads']} threads, every file once per round "
+             f"{doc['n_gen']} tokens after an empty context, {doc['threads']} thread{'s' if doc['threads'] > 1 else ''} "
+             "(on this shared 2-core machine 2 threads decode 3-4x slower than 1: each waits at every step for the "
+             "other to be scheduled), every file once per round "
              f"over {doc['rounds']} interleaved rounds ({doc['reps']} repetitions each): median [min–max] over rounds"
              + (f"; timed again on {doc['speed_run']['date']} (`--speed-only`, {doc['speed_run']['seconds'] / 60:.0f} "
                 f"min, load average before/after {doc['speed_run']['load_before']} / "
                 f"{doc['speed_run']['load_after']})" if doc.get("speed_run") else "") + ".",
-             "", "## Goals", "", *goals(doc), "",
+             "", *_run_time(doc), "## Goals", "", *goals(doc), "",
              "## Quality", "",
              "| model | params (M) | val ppl | explorer ppl | ratio | llama.cpp f16 | ratio | Q8_0 | Q4_K_M |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -194,7 +194,7 @@ def _bench_doc(ratio_cpp: float) -> dict:
 def test_bench_deploy_report_states_the_goals_from_the_figures():
     from bench.deploy import render
     ok = render(_bench_doc(1.26))  # 1.26 against the explorer's 1.25: within 5 %
-    assert "+0.8 %, goal within ±5 %: met" in ok and "| -20% r256 | Q4_K_M |" in ok
+    assert "+0.80 %, goal within ±5 %: met" in ok and "| -20% r256 | Q4_K_M |" in ok
     assert "smaller and faster, spreads apart" in ok and "19 min" in ok
     assert "FFN widths 1024" in ok and "180 matrices fall back against 240" in ok
     bad = render(_bench_doc(1.40))
