@@ -257,7 +257,8 @@ def save(out: Path, doc: dict, new_rows: list[dict], earlier: list, start_fresh:
         merged["rows"] = rows
         merged["lr"] = {**disk.get("lr", {}), **doc.get("lr", {})}
         mine = doc["meta"]["runs"][-1]
-        runs = [r for r in disk["meta"].get("runs", []) + doc["meta"]["runs"][:-1] if r.get("id") != mine.get("id")]
+        # the other runs as the file has them (a side-by-side run updates its own entry there), then this one
+        runs = [r for r in doc["meta"]["runs"][:-1] + disk["meta"].get("runs", []) if r.get("id") != mine.get("id")]
         merged["meta"] = {**doc["meta"], "runs": list({r["id"]: r for r in runs}.values()) + [mine]}
         write_json(path, merged, earlier)
         render_all(merged, out)
@@ -392,7 +393,7 @@ def _method_order(doc: dict) -> list[str]:
 
 
 def apt_settings(doc: dict) -> list[str]:
-    rows = [r for r in grid_rows(doc) if r["method"] == "apt" and r.get("apt")]
+    rows = [r for r in grid_rows(doc) if r["method"] == "apt" and r.get("apt") and r["budget"] > 0]
     by_T = {}
     for r in rows:
         by_T.setdefault(r["budget"], r)
@@ -455,14 +456,14 @@ def adapruner_section(doc: dict) -> list[str]:
 
 def header(doc: dict) -> str:
     meta = doc["meta"]
-    runs = meta.get("runs", [])
-    last = runs[-1] if runs else meta
-    line = generated_line(last.get("command", "python -m bench.budgets"), {"machine": meta.get("machine", {}), **last},
+    runs = sorted(meta.get("runs", []), key=lambda r: r.get("date", ""))
+    first = runs[0] if runs else meta
+    line = generated_line(first.get("command", "python -m bench.budgets"), {"machine": meta.get("machine", {}), **first},
                           doc.get("provenance"))
-    if len(runs) > 1:
-        line += " Other runs whose rows this JSON holds: " + "; ".join(
+    if len(runs) > 1:  # --merge runs, some of them side by side (their rows are merged under a lock)
+        line += " Runs merged into the same JSON after it: " + "; ".join(
             f"{r['date']} `{r['command']}` {r['seconds'] / 60:.1f} min, load {r['load_before']} / {r['load_after']}"
-            for r in runs[:-1]) + "."
+            for r in runs[1:]) + "."
     return line
 
 
