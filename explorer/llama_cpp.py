@@ -122,16 +122,22 @@ def _threads(threads: int | None) -> int:
     return int(threads) if threads else max(1, min(4, os.cpu_count() or 1))
 
 
-def _run(cmd: list[str], timeout: float, what: str) -> subprocess.CompletedProcess:
-    """Run a llama.cpp tool; its failure (exit status, time-out, missing binary) as an
-    ExplorerError with the tool's last lines of output."""
+def _spawn(cmd: list[str], timeout: float, what: str) -> subprocess.CompletedProcess:
+    """One run of a llama.cpp tool, its output captured; a time-out or a binary that cannot start as an
+    ExplorerError (the exit status is the caller's to judge)."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               errors="replace")
     except subprocess.TimeoutExpired:
         raise ExplorerError(f"llama.cpp {what} did not finish within {timeout:.0f} s") from None
     except OSError as e:
         raise ExplorerError(f"llama.cpp {what} could not start ({e}): {BUILD_HINT}") from None
+
+
+def _run(cmd: list[str], timeout: float, what: str) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool; its failure (exit status, time-out, missing binary) as an
+    ExplorerError with the tool's last lines of output."""
+    proc = _spawn(cmd, timeout, what)
     if proc.returncode != 0:
         raise ExplorerError(f"llama.cpp {what} failed (exit {proc.returncode}): {_tail(proc.stderr + proc.stdout)}")
     return proc
@@ -146,13 +152,7 @@ def _run_logged(cmd: list[str], timeout: float, what: str, complete, attempts: i
     `complete(stdout, stderr)`, and returns the last CompletedProcess."""
     proc = None
     for _ in range(attempts):
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                                  errors="replace")
-        except subprocess.TimeoutExpired:
-            raise ExplorerError(f"llama.cpp {what} did not finish within {timeout:.0f} s") from None
-        except OSError as e:
-            raise ExplorerError(f"llama.cpp {what} could not start ({e}): {BUILD_HINT}") from None
+        proc = _spawn(cmd, timeout, what)
         if proc.returncode != 0 or complete(proc.stdout, proc.stderr):
             break
     return proc
