@@ -230,7 +230,7 @@ class APTOptions:
     rank_growth_steps: int = opt(2, "rank growth events, evenly spaced over the pruning phase: the top half of "
                                  "the adapters by salience sum|B*dL/dB| get extra ranks (0: none)", min=0, max=1000)
     update_frequency: int = opt(0, "re-estimate the salience from the training batches (and the masks' targets) "
-                                "every this many optimiser steps (0: a tenth of the pruning phase, at least 1)",
+                                "every this many optimiser steps (0: a tenth of the pruning phase, at least 1, at most the document's 100)",
                                 min=0, max=1_000_000)
     salience_momentum: float = opt(0.9, "EMA momentum of the salience, s = m*s + (1-m)*s_new", min=0.0, max=0.999)
     salience_scale: str = opt("eq5", "eq5: APT's Eq. 5 as written, sum|dL/dH|*sum|H| + sqrt(kurtosis); layer_mean: "

@@ -57,6 +57,64 @@ def default_lr(method: str) -> float:
     return 5e-5 if method == "full" else 5e-4 if method == "lora" else 1e-4
 
 
+class Optimisation:
+    """The optimiser side of every training loop here (recovery's and APT's), in one place: AdamW
+    without weight decay, the learning rate decaying linearly to 0 over `total` steps, the forward
+    under autocast in the model's dtype when that is bfloat16 / float16 (`with opt.autocast:`;
+    `autocast=False`: adapters computing beside the weights, as APT's), float16 with loss scaling, gradients clipped to norm 1 before each step.
+
+    Float32 master weights (`float32_masters`) are taken by the caller before the parameters are
+    wrapped (accelerate) and given back with `restore_dtypes` after the run."""
+
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype, device_type: str, lr: float, total: int,
+                 autocast: bool = True):
+        self.params = params
+        mixed = dtype in LOW_PRECISION and autocast
+        self.autocast = torch.autocast(device_type, dtype=dtype if mixed else torch.bfloat16, enabled=mixed)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1 - s / max(total, 1))
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, acc=None) -> None:
+        """Backward of the (scaled) loss; through accelerate's when it wraps the model."""
+        scaled = self.scaler.scale(loss)
+        acc.backward(scaled) if acc is not None else scaled.backward()
+
+    def unscale(self) -> None:
+        """The gradients in their true scale (before reading or clipping them; once per step)."""
+        self.scaler.unscale_(self.opt)
+
+    def step(self, clip: Callable[[], object] | None = None) -> None:
+        """Clip (norm 1 over `params`, or `clip()`), step, update the scale, decay the rate.
+        Call `unscale()` first."""
+        clip() if clip is not None else torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+
+
+def float32_masters(params, dtype: torch.dtype) -> dict[nn.Parameter, torch.dtype]:
+    """Float32 master weights for a bfloat16 / float16 model's trained parameters (an AdamW step of
+    lr 5e-5 on a bfloat16 weight of 0.02 rounds away): converts them in place and returns
+    {parameter: its dtype} for `restore_dtypes`. A float32 model: nothing to do, {}."""
+    if dtype not in LOW_PRECISION:
+        return {}
+    masters = {p: p.dtype for p in params if p.is_floating_point() and p.dtype != torch.float32}
+    for p in masters:
+        p.data = p.data.float()
+    return masters
+
+
+def restore_dtypes(masters: dict[nn.Parameter, torch.dtype]) -> None:
+    """The trained parameters back in the model's dtype (and the map emptied)."""
+    for p, dt in masters.items():
+        p.data = p.data.to(dt)
+    masters.clear()
+
+
 def _train_batches(lm: LoadedModel, data: TextData, steps: int, batch_size: int, seed: int):
     """`steps` shuffled batches from the train split (cycling), deterministic per seed."""
     texts = data.texts["train"]
@@ -205,7 +263,6 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
     masking = MaskedTraining(lm.model, masks) if masks else None
     torch.manual_seed(cfg.seed + stage)
     dtype = model_dtype(lm.model)
-    mixed = dtype in LOW_PRECISION
     if method != "lora":
         for p in lm.model.parameters():  # full fine-tuning / KD train every weight
             p.requires_grad_(True)
@@ -213,18 +270,13 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
     if masking:
         masking.attach(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Mixed precision for a bfloat16 / float16 model: the trained parameters are float32 master
-    # weights for the steps (an AdamW step of lr 5e-5 on a bfloat16 weight of 0.02 rounds away),
-    # the forward runs in the model's dtype under autocast (float16 with loss scaling), and the
-    # weights go back to the model's dtype at the end. peft's LoRA adapters are float32 already.
-    masters = {p: p.dtype for p in params if p.dtype != torch.float32} if mixed else {}
+    # Mixed precision (see Optimisation): float32 masters for the steps; peft's LoRA adapters are float32 already.
     device_type = params[0].device.type if params else lm.device.type
     lr = cfg.lr or default_lr(method)
     model.train()
-    wrapped, fsdp = model, None
+    wrapped, fsdp, masters = model, None, {}
     try:
-        for p in masters:
-            p.data = p.data.float()
+        masters = float32_masters(params, dtype)
         if acc is not None:
             wrapped, fsdp = _prepare(acc, lm, model, masters)
             params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -233,17 +285,14 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
                 teacher.to(acc.device)
             if masking:
                 masking.to(acc.device)
-        autocast = torch.autocast(device_type, dtype=dtype if mixed else torch.bfloat16, enabled=mixed)
-        scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
         if masking:
             masking.apply(wrapped)  # full / KD start from the masked weights (LoRA masks its forward)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(cfg.recovery_steps, 1))
+        opt = Optimisation(params, dtype, device_type, lr, cfg.recovery_steps)
         for step, batch in enumerate(_train_batches(lm, data, cfg.recovery_steps, cfg.train_batch_size,
                                                     seed=cfg.seed * 1000 + stage)):
             if should_stop and _any_rank(acc, should_stop()):
                 raise Cancelled()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             total = 0.0
             # one process: the whole batch; several: this process's slice of it, whose gradients
             # accelerate averages across the processes (DDP all-reduce / FSDP reduce-scatter) in backward
@@ -255,26 +304,20 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
             for i, (part, weight) in enumerate(parts):
                 sync = acc is None or i == len(parts) - 1 or fsdp is not None  # DDP: all-reduce once, at the end
                 with contextlib.nullcontext() if sync else acc.no_sync(wrapped):
-                    with autocast:
+                    with opt.autocast:
                         loss = (distil_loss(wrapped, teacher, part, cfg, lm.task) if method == "kd"
                                 else wrapped(**part).loss)
                     if _any_rank(acc, not torch.isfinite(loss).item()):
                         where = f" on process {rank}" if acc else ""
                         raise ExplorerError(f"recovery diverged at step {step + 1} (loss {loss.item()}{where}); "
                                             "lower the learning rate")
-                    scaled = scaler.scale(loss * weight)
-                    acc.backward(scaled) if acc else scaled.backward()
+                    opt.backward(loss * weight, acc)
                 total += loss.item() * weight
             if acc is not None:
                 total = _batch_loss(acc, total * (hi - lo) / n)
-            scaler.unscale_(opt)
-            if acc is None:
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-            else:  # FSDP: the norm over every shard (accelerate matches the model's own parameters)
-                acc.clip_grad_norm_(wrapped.parameters() if fsdp else params, 1.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            opt.unscale()
+            # several processes, FSDP: the norm over every shard (accelerate matches the model's own parameters)
+            opt.step(None if acc is None else lambda: acc.clip_grad_norm_(wrapped.parameters() if fsdp else params, 1.0))
             if masking:
                 masking.apply(wrapped)
             yield step + 1, total
@@ -288,8 +331,7 @@ def recover_steps(lm: LoadedModel, data: TextData, cfg: PruneConfig, stage: int 
             lm.model = model.merge_and_unload()  # plain weights again, original module objects
         elif model is not lm.model:
             lm.model = model
-        for p, dt in masters.items():  # the model's dtype again (the merged head too)
-            p.data = p.data.to(dt)
+        restore_dtypes(masters)  # the model's dtype again (the merged head too)
         if masking:
             masking.apply(lm.model)  # merged LoRA deltas: zeros where the masks are
         for p in lm.model.parameters():

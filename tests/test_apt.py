@@ -255,10 +255,13 @@ def test_rank_growth_keeps_outputs_and_respects_the_budget(name):
     assert len(grown) == (len(ranks) + 1) // 2 and set(grown) == set(list(run.adapters)[len(ranks) // 2:])
     total = sum(a.n_params for a in run.adapters.values())
     assert total == info["adapter_params"] <= run.initial_adapter_params * 2  # growth 1 of 2: halfway to 3x
+    opt = run._opt.opt  # recovery.Optimisation's AdamW
     for a in run.adapters.values():  # the optimiser holds the grown tensors with matching state
-        st = run._opt.state[a.A]
-        assert st["exp_avg"].shape == a.A.shape and run._opt.state[a.B]["exp_avg_sq"].shape == a.B.shape
-    assert sum(p.numel() for g in run._opt.param_groups for p in g["params"]) == total
+        st = opt.state[a.A]
+        assert st["exp_avg"].shape == a.A.shape and opt.state[a.B]["exp_avg_sq"].shape == a.B.shape
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == total
+    # and the gradient clipping runs over the grown tensors, not the replaced ones
+    assert {id(p) for p in run._opt.params} == {id(p) for a in run.adapters.values() for p in (a.A, a.B)}
     run._cleanup()
 
 

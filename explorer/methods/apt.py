@@ -91,7 +91,9 @@ Departures from the paper, stated:
     fixed when ranks grow (so growth does not change outputs). The task head is frozen with the
     adapters (the bundled models are fine-tuned already), so the in-place teacher stays dense.
   * The distillation targets the dense model's logits and residual stream (same layers) rather
-    than a learned layer mapping; one AdamW and one linear learning-rate decay over the whole run.
+    than a learned layer mapping; one AdamW and one linear learning-rate decay over the whole run
+    (recovery.py's Optimisation, the same as every recovery; APT's loop adds its mask, salience and
+    growth steps around it).
   * prune.recovery only switches training off ("none"); its reconstruct part does not apply
     (APT's recovery is its own fine-tuning); prune.layer_drop and prune.prune_hidden are refused
     (use hidden_fraction).
@@ -100,7 +102,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
@@ -114,8 +116,8 @@ from ..evaluate import flops_per_token, weight_mb
 from ..hidden import channels_to_keep, cut_hidden, hidden_multiple, hidden_spec, keep_count
 from ..importance import Importance, acc_dtype, kurtosis_from_moments
 from ..pruning import cpu_snapshot
-from ..recovery import (LOW_PRECISION, _train_batches, default_lr, hidden_kd_loss, hidden_pairs, kd_loss,
-                        micro_batches, model_dtype)
+from ..recovery import (Optimisation, _train_batches, default_lr, float32_masters, hidden_kd_loss, hidden_pairs,
+                        kd_loss, micro_batches, model_dtype, restore_dtypes)
 from ..surgery import prune_block
 from .base import MethodRun
 
@@ -406,8 +408,8 @@ class APTRun(MethodRun):
         self._stats: dict = {}
         self._hstats: dict = {}
         self._teacher_model = None
-        self._opt = None
-        self._masters: dict = {}
+        self._opt: Optimisation | None = None
+        self._masters: dict = {}  # full tuning of a low-precision model: float32 masters (recovery.float32_masters)
         self._pending = None  # the committed snapshot of an intermediate stage, made for its record
         self._snap_hidden = None
         self._last_hidden = None
@@ -560,9 +562,7 @@ class APTRun(MethodRun):
     def _cleanup(self) -> None:
         self._uninstall()
         self._collect = self._teacher_on = False
-        for p, dt in self._masters.items():
-            p.data = p.data.to(dt)
-        self._masters.clear()
+        restore_dtypes(self._masters)
         for p in self.lm.model.parameters():
             p.requires_grad_(True)
             p.grad = None
@@ -826,9 +826,10 @@ class APTRun(MethodRun):
 
     def _swap_params(self, old, new, extra: int) -> None:
         """Put the grown A, B into the optimiser, its state padded with zeros for the new ranks."""
-        opt = self._opt
-        if opt is None:
+        if self._opt is None:
             return
+        opt = self._opt.opt
+        self._opt.params = self._trainable()  # clipped over the new ones
         for o, n, dim in zip(old, new, (0, 1)):
             for group in opt.param_groups:
                 group["params"] = [n if p is o else p for p in group["params"]]
@@ -855,7 +856,7 @@ class APTRun(MethodRun):
             t_out = self._teacher_out({k: v for k, v in part.items() if k != "labels"}, hidden)
         self._collect = True
         try:
-            with self._autocast:
+            with self._opt.autocast:
                 out = lm.model(**part, output_hidden_states=hidden)
         finally:
             self._collect = False
@@ -877,8 +878,8 @@ class APTRun(MethodRun):
         return (1 - mu) * out.loss + mu * kd
 
     def _step(self, batch: dict, mu: float, step: int) -> float:
-        opt, params = self._opt, self._trainable()
-        opt.zero_grad(set_to_none=True)
+        opt = self._opt
+        opt.zero_grad()
         total = 0.0
         for part, weight in micro_batches(self.lm, batch):
             self._mask_now = part["attention_mask"]
@@ -886,41 +887,31 @@ class APTRun(MethodRun):
             loss = self._loss(part, mu)
             if not torch.isfinite(loss):
                 raise ExplorerError(f"APT training diverged at step {step} (loss {loss.item()}); lower the learning rate")
-            self._scaler.scale(loss * weight).backward()
+            opt.backward(loss * weight)
             total += loss.item() * weight
-        self._scaler.unscale_(opt)
+        opt.unscale()
         with torch.no_grad():
             for n, a in self.adapters.items():
                 if a.B.grad is not None:
                     self.adapter_sal[n] += float((a.B * a.B.grad).abs().sum())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        self._scaler.step(opt)
-        self._scaler.update()
-        self._sched.step()
+        opt.step()
         return total
 
     def _make_optimizer(self, T: int) -> None:
+        """recovery's Optimisation over the trained parameters; full tuning of a low-precision model
+        trains float32 masters under autocast, the adapters (float32) compute beside the weights."""
         lm = self.lm
-        dtype = self._dtype
-        mixed = dtype in LOW_PRECISION
-        if mixed and not self.adapters:  # full tuning: float32 master weights, forward under autocast
-            self._masters = {p: p.dtype for p in lm.model.parameters() if p.dtype != torch.float32}
-            for p in self._masters:
-                p.data = p.data.float()
+        if not self.adapters:
+            self._masters = float32_masters(lm.model.parameters(), self._dtype)
         dev = next(lm.model.parameters()).device.type
-        self._autocast = torch.autocast(dev, dtype=dtype) if mixed and not self.adapters else nullcontext()
-        self._scaler = torch.amp.GradScaler(dev, enabled=dtype == torch.float16)
-        lr = self.prune.lr or default_lr(self.opts.tuning)
-        self._opt = torch.optim.AdamW(self._trainable(), lr=lr, weight_decay=0.0)
-        self._sched = torch.optim.lr_scheduler.LambdaLR(self._opt, lambda s: 1 - s / max(T, 1))
+        self._opt = Optimisation(self._trainable(), self._dtype, dev, self.prune.lr or default_lr(self.opts.tuning),
+                                 T, autocast=not self.adapters)
 
     # --- the run ---------------------------------------------------------------------------------
     def _finalize(self) -> None:
         """Merge, fold, remove: the live model becomes plain and physically smaller."""
         self._uninstall()
-        for p, dt in self._masters.items():
-            p.data = p.data.to(dt)
-        self._masters.clear()
+        restore_dtypes(self._masters)
         hid = self._make_plain(self.lm.model, final=True)
         if hid:
             dense = int((self.lm.plan.get("hidden") or {}).get("dense", hid["dense"]))

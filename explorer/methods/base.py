@@ -146,6 +146,7 @@ def check_plan_fits(lm: LoadedModel, plan: Allocation) -> None:
                                 f"{lp.groups} attention unit(s) and {lp.keep_neurons} of {lp.neurons} neurons; "
                                 "a layer keeps at least 1 and at most all of each")
 
+
 def clone_lm(lm: LoadedModel) -> LoadedModel:
     """A LoadedModel around a deep copy of the model (tokenizer and adapter shared)."""
     return replace(lm, model=copy.deepcopy(lm.model))
