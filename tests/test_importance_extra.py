@@ -138,6 +138,29 @@ def test_fluctuation_same_with_and_without_gradients():
             np.testing.assert_allclose(x, y, rtol=1e-9)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_a_forward_only_metric_runs_no_backward_and_no_head(arch, monkeypatch):
+    """The default metrics for a forward-only metric are the forward-only ones, even where gradients
+    are possible (a causal LM, a labelled classifier): no backward and no task head runs (the
+    transformer body only), and its scores are those of a pass that also took gradients."""
+    lm = lm2(arch)
+    head = lm.model.get_output_embeddings() if arch != "bert" else lm.model.classifier
+    calls = []
+    handle = head.register_forward_hook(lambda *a: calls.append("head"))
+    monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: calls.append("backward"))
+    try:
+        alone = analyze(lm, TEXTS, labels_of(lm), AnalysisConfig(batch_size=BATCH, metric="fluctuation"), cache=False)
+    finally:
+        handle.remove()
+        monkeypatch.undo()
+    assert calls == [] and set(alone.heads) == set(LABEL_FREE_METRICS)
+    full = run(lm, ("taylor", "fluctuation"), metric="fluctuation")
+    for x, y in zip(alone.neurons["fluctuation"], full.neurons["fluctuation"]):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+    np.testing.assert_allclose(alone.layer_cos, full.layer_cos, rtol=1e-6)
+    assert set(analyze(lm, TEXTS, labels_of(lm), AnalysisConfig(batch_size=BATCH, metric="taylor")).heads) == set(METRICS)
+
+
 def test_fluctuation_is_label_free_on_an_encoder():
     assert "fluctuation" in METRICS and "fluctuation" in LABEL_FREE_METRICS
     enc = lm2("bert-encoder")
