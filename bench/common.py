@@ -136,10 +136,23 @@ def _command() -> str:
     return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
+_STATE_AT_START: dict | None = None
+
+
+def state_at_start() -> dict:
+    """git_state() as it was when this process first asked (bench.common's import, before any bench
+    code ran): the code a run measures is the code it started with, so a commit made while a long
+    bench runs does not relabel the rows it writes afterwards."""
+    global _STATE_AT_START
+    if _STATE_AT_START is None:
+        _STATE_AT_START = git_state()
+    return _STATE_AT_START
+
+
 def provenance() -> dict:
-    """What made a bench JSON: the commit (and whether the tree was dirty), when, the command line,
-    the torch threads and the machine's load average at the time of writing."""
-    return {**git_state(), "ran_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    """What made a bench JSON: the commit (and whether the tree was dirty) when the run started, when
+    it wrote, the command line, the torch threads and the machine's load average at the time of writing."""
+    return {**state_at_start(), "ran_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": _command(),
             "torch_threads": torch.get_num_threads(), "machine_load": load_average()}
 
@@ -411,3 +424,6 @@ def forward_fn(lm: LoadedModel, batch_size: int, seq_len: int) -> Callable[[], o
 
 def python_cmd() -> str:
     return Path(sys.executable).name
+
+
+state_at_start()  # the tree as this bench process starts (see state_at_start)

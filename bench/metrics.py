@@ -12,6 +12,11 @@ reconstruction (SmolLM2: BBC perplexity; MiniLM-RT: Rotten Tomatoes accuracy). N
 test: the plan's A comes from val (bench/RECON.md), the metric is what is compared. The quick-look
 default becomes the fastest metric whose mean is within one seed spread (std) of the best mean.
 
+The refit's cost, on the same plans of the quick-look metric (QUICK_METRIC): besides the defaults (λ
+chosen per projection on held-out calibration samples, units re-chosen by structured OBS) the refit
+with the plan's units as given (no OBS) and with λ = 0.1 fixed (no search; the value bench.bigmodel
+uses), and with both; per variant the reconstruction's wall time and the test quality, paired per seed.
+
 Writes bench/metrics.json (with the commit it ran on) and bench/METRICS.md, both generated.
 """
 from __future__ import annotations
@@ -34,6 +39,10 @@ from explorer.reconstruct import reconstruct
 
 OUT_JSON, OUT_MD = ROOT / "bench" / "metrics.json", ROOT / "bench" / "METRICS.md"
 METRICS = ("taylor", "fluctuation", "magnitude_l2")
+QUICK_METRIC = "fluctuation"  # the app's quick look (ui.views.QUICK_LOOK_METRIC)
+# refit variants run on QUICK_METRIC's plans: name -> reconstruct() keywords over PruneConfig's defaults
+REFITS = {"default": {}, "no OBS": {"select": "given"}, "λ = 0.1": {"lam": 0.1},
+          "no OBS, λ = 0.1": {"select": "given", "lam": 0.1}}
 
 
 @dataclass
@@ -76,21 +85,25 @@ def run_case(case: Case, save: Callable[[dict], None] = lambda res: None) -> dic
                           cache=False)  # this metric alone: its own cost
             t_imp = time.perf_counter() - t0
             plan = allocate(imp.normalized_by(alloc.normalization), imp.params, alloc, scores=imp.unit_scores())
-            snapshot = cpu_snapshot(lm.model)
-            try:
-                t0 = time.perf_counter()
-                reconstruct(lm, plan_keeps(imp, plan), texts, lam=prune.recon_lambda, fit_bias=prune.recon_bias,
-                            weighting=prune.recon_weighting, select=prune.recon_select,
-                            batch_size=cfg.batch_size, max_length=cfg.max_length or None)
-                t_rec = time.perf_counter() - t0
-                q = test_quality(lm, data, case.test_n)
-            finally:
-                lm.model = snapshot.to(lm.device)
-            row = {"seed": seed, "metric": metric, "analysis_s": t_imp, "recon_s": t_rec, "test": q,
-                   "sparsity": [lp.sparsity for lp in plan.layers]}
-            out["rows"].append(row)
-            log(f"{case.model} seed {seed} {metric}: analysis {t_imp:.1f} s, refit {t_rec:.1f} s, test {q:.4f}")
-            save(out)  # every row as it comes: a run cut short keeps what it measured
+            for refit, kw in (REFITS.items() if metric == QUICK_METRIC else [("default", {})]):
+                snapshot = cpu_snapshot(lm.model)
+                try:
+                    t0 = time.perf_counter()
+                    rep = reconstruct(lm, plan_keeps(imp, plan), texts, **{
+                        "lam": prune.recon_lambda, "fit_bias": prune.recon_bias, "weighting": prune.recon_weighting,
+                        "select": prune.recon_select, "batch_size": cfg.batch_size,
+                        "max_length": cfg.max_length or None, **kw})
+                    t_rec = time.perf_counter() - t0
+                    q = test_quality(lm, data, case.test_n)
+                finally:
+                    lm.model = snapshot.to(lm.device)
+                row = {"seed": seed, "metric": metric, "refit": refit, "analysis_s": t_imp, "recon_s": t_rec,
+                       "test": q, "sparsity": [lp.sparsity for lp in plan.layers],
+                       "lambdas": [[r["lambda"] for r in layer] for layer in rep.layers]}
+                out["rows"].append(row)
+                log(f"{case.model} seed {seed} {metric} refit {refit}: analysis {t_imp:.1f} s, refit {t_rec:.1f} s, "
+                    f"test {q:.4f}")
+                save(out)  # every row as it comes: a run cut short keeps what it measured
     return out
 
 
@@ -101,7 +114,7 @@ def summarise(res: dict) -> dict:
     if not res["rows"]:
         return {"per_metric": {}, "higher_is_better": higher}
     for m in METRICS:
-        rows = [r for r in res["rows"] if r["metric"] == m]
+        rows = [r for r in res["rows"] if r["metric"] == m and r.get("refit", "default") == "default"]
         if not rows:
             continue
         q = [r["test"] for r in rows]
@@ -112,7 +125,26 @@ def summarise(res: dict) -> dict:
     spread = max(per[best]["std"], max(v["std"] for v in per.values()))
     close = [m for m in per if abs(per[m]["mean"] - per[best]["mean"]) <= spread]
     return {"per_metric": per, "best": best, "spread": spread, "within_spread": close,
-            "fastest_within": min(close, key=lambda m: per[m]["analysis_s"]), "higher_is_better": higher}
+            "fastest_within": min(close, key=lambda m: per[m]["analysis_s"]), "higher_is_better": higher,
+            "refits": refit_summary(res)}
+
+
+def refit_summary(res: dict) -> dict:
+    """Per refit variant of QUICK_METRIC's plans: test quality and reconstruction seconds (mean, std) and
+    the paired difference to the default refit per seed (variant − default)."""
+    rows = [r for r in res["rows"] if r["metric"] == QUICK_METRIC]
+    base = {r["seed"]: r for r in rows if r.get("refit", "default") == "default"}
+    out = {}
+    for name in REFITS:
+        rs = [r for r in rows if r.get("refit", "default") == name]
+        if not rs:
+            continue
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+        q, t = [r["test"] for r in rs], [r["recon_s"] for r in rs]
+        diff = [r["test"] - base[r["seed"]]["test"] for r in rs if r["seed"] in base]
+        out[name] = {"mean": statistics.fmean(q), "std": sd(q), "recon_s": statistics.fmean(t), "recon_s_std": sd(t),
+                     "n": len(rs), "diff": statistics.fmean(diff) if diff else None, "diff_std": sd(diff)}
+    return out
 
 
 def render(doc: dict) -> str:
@@ -137,6 +169,16 @@ def render(doc: dict) -> str:
             lines.append(f"| {m} | {v['mean']:.4f} ± {v['std']:.4f} | {v['analysis_s']:.1f} | {v['n']} |")
         lines += ["", f"Best: **{s['best']}**; within one spread ({s['spread']:.4f}): {', '.join(s['within_spread'])}; "
                       f"fastest of those: **{s['fastest_within']}**.", ""]
+        refits = s.get("refits") or {}
+        if len(refits) > 1:
+            lines += [f"The refit on `{QUICK_METRIC}`'s plans (reconstruction seconds on this machine; *vs default*: "
+                      "the paired difference per seed, mean ± std; a difference inside its std is no difference):", "",
+                      f"| refit | test {metric} | vs default | reconstruction s | seeds |", "|---|---|---|---|---|"]
+            for name, v in refits.items():
+                vs = "" if name == "default" or v["diff"] is None else f"{v['diff']:+.4f} ± {v['diff_std']:.4f}"
+                lines.append(f"| {name} | {v['mean']:.4f} ± {v['std']:.4f} | {vs} | "
+                             f"{v['recon_s']:.1f} ± {v['recon_s_std']:.1f} | {v['n']} |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -396,14 +396,14 @@ def main(argv=None) -> int:
             results[p.model]["teacher_fit"] = teacher_fit(p)
             results[p.model]["teacher_fit_meta"] = {
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.perf_counter() - t0,
-                "machine": machine(), **{k: v for k, v in common.git_state().items() if k in ("commit", "dirty")}}
+                "machine": machine(), **{k: v for k, v in common.state_at_start().items() if k in ("commit", "dirty")}}
             log(f"{p.model} teacher fit: {results[p.model]['teacher_fit']}")
         write(out, results, runs, [old] if old else [])
         return 0
     for p in presets:
         meta = {"mode": args.mode, "model": p.model, "machine": machine(), "load_before": common.load_average(),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                **{k: v for k, v in common.git_state().items() if k in ("commit", "dirty")}}  # per model: --merge
+                **{k: v for k, v in common.state_at_start().items() if k in ("commit", "dirty")}}  # per model: --merge
         if p.lm_settings and args.lm_settings:
             p = dataclasses.replace(p, lm_settings=[{**SMOL_KD, **o} for o in json.loads(args.lm_settings)])
         if p.lm_settings and args.time_cap:
