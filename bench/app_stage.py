@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,27 @@ def render(doc: dict, before: Path) -> str:
             lines += [f"| {t:.1f} | {st.replace('|', '/').replace(chr(10), ' ')[:200]} |" for t, st in s["status"]]
             lines += ["", "</details>", ""]
     return "\n".join(lines + _before(before)) + "\n"
+
+
+def readme_block(doc: dict, before: Path = ROOT / "bench" / "app_stage_before.json") -> str:
+    """docs/RESULTS.md's block (bench.readme "app-stage"): the report without its title and without the
+    per-step status lines (those stay in APP_STAGE.md)."""
+    body = render(doc, before).split("\n", 2)[2]
+    body = re.sub(r"<details>.*?</details>\n*", "", body, flags=re.S)
+    lines = [("##" + ln) if ln.startswith("#") else ln for ln in body.splitlines()]
+    return "\n".join(lines).strip() + "\n"
+
+
+def summary_block(doc: dict) -> str:
+    """The README's performance table (bench.readme "app-speed"): per model and step, seconds and goal."""
+    lines = [generated_line("python -m bench.app_stage", doc["meta"], doc.get("provenance")), "",
+             "| model | load | step | seconds from the click | goal |", "|---|---|---|---|---|"]
+    for res in doc["results"]:
+        for s in res["steps"]:
+            g = res["goals"].get(s["step"])
+            goal = f"≤ {g['goal_s']} s: {'met' if g['met'] else 'missed'}" if g else ""
+            lines.append(f"| {res['model']} | {res['load_seconds']:.0f} s | {s['step']} | {s['seconds']:.1f} | {goal} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

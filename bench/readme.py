@@ -13,6 +13,9 @@ and every docs/*.md); a NAME may live in any of them (once per file). The blocks
   * bigmodel   : the big-model memory summary and the estimate table for 1 B / 8 B / 70 B
                  (bench/bigmodel.json, `python -m bench.bigmodel`);
   * budgets    : quality against the training budget (bench/budgets.json, `python -m bench.budgets`).
+  * app-stage  : the app's handlers timed as a demo runs them (bench/app_stage.json, `python -m bench.app_stage`);
+  * app-speed  : the same run as one table (the README's performance section);
+  * metrics    : the quick look's importance metric and refit (bench/metrics.json, `python -m bench.metrics`).
 A block body is written with links relative to the repository root; in a file below it (docs/) its
 relative links are rebased (`bench/X.md` becomes `../bench/X.md`). A marker whose NAME is not in
 BLOCKS is an error, and so is a block of make-bench / recon-long / plans that no file holds.
@@ -109,6 +112,21 @@ def budgets_block(doc: dict) -> str:
     return readme_block(doc)
 
 
+def app_stage_block(doc: dict) -> str:
+    from .app_stage import readme_block
+    return readme_block(doc)
+
+
+def app_speed_block(doc: dict) -> str:
+    from .app_stage import summary_block
+    return summary_block(doc)
+
+
+def metrics_block(doc: dict) -> str:
+    from .metrics import render
+    return "\n".join(_demote(render(doc).split("\n", 2)[2].splitlines(), 2)).strip() + "\n"
+
+
 # name -> (the JSON under bench/ it is rendered from, the renderer)
 BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "make-bench": ("results.json", make_bench_block),
@@ -117,6 +135,9 @@ BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "decode": ("decode.json", decode_block),
     "bigmodel": ("bigmodel.json", bigmodel_block),
     "budgets": ("budgets.json", budgets_block),
+    "app-stage": ("app_stage.json", app_stage_block),
+    "app-speed": ("app_stage.json", app_speed_block),
+    "metrics": ("metrics.json", metrics_block),
 }
 
 
