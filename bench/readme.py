@@ -15,7 +15,8 @@ and every docs/*.md); a NAME may live in any of them (once per file). The blocks
   * budgets    : quality against the training budget (bench/budgets.json, `python -m bench.budgets`).
   * app-stage  : the app's handlers timed as a demo runs them (bench/app_stage.json, `python -m bench.app_stage`);
   * app-speed  : the same run as one table (the README's performance section);
-  * metrics    : the quick look's importance metric and refit (bench/metrics.json, `python -m bench.metrics`).
+  * metrics    : the quick look's importance metric and refit (bench/metrics.json, `python -m bench.metrics`);
+  * metrics-summary : its metric table alone (the README's Importance panel).
 A block body is written with links relative to the repository root; in a file below it (docs/) its
 relative links are rebased (`bench/X.md` becomes `../bench/X.md`). A marker whose NAME is not in
 BLOCKS is an error, and so is a block of make-bench / recon-long / plans that no file holds.
@@ -122,6 +123,11 @@ def app_speed_block(doc: dict) -> str:
     return summary_block(doc)
 
 
+def metrics_summary_block(doc: dict) -> str:
+    from .metrics import summary_block
+    return summary_block(doc)
+
+
 def metrics_block(doc: dict) -> str:
     from .metrics import render
     return "\n".join(_demote(render(doc).split("\n", 2)[2].splitlines(), 2)).strip() + "\n"
@@ -138,6 +144,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "app-stage": ("app_stage.json", app_stage_block),
     "app-speed": ("app_stage.json", app_speed_block),
     "metrics": ("metrics.json", metrics_block),
+    "metrics-summary": ("metrics.json", metrics_summary_block),
 }
 
 
