@@ -182,24 +182,6 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_block(doc: dict) -> str:
-    """The README's block (bench.readme "metrics-summary"): per model the metrics' test quality and
-    analysis time, and the quick-look choice."""
-    lines = [generated_line("python -m bench.metrics", doc["meta"], doc.get("provenance")), "",
-             "| model | budget | metric | test quality after the refit (accuracy ↑, perplexity ↓) | analysis s | seeds |",
-             "|---|---|---|---|---|---|"]
-    picks = []
-    for res in doc["results"]:
-        s = res["summary"]
-        for m, v in s["per_metric"].items():
-            lines.append(f"| {res['model']} | {res['case']['target']:.0%} | {m} | {v['mean']:.4f} ± {v['std']:.4f} | "
-                         f"{v['analysis_s']:.1f} | {v['n']} |")
-        if s["per_metric"]:
-            picks.append(f"{res['model']}: best {s['best']}, within one spread {', '.join(s['within_spread'])}, "
-                         f"fastest of those {s['fastest_within']}")
-    return "\n".join(lines + ["", "; ".join(picks) + "."]) + "\n"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.metrics")
     ap.add_argument("--mode", choices=sorted(MODES), default="quick")

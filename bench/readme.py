@@ -124,8 +124,22 @@ def app_speed_block(doc: dict) -> str:
 
 
 def metrics_summary_block(doc: dict) -> str:
-    from .metrics import summary_block
-    return summary_block(doc)
+    """The README's block (bench.readme "metrics-summary"): per model the metrics' test quality and
+    analysis time, and the quick-look choice."""
+    from .common import generated_line
+    lines = [generated_line("python -m bench.metrics", doc["meta"], doc.get("provenance")), "",
+             "| model | budget | metric | test quality after the refit (accuracy ↑, perplexity ↓) | analysis s | seeds |",
+             "|---|---|---|---|---|---|"]
+    picks = []
+    for res in doc["results"]:
+        s = res["summary"]
+        for m, v in s["per_metric"].items():
+            lines.append(f"| {res['model']} | {res['case']['target']:.0%} | {m} | {v['mean']:.4f} ± {v['std']:.4f} | "
+                         f"{v['analysis_s']:.1f} | {v['n']} |")
+        if s["per_metric"]:
+            picks.append(f"{res['model']}: best {s['best']}, within one spread {', '.join(s['within_spread'])}, "
+                         f"fastest of those {s['fastest_within']}")
+    return "\n".join(lines + ["", "; ".join(picks) + "."]) + "\n"
 
 
 def metrics_block(doc: dict) -> str:
