@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -328,9 +329,11 @@ def header(meta: dict, prov: dict | None = None) -> str:
     behind recon.json ran."""
     ran_as = (f" It ran as `--mode {meta['ran_as']}`, the name these settings had before the quick preset was cut "
               "down for `make bench`." if meta.get("ran_as") else "")
-    return generated_line(f"python -m bench.recon --mode {meta['mode']}", meta) + ran_as + (
-        f" Incremental (`--merge`): this run added rows to those of earlier runs (the first generated "
-        f"{_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier") else "") \
+    return generated_line(meta.get("command") or f"python -m bench.recon --mode {meta['mode']}", meta) + ran_as + (
+        f" It keeps the rows of earlier runs (the first " + (f"`{_first(meta)['command']}`, " if _first(meta).get("command")
+                                                            else "") +
+        f"generated {_first(meta)['date']}); recon.json keeps every run's machine, load and time." if meta.get("earlier")
+        else "") \
         + (" " + provenance_text(prov) if prov else "")
 
 
@@ -419,6 +422,20 @@ def merge_rows(old: dict | None, new: dict) -> dict:
     return {**old, "rows": rows, "case": case, "dense": new["dense"]}
 
 
+def combine(docs: list[dict], out: Path) -> int:
+    """recon.json from runs of different models made side by side: the later run's meta, the other
+    as the earlier one; both runs' commits stay in the provenance (write_json's `earlier`)."""
+    models = [r["model"] for d in docs for r in d["results"]]
+    if len(models) != len(set(models)):
+        raise SystemExit(f"--combine: the two documents share a model ({models}); use --merge for that")
+    first, last = sorted(docs, key=lambda d: d["meta"]["date"])
+    meta = {**last["meta"], "earlier": first["meta"]}
+    prov = write_json(out / "recon.json", {"meta": meta, "results": first["results"] + last["results"]}, docs)
+    (out / "RECON.md").write_text(render(first["results"] + last["results"], meta, prov))
+    log(f"wrote {out / 'RECON.md'} from {len(docs)} runs")
+    return 0
+
+
 def main(argv=None) -> int:
     import torch
     ap = argparse.ArgumentParser(prog="python -m bench.recon")
@@ -433,7 +450,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; smoke: 1)")
     ap.add_argument("--merge", action="store_true", help="add the new rows to recon.json, replacing rows of the "
                     "same (model, method, budget, seed) and keeping the rest")
+    ap.add_argument("--no-recovery", action="store_true", help="skip the recovery rows (training after the refit)")
+    ap.add_argument("--combine", nargs=2, metavar="JSON", help="run nothing: write recon.json / RECON.md from two "
+                    "recon.json of different models (runs made side by side), keeping both runs' provenance")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine([json.loads(Path(f).read_text()) for f in args.combine], Path(args.out))
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -451,8 +473,10 @@ def main(argv=None) -> int:
         cases = [replace(c, budgets=[float(b) for b in args.budgets.split(",")], extra_budgets=[]) for c in cases]
     if args.seeds:
         cases = [replace(c, seeds=[int(s) for s in args.seeds.split(",")]) for c in cases]
+    if args.no_recovery:
+        cases = [replace(c, recovery_budgets=[]) for c in cases]
     t0 = time.perf_counter()
-    meta = {"mode": args.mode, "machine": machine(), "load_before": common.load_average(),
+    meta = {"mode": args.mode, "command": "python -m bench.recon " + " ".join(argv if argv is not None else sys.argv[1:]), "machine": machine(), "load_before": common.load_average(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
