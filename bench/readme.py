@@ -12,7 +12,8 @@ and every docs/*.md); a NAME may live in any of them (once per file). The blocks
                  `python -m bench.decode`);
   * bigmodel   : the big-model memory summary and the estimate table for 1 B / 8 B / 70 B
                  (bench/bigmodel.json, `python -m bench.bigmodel`);
-  * budgets    : quality against the training budget (bench/budgets.json, `python -m bench.budgets`).
+  * budgets    : quality against the training budget (bench/budgets.json, `python -m bench.budgets`);
+  * budgets-summary : its six methods, chart and claims alone (the README's Results).
   * app-stage  : the app's handlers timed as a demo runs them (bench/app_stage.json, `python -m bench.app_stage`);
   * app-speed  : the same run as one table (the README's performance section);
   * metrics    : the quick look's importance metric and refit (bench/metrics.json, `python -m bench.metrics`);
@@ -113,6 +114,19 @@ def budgets_block(doc: dict) -> str:
     return readme_block(doc)
 
 
+def budgets_summary_block(doc: dict) -> str:
+    """The README's block (bench.readme "budgets-summary"): quality against training steps for the
+    design documents' methods (ablation variants left to BUDGETS.md), the chart and each claim's reading."""
+    from .budgets import SVG_NAME, claim_summary, header, quality_table
+    L = [header(doc), ""]
+    for target in sorted({r["target"] for r in doc["rows"] if "[" not in r.get("method", "[")}, reverse=True):
+        L += [f"{doc['model']} at **{target:.0%}** removed, test accuracy after T optimiser steps (mean ± std (seeds; "
+              f"% of dense {doc['dense']['test']:.4f})):", ""]
+        L += [row for row in quality_table(doc, target) if "[" not in row.split("|")[1]] + [""]
+    L += [f"![quality against steps and wall time](bench/{SVG_NAME})", ""] + claim_summary(doc)
+    return "\n".join(L).strip() + "\n"
+
+
 def app_stage_block(doc: dict) -> str:
     from .app_stage import readme_block
     return readme_block(doc)
@@ -155,6 +169,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "decode": ("decode.json", decode_block),
     "bigmodel": ("bigmodel.json", bigmodel_block),
     "budgets": ("budgets.json", budgets_block),
+    "budgets-summary": ("budgets.json", budgets_summary_block),
     "app-stage": ("app_stage.json", app_stage_block),
     "app-speed": ("app_stage.json", app_speed_block),
     "metrics": ("metrics.json", metrics_block),
