@@ -117,13 +117,16 @@ def budgets_block(doc: dict) -> str:
 def budgets_summary_block(doc: dict) -> str:
     """The README's block (bench.readme "budgets-summary"): quality against training steps for the
     design documents' methods (ablation variants left to BUDGETS.md), the chart and each claim's reading."""
-    from .budgets import SVG_NAME, claim_summary, header, quality_table
+    from .budgets import SVG_NAME, apt_settings, claim_summary, header, quality_table
     L = [header(doc), ""]
     for target in sorted({r["target"] for r in doc["rows"] if "[" not in r.get("method", "[")}, reverse=True):
         L += [f"{doc['model']} at **{target:.0%}** removed, test accuracy after T optimiser steps (mean ± std (seeds; "
               f"% of dense {doc['dense']['test']:.4f})):", ""]
         L += [row for row in quality_table(doc, target) if "[" not in row.split("|")[1]] + [""]
     L += [f"![quality against steps and wall time](bench/{SVG_NAME})", ""] + claim_summary(doc)
+    st = apt_settings(doc)
+    if st:
+        L += ["", "APT's settings at each budget (`explorer.methods.apt.schedule_for`):", ""] + st
     return "\n".join(L).strip() + "\n"
 
 
