@@ -43,6 +43,9 @@ LEGEND_TOP = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1
 LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0.0)  # clear of subplot titles
 
 
+# the app shows each chart under a label chip at its top-left corner (gr.Plot's label, ~24 px high): the
+# title starts below it
+TITLE_PAD = 26
 SUBTITLE_CHARS = 80  # a subtitle line at 11 px fits a half-width chart (≈ 600 px) at this many characters
 
 
@@ -54,8 +57,9 @@ def _layout(fig: go.Figure, title: str, height: int = HEIGHT, legend_below: bool
              for w in textwrap.wrap(part, SUBTITLE_CHARS)]
     text = title + "".join(f"<br><span style='font-size:11px'>{html.escape(line, quote=False)}</span>"
                            for line in lines)
-    top = 60 + 15 * len(lines)
-    fig.update_layout(title=dict(text=text, x=0.01, y=0.98, yanchor="top", font=dict(size=15)),
+    top = 60 + TITLE_PAD + 15 * len(lines)
+    fig.update_layout(title=dict(text=text, x=0.01, y=1.0, yref="container", yanchor="top", pad=dict(t=TITLE_PAD),
+                                 font=dict(size=15)),
                       height=height + (40 if legend_below else 0) + top - 60,
                       margin=dict(l=60, r=20, t=top + (20 if lines and not legend_below else 0),
                                   b=90 if legend_below else 50),
@@ -235,8 +239,9 @@ def allocation_chart(adaptive: Sequence[float], uniform: Sequence[float], target
     small = len(layers) <= 32
     layout = {
         "template": _template(), "height": HEIGHT, "barmode": "group", "hovermode": "closest",
-        "title": {"text": title or "Per-layer sparsity", "x": 0.01, "font": {"size": 15}},
-        "margin": {"l": 60, "r": 60, "t": 60, "b": 50},
+        "title": {"text": title or "Per-layer sparsity", "x": 0.01, "y": 1.0, "yref": "container", "yanchor": "top",
+                  "pad": {"t": TITLE_PAD}, "font": {"size": 15}},
+        "margin": {"l": 60, "r": 60, "t": 60 + TITLE_PAD, "b": 50},
         "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
         "xaxis": {"title": {"text": "layer"}, **({"dtick": 1} if small else {})},
         "yaxis": {"title": {"text": "sparsity S_L"}, "range": [0, top]},
@@ -423,7 +428,8 @@ def stage_cost_chart(labels: Sequence[str], params: Sequence[float], latency_ms:
                         line=dict(color=ORANGE), hovertemplate="%{x}<br>%{y:.1f} ms<extra></extra>")
         fig.update_yaxes(title_text="latency, ms (batch 32 × 128)", secondary_y=True, rangemode="tozero", showgrid=False)
     elif len(lat):
-        fig.add_annotation(text=not_timed, x=0.5, y=1.0, xref="paper", yref="paper", yanchor="bottom",
+        fig.add_annotation(text="<br>".join(textwrap.wrap(not_timed, SUBTITLE_CHARS - 20)), x=0.5, y=1.0,
+                           xref="paper", yref="paper", yanchor="bottom",
                            showarrow=False, font=dict(color=GREY))
     fig.update_yaxes(title_text="parameters (M)", secondary_y=False, rangemode="tozero")
     timed = any(v is not None for v in lat) or not len(lat)
@@ -518,8 +524,11 @@ def pareto_chart(points: Sequence[Mapping], metric: str) -> go.Figure:
                             name="Pareto front", legendgroup="front", showlegend=col == 1,
                             line=dict(color=GREY, dash="dash"), hoverinfo="skip", row=1, col=col)
         if points and not pts and col == 2:
-            fig.add_annotation(text="speed not measured: turn on “Measure latency”", x=0.5, y=0.5,
-                               xref="x2 domain", yref="y2 domain", showarrow=False, font=dict(color=GREY))
+            # paper coordinates at the middle of the right panel (an "x2 domain" reference is read as data
+            # coordinates of the left panel by the app's plotly.js, which stretched that panel's axes)
+            fig.add_annotation(text="speed not measured:<br>turn on “Measure latency”",
+                               x=sum(fig.layout.xaxis2.domain) / 2, y=0.5, xref="paper", yref="paper",
+                               showarrow=False, font=dict(color=GREY))
     if not points:
         fig.add_annotation(text="finished runs appear here", x=0.5, y=0.5, xref="paper", yref="paper",
                            showarrow=False, font=dict(color=GREY))

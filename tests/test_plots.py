@@ -176,6 +176,9 @@ def test_stage_cost_chart_params_and_latency():
     no_latency = plots.stage_cost_chart(["dense"], [22e6], [None], not_timed="latency not timed: tick it")
     assert names(no_latency) == ["parameters (M)"]
     assert no_latency.layout.annotations[0].text == "latency not timed: tick it"  # says so, not an empty axis
+    long = plots.stage_cost_chart(["dense"], [22e6], [None], not_timed="latency not timed: " + "word " * 30)
+    lines = long.layout.annotations[0].text.split("<br>")
+    assert len(lines) > 1 and max(map(len, lines)) <= plots.SUBTITLE_CHARS  # wrapped to the chart's width
     assert "not timed" in no_latency.layout.title.text and not fig.layout.annotations
 
 
@@ -206,6 +209,27 @@ def test_pareto_chart_points_per_run_and_front_in_both_panels():
     assert [t.name for t in left] == ["a", "b", "Pareto front"]
     assert [t.name for t in right] == ["a", "Pareto front"]  # b has no latency
     assert list(left[0].x) == pytest.approx([22.0, 18.0])
+
+
+def test_pareto_chart_without_speed_says_so_in_the_right_panel_without_stretching_the_left():
+    pts = [{"run": "a", "model": "dense", "params": 22e6, "latency_ms": None, "quality": 0.83},
+           {"run": "a", "model": "stage 1", "params": 18e6, "latency_ms": None, "quality": 0.80}]
+    fig = plots.pareto_chart(pts, "accuracy")
+    note = next(a for a in fig.layout.annotations if "speed not measured" in a.text)
+    # paper coordinates inside the right panel: data coordinates would put it at (0.5, 0.5) of the left
+    # panel and stretch its axes to 0 M parameters and accuracy 0.5
+    assert (note.xref, note.yref) == ("paper", "paper")
+    lo, hi = fig.layout.xaxis2.domain
+    assert lo < note.x < hi
+
+
+@pytest.mark.parametrize("fig", [plots.quality_chart(0.85, [0.2], [0.8], "accuracy"),
+                                 plots.allocation_chart([0.2, 0.4], [0.3, 0.3], 0.3)], ids=["_layout", "allocation"])
+def test_titles_start_below_the_apps_label_chip(fig):
+    """gr.Plot draws its label over the chart's top-left corner: every title is pushed below it."""
+    t = fig.layout.title
+    assert t.yref == "container" and t.yanchor == "top" and t.pad.t >= 24
+    assert fig.layout.margin.t >= 60 + t.pad.t
 
 
 def test_charts_html_is_one_offline_page():
