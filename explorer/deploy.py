@@ -112,7 +112,9 @@ def _differ(layers: list[dict], key: str) -> str:
         return ""
     first = layers[0][key]
     j = next((i for i, w in enumerate(layers) if w[key] != first), None)
-    return "" if j is None else f"{NAMES[key]}: layer 0: {first}, layer {j}: {layers[j][key]}"
+    # without grouped-query attention every head is its own KV group: say "heads" (a BERT has no KV groups)
+    name = "heads" if key == "groups" and all(w["groups"] == w["heads"] for w in layers) else NAMES[key]
+    return "" if j is None else f"{name}: layer 0: {first}, layer {j}: {layers[j][key]}"
 
 
 def _uniform(layers: list[dict]) -> bool:

@@ -199,3 +199,11 @@ def test_bench_deploy_report_states_the_goals_from_the_figures():
     assert "FFN widths 1024" in ok and "180 matrices fall back against 240" in ok
     bad = render(_bench_doc(1.40))
     assert "goal within ±5 %: NOT met" in bad
+
+
+def test_widths_that_differ_are_named_heads_without_grouped_query_attention():
+    from explorer.deploy import _differ
+    bert = [{"groups": 3, "heads": 3, "neurons": 64}, {"groups": 6, "heads": 6, "neurons": 64}]
+    llama = [{"groups": 1, "heads": 3, "neurons": 64}, {"groups": 3, "heads": 9, "neurons": 64}]
+    assert _differ(bert, "groups") == "heads: layer 0: 3, layer 1: 6"  # a BERT has no KV groups
+    assert _differ(llama, "groups") == "KV groups: layer 0: 1, layer 1: 3"
