@@ -42,9 +42,18 @@ def test_perplexity_is_the_mean_of_the_scored_tokens_and_every_token_is_scored_o
     texts = data.texts["test"]
     nll = E.token_nlls(lm, texts, max_tokens=120, window=16, stride=8)
     ids = lm.tokenizer((lm.tokenizer.eos_token or "\n\n").join(texts), return_tensors="pt").input_ids[0][:121]
-    assert nll.shape == (len(ids) - 1,)  # every token but the first scored exactly once
+    assert nll.shape == (len(ids) - 1,) and len(ids) > 6 * 8  # every token but the first scored exactly once
     assert E.perplexity(lm, texts, max_tokens=120, window=16, stride=8) == pytest.approx(
         math.exp(float(nll.double().mean())), rel=1e-6)
+    # by hand, in text order: token p is scored once, by the first window (starts 0, 8, 16, ...) that holds it
+    # after its first position, i.e. with the longest context the windows give it
+    want = []
+    with torch.inference_mode():
+        for p in range(1, len(ids)):
+            begin = next(b for b in range(0, len(ids), 8) if b + 16 > p)
+            logits = lm.model(input_ids=ids[begin:p].unsqueeze(0)).logits[0, -1].float()
+            want.append(torch.nn.functional.cross_entropy(logits, ids[p]))
+    torch.testing.assert_close(nll, torch.stack(want), atol=1e-5, rtol=1e-5)
     # one window over everything: the NLLs are the model's own per-token losses
     with torch.inference_mode():
         logits = lm.model(input_ids=ids[:16].unsqueeze(0)).logits[0, :-1].float()

@@ -374,9 +374,24 @@ def test_cpu_snapshot_copies_to_host_and_keeps_ties():
     from conftest import tiny_lm
     from explorer.pruning import cpu_snapshot
     lm = tiny_lm("llama")
-    snap = cpu_snapshot(lm.model)
-    assert snap is not lm.model and all(p.device.type == "cpu" for p in snap.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(snap.state_dict().values(), lm.model.state_dict().values()))
+    model = lm.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tie_word_embeddings
+    snap = cpu_snapshot(model)
+    assert snap is not model and all(p.device.type == "cpu" for p in snap.parameters())
+    assert snap.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(snap.state_dict().values(), model.state_dict().values()))
+    # the tie survives: one tensor in the copy too (a change of the embeddings moves the head with it)
+    assert snap.lm_head.weight is snap.model.embed_tokens.weight, "the snapshot untied the head from the embeddings"
+    assert len(list(snap.parameters())) == len(list(model.parameters()))
+    # a copy: no tensor shares memory with the model, and changing one leaves the other as it was
+    ours = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not any(t.data_ptr() in ours for t in [*snap.parameters(), *snap.buffers()]), "shares the model's memory"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for p in snap.parameters():
+            p.zero_()
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -43,9 +43,16 @@ def test_the_three_orders_spend_the_same_optimiser_steps(method):
 
 
 def test_pre_fraction_splits_the_steps_and_is_checked():
-    _, run, _ = _run("lora-prune-ft", name="bert", stages=1, steps=4, recovery="none", pre_fraction=0.25)
+    """pre_fraction 0.25 of T = 4: one LoRA step on the dense model (stage 0, before the cut), three on the
+    pruned one (after the cut), as taken, not only as reported."""
+    _, run, events = _run("lora-prune-ft", name="bert", stages=1, steps=4, recovery="none", pre_fraction=0.25)
+    assert run.status == "done", run.error
     pipe = run.report()["summary"]["pipeline"]
     assert (pipe["lora_steps_dense"], pipe["lora_steps_pruned"]) == (1, 3)
+    kinds = [(e["type"], e.get("stage")) for e in events if e["type"] in ("step", "analysis")]
+    cut = kinds.index(("analysis", 1))
+    assert kinds[:cut] == [("step", 0)] and kinds[cut + 1:] == [("step", 1)] * 3
+    assert len(run.records[-1].losses) == 3  # the pruned model's steps are its stage's
     with pytest.raises(ExplorerError, match="pre-fraction"):
         _run("lora-prune-ft", pre_fraction=1.5)
     with pytest.raises(ExplorerError, match="not an option of method 'lora-prune-ft'"):

@@ -118,7 +118,15 @@ def test_unwritable_cache_costs_the_cache_not_the_result(cache_dir):
     cache_dir.mkdir(parents=True)
     (cache_dir / "predictors").write_text("not a folder")
     lm, data, imp, recipe = setup("gpt2", recovery="none", checks=0)
-    assert measure(lm, data, imp, recipe).n_layers == 3
+    pred = measure(lm, data, imp, recipe)
+    # the result: what a measurement without the cache gives
+    ref = measure(lm, data, imp, recipe, use_cache=False)
+    assert pred.n_layers == 3 and not pred.cached
+    assert (pred.dense, pred.sparsity, pred.delta) == (ref.dense, ref.sparsity, ref.delta)
+    # the cache: nothing written, the file in the way left as it was, and the next call measures again
+    assert (cache_dir / "predictors").is_file() and (cache_dir / "predictors").read_text() == "not a folder"
+    assert [p.name for p in cache_dir.iterdir() if not p.name.startswith("importance-")] == ["predictors"]
+    assert not measure(lm, data, imp, recipe).cached
 
 
 def test_stop_raises_cancelled_and_keeps_the_model():
@@ -186,7 +194,18 @@ def test_search_stop_keeps_the_best_so_far_and_refuses_before_the_first_trial():
         evs.append(ev)
         if ev["type"] == "generation" and ev["generation"] == 2:
             s.stop()
-    assert evs[-1]["type"] == "done" and evs[-1]["reason"] == "stopped" and evs[-1]["allocation"] is not None
+    done, gens = evs[-1], [e for e in evs if e["type"] == "generation"]
+    assert done["type"] == "done" and done["reason"] == "stopped" and done["allocation"] is not None
+    assert [g["generation"] for g in gens] == [1, 2] and done["trials"] == gens[-1]["trials"]  # nothing after Stop
+    # the best so far: the loss of the last generation, found after the start (the search improved on it) ...
+    assert done["loss"] == gens[-1]["loss"] < evs[0]["loss"] == min(evs[0]["start"].values())
+    # ... and the returned plan is the one that scored it, not a start plan
+    from explorer.methods.base import zeroed_units
+    from explorer.pruning import plan_keeps
+    with zeroed_units(lm, plan_keeps(imp, done["allocation"])):
+        losses, _ = s.scorer.losses(lm, s.cfg.large)
+    assert float(losses.mean()) == pytest.approx(done["loss"], rel=1e-6)
+    assert abs(done["allocation"].removed_fraction - 0.3) < 0.03
     s2 = PlanSearch(lm, data, imp, AllocationConfig(target=0.3), SearchConfig(generations=5, small=32, large=64))
     s2.stop()
     with pytest.raises(ExplorerError, match="before its first trial"):

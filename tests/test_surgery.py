@@ -45,19 +45,49 @@ def test_pruned_equals_zeroed(tiny):
     torch.testing.assert_close(_logits(model, batch), _logits(zeroed, batch), atol=1e-5, rtol=1e-4)
 
 
+def _out_projection(name, model, i):
+    """Block i's attention output projection, found without the adapter: (module, input dim of its weight)."""
+    if name == "llama":
+        return model.model.layers[i].self_attn.o_proj, 1
+    if name == "gpt2":
+        return model.transformer.h[i].attn.c_proj, 0  # Conv1D: weight (in, out)
+    if name == "bert":
+        return model.bert.encoder.layer[i].attention.output.dense, 1
+    return model.distilbert.transformer.layer[i].attention.out_lin, 1
+
+
 def test_gqa_groups_carry_their_query_heads(tiny):
+    """Keeping attention unit 1 of block 0 keeps its KV head and exactly the query heads that read it
+    (HF's repeat_kv: query head h reads KV head h // heads_per_group, so unit 1 owns the contiguous query
+    heads qpk..2·qpk-1). Checked without the adapter's slices: the cut model's logits equal the dense
+    model's with every other query head's channels of the output projection's input zeroed, and for
+    LLaMA the kept rows and columns are those heads' own."""
     name, model = tiny
     ad = adapter_for(model.config.model_type)
     b = ad.block(model, 0)
-    n_q_rows = b.attn.n_units * b.heads_per_group * b.head_dim
-    keep_units(b.attn, [0])
+    qpk, hd, n = b.heads_per_group, b.head_dim, b.attn.n_units
+    assert (qpk, n) == ((2, 3) if name == "llama" else (1, 4))
+    dense = copy.deepcopy(model)
+    kept = list(range(qpk * hd, 2 * qpk * hd))  # unit 1's query heads' channels (o_proj input)
+    others = [c for c in range(n * qpk * hd) if c not in set(kept)]
+    zeroed = copy.deepcopy(model)
+    proj, in_dim = _out_projection(name, zeroed, 0)
+    with torch.no_grad():
+        proj.weight.index_fill_(in_dim, torch.tensor(others), 0.0)
+    keep_units(b.attn, [1])
     ad.after_prune(ad.block(model, 0))
     b2 = ad.block(model, 0)
-    assert b2.attn.n_units == 1
-    per_q = b.heads_per_group * b.head_dim
-    q_like = [s for s in b2.attn.slices if s.name == "weight"][0].param
-    assert n_q_rows // b.attn.n_units == per_q
-    assert per_q in q_like.shape or 3 * per_q in q_like.shape
+    assert b2.attn.n_units == 1 and widths(ad, model)[0]["heads"] == qpk
+    cut_proj, _ = _out_projection(name, model, 0)
+    assert cut_proj.weight.shape[in_dim] == qpk * hd
+    batch = tiny_batch()
+    torch.testing.assert_close(_logits(model, batch), _logits(zeroed, batch), atol=1e-5, rtol=1e-4)
+    if name == "llama":  # the kept parameters are unit 1's: its query heads' rows, its KV head's rows
+        sa, sd = model.model.layers[0].self_attn, dense.model.layers[0].self_attn
+        assert torch.equal(sa.q_proj.weight, sd.q_proj.weight[kept])
+        assert torch.equal(sa.k_proj.weight, sd.k_proj.weight[hd:2 * hd])
+        assert torch.equal(sa.v_proj.weight, sd.v_proj.weight[hd:2 * hd])
+        assert torch.equal(sa.o_proj.weight, sd.o_proj.weight[:, kept])
 
 
 def test_drop_layers_keeps_model_working(tiny):
