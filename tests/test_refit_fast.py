@@ -248,28 +248,15 @@ def test_stream_moved_by_the_refit_output_equals_running_the_block(monkeypatch, 
     torch.testing.assert_close(lf, ls, rtol=1e-4, atol=1e-4)
 
 
-def _layer_input(lm, texts, i):
-    """Block i's input hidden states in a forward of the whole model (one batch of `texts`)."""
-    got = {}
-
-    def hook(module, args, kwargs):
-        got.setdefault("x", (args[0] if args else kwargs["hidden_states"]).detach().clone())
-    h = lm.adapter.layers(lm.model)[i].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        _logits(lm, texts)
-    finally:
-        h.remove()
-    return got["x"]
-
-
 def test_post_norm_blocks_still_run_again(monkeypatch):
     """BERT's blocks end in a LayerNorm, so the stream cannot move on by the output projection's change
     (`_replay`): after every block but the last the block runs again (an update pass), no replay is
     kept, and the next block's statistics are taken on the cut and refit block's real output."""
+    from test_reconstruct import _layer_inputs  # block i's input in a forward of the whole model
     lm, data = tiny_lm("bert"), tiny_data(60)
     texts = data.texts["train"][:20]
     assert lm.adapter.family not in R.RESIDUAL_FAMILIES
-    dense_l1_in = _layer_input(lm, texts, 1)
+    dense_l1_in = _layer_inputs(lm, texts, 1)
     calls, seen = [], {}
     real = R._forward_block
 
@@ -286,7 +273,7 @@ def test_post_norm_blocks_still_run_again(monkeypatch):
     assert sum(update for update, _ in calls) == n - 1  # one update pass after every block but the last
     assert not any(kept for _, kept in calls)  # nothing replayed
     assert len(calls) == 2 * n + n - 1  # attention and MLP statistics passes, plus the update passes
-    torch.testing.assert_close(seen["x"], _layer_input(lm, texts, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen["x"], _layer_inputs(lm, texts, 1), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(seen["x"], dense_l1_in, atol=1e-4)
 
 
