@@ -242,8 +242,12 @@ def test_stop_during_the_importance_analysis(driver):
     d.page.locator("#importance-btn").click()
     d.page.locator("#importance-status", has_text="calibration batches").wait_for()  # the analysis is under way
     d.page.locator("#importance-stop-btn").click()
-    d.page.locator(".toast-body", has_text="Stopping the importance analysis after the current batch").wait_for()
-    status = d.wait_text("importance-status", "Stopped: the analysis was cancelled")
+    # what the Stop does, on the job's own status line (the "Stopping …" toast is transient: under load
+    # CI once waited 180 s for it, so it is read, not waited for)
+    d.page.wait_for_function("() => /Stopped|Importance from 512/.test(document.getElementById('importance-status')"
+                             ".innerText)", timeout=d.timeout)  # the analysis ends either way
+    status = d.text("importance-status")
+    assert "Stopped: the analysis was cancelled" in status, (status, d.toasts())  # the click reached the analysis
     assert "the previous importance and allocation stay" in status and status != before
     assert d.plot("layer-importance-plot")  # the last heatmaps stay
 
