@@ -423,16 +423,20 @@ def merge_rows(old: dict | None, new: dict) -> dict:
 
 
 def combine(docs: list[dict], out: Path) -> int:
-    """recon.json from runs of different models made side by side: the later run's meta, the other
-    as the earlier one; both runs' commits stay in the provenance (write_json's `earlier`)."""
-    models = [r["model"] for d in docs for r in d["results"]]
-    if len(models) != len(set(models)):
-        raise SystemExit(f"--combine: the two documents share a model ({models}); use --merge for that")
-    first, last = sorted(docs, key=lambda d: d["meta"]["date"])
-    meta = {**last["meta"], "earlier": first["meta"]}
-    prov = write_json(out / "recon.json", {"meta": meta, "results": first["results"] + last["results"]}, docs)
-    (out / "RECON.md").write_text(render(first["results"] + last["results"], meta, prov))
-    log(f"wrote {out / 'RECON.md'} from {len(docs)} runs")
+    """recon.json from runs made apart (side by side, or a rerun of one model): per model the newest
+    run's results; the provenance lists every run whose results stay (write_json's `earlier`)."""
+    docs = sorted(docs, key=lambda d: d["meta"]["date"])
+    newest = {r["model"]: (d, r) for d in docs for r in d["results"]}  # later runs override earlier ones
+    kept = [d for d in docs if any(src is d for src, _ in newest.values())]
+    chain = kept[0]["meta"]  # the oldest run, with the runs it merged itself
+    for d in kept[1:]:  # each newer run's meta points to the one before, as a --merge writes it
+        chain = {**d["meta"], "earlier": chain}
+    meta = chain
+    results = [r for _, r in newest.values()]
+    prov = write_json(out / "recon.json", {"meta": meta, "results": results}, kept)
+    (out / "RECON.md").write_text(render(results, meta, prov))
+    log(f"wrote {out / 'RECON.md'} from {len(kept)} runs: " + ", ".join(f"{m} ({src['meta']['date']})"
+                                                                     for m, (src, _) in newest.items()))
     return 0
 
 
@@ -451,8 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", action="store_true", help="add the new rows to recon.json, replacing rows of the "
                     "same (model, method, budget, seed) and keeping the rest")
     ap.add_argument("--no-recovery", action="store_true", help="skip the recovery rows (training after the refit)")
-    ap.add_argument("--combine", nargs=2, metavar="JSON", help="run nothing: write recon.json / RECON.md from two "
-                    "recon.json of different models (runs made side by side), keeping both runs' provenance")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="run nothing: write recon.json / RECON.md from "
+                    "these recon.json (runs made apart), per model the newest run's results, with every kept run's "
+                    "provenance")
     args = ap.parse_args(argv)
     if args.combine:
         return combine([json.loads(Path(f).read_text()) for f in args.combine], Path(args.out))
