@@ -93,7 +93,7 @@ for _method in (
     Method("adapruner", "AdaPruner: TPE search (50 trials) over categorical calibration subsets, Taylor orders and "
            "the coarse/fine mix, each trial a one-shot cut with a ridge refit scored on val without a model copy; "
            "then staged pruning with the best configuration in every stage", adapruner.make,
-           departs="the per-trial refit uses the dense inputs (non-sequential) at a fixed λ; second order = the Fisher diagonal; the bench uses 4 subsets"),
+           departs="the per-trial refit uses the dense inputs (non-sequential) at a fixed λ; second order = the Fisher diagonal"),
     Method("fusion", "adaptive estimation fusion: coarse (vector) and fine (element) Taylor mixed per layer and "
            "kind with attention weights (our reading of arXiv 2403.10799's abstract; option fusion_rule="
            "inverse-variance: our split-half variant), then Adapt-Pruner stages", fusion.make,
