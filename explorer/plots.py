@@ -57,8 +57,10 @@ def _layout(fig: go.Figure, title: str, height: int = HEIGHT, legend_below: bool
              for w in textwrap.wrap(part, SUBTITLE_CHARS)]
     text = title + "".join(f"<br><span style='font-size:11px'>{html.escape(line, quote=False)}</span>"
                            for line in lines)
-    top = 60 + TITLE_PAD + 15 * len(lines)
-    fig.update_layout(title=dict(text=text, x=0.01, y=1.0, yref="container", yanchor="top", pad=dict(t=TITLE_PAD),
+    # the app's plotly.js lifts a title of several lines by a few px a line: the pad grows with them
+    pad = TITLE_PAD + 7 * len(lines)
+    top = 60 + pad + 15 * len(lines)
+    fig.update_layout(title=dict(text=text, x=0.01, y=1.0, yref="container", yanchor="top", pad=dict(t=pad),
                                  font=dict(size=15)),
                       height=height + (40 if legend_below else 0) + top - 60,
                       margin=dict(l=60, r=20, t=top + (20 if lines and not legend_below else 0),
