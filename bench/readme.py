@@ -16,6 +16,7 @@ and every docs/*.md); a NAME may live in any of them (once per file). The blocks
   * budgets-summary : its six methods, chart and claims alone (the README's Results).
   * app-stage  : the app's handlers timed as a demo runs them (bench/app_stage.json, `python -m bench.app_stage`);
   * app-speed  : the same run as one table (the README's performance section);
+  * app-phases : its runs' phases beside the 2026-12-02 run's (bench/app_stage_before.json);
   * metrics    : the quick look's importance metric and refit (bench/metrics.json, `python -m bench.metrics`);
   * metrics-summary : its metric table alone (the README's Importance panel).
 A block body is written with links relative to the repository root; in a file below it (docs/) its
@@ -130,6 +131,47 @@ def budgets_summary_block(doc: dict) -> str:
     return "\n".join(L).strip() + "\n"
 
 
+# A status line of the app's Run handler -> the phase it starts (the first match wins); the phase
+# lasts until the next line. Lines that end a run ("... done", "Done: ...") start nothing.
+PHASES = [("Measuring the dense model", "dense measurement (quality, latency, decode)"),
+          ("estimating importance", "importance analysis"), ("pruning, then recovery", "cut and its evaluation"),
+          ("); reconstructing", "cut and its evaluation"), ("reconstructing layer by layer", "reconstruction"),
+          ("evaluating", "evaluation of the stage")]
+
+
+def phase_seconds(status: list) -> dict[str, float]:
+    """[(seconds since the click, status line), ...] -> seconds per phase."""
+    out: dict[str, float] = {}
+    for (t, line), (t_next, _) in zip(status, status[1:]):
+        phase = next((name for key, name in PHASES if key in line), None)
+        if phase:
+            out[phase] = out.get(phase, 0.0) + t_next - t
+    return out
+
+
+def app_phases_block(doc: dict) -> str:
+    """docs/RESULTS.md's block (bench.readme "app-phases"): one reconstructed stage's phases, before
+    (bench/app_stage_before.json, the 2026-12-02 run kept verbatim) and after (bench/app_stage.json)."""
+    before = _load(ROOT, "app_stage_before.json")
+    cols = []  # (label, phases, total)
+    if before:
+        cols += [(f"{before['meta']['model']} before, run {i + 1}", phase_seconds(run), run[-1][0])
+                 for i, run in enumerate(before["runs"])]
+    for res in doc["results"]:
+        cols += [(f"{res['model']} after, {st['step']}", phase_seconds(st["status"]), st["seconds"])
+                 for st in res["steps"] if st["step"].startswith("run")]
+    names = list(dict.fromkeys(name for _, name in PHASES))
+    L = [f"Seconds per phase of one reconstructed stage from the Run click, read from the status lines "
+         f"(before: {before['meta']['date'] if before else 'not recorded'}, taylor importance inside the run, "
+         f"every stage timed; after: {doc['meta']['date']}, importance computed beforehand and reused, no "
+         "timing). MiniLM-RT's before was not recorded as a run.", "",
+         "| phase | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in names:
+        L.append(f"| {name} | " + " | ".join(f"{c[1][name]:.1f}" if name in c[1] else "–" for c in cols) + " |")
+    L.append("| **click to the stage's point** | " + " | ".join(f"**{c[2]:.1f}**" for c in cols) + " |")
+    return "\n".join(L) + "\n"
+
+
 def app_stage_block(doc: dict) -> str:
     from .app_stage import readme_block
     return readme_block(doc)
@@ -173,6 +215,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "bigmodel": ("bigmodel.json", bigmodel_block),
     "budgets": ("budgets.json", budgets_block),
     "budgets-summary": ("budgets.json", budgets_summary_block),
+    "app-phases": ("app_stage.json", app_phases_block),
     "app-stage": ("app_stage.json", app_stage_block),
     "app-speed": ("app_stage.json", app_speed_block),
     "metrics": ("metrics.json", metrics_block),
