@@ -255,7 +255,9 @@ def save(out: Path, doc: dict, new_rows: list[dict], earlier: list, start_fresh:
                 rows.append(r)
         merged = dict(doc)
         merged["rows"] = rows
-        merged["lr"] = {**disk.get("lr", {}), **doc.get("lr", {})}
+        # a learning rate given on the command line (--lr) never replaces the record of one chosen on val
+        merged["lr"] = {**disk.get("lr", {}), **{f: v for f, v in doc.get("lr", {}).items()
+                                                 if not (v.get("given") and f in disk.get("lr", {}))}}
         mine = doc["meta"]["runs"][-1]
         # the other runs as the file has them (a side-by-side run updates its own entry there), then this one
         runs = [r for r in doc["meta"]["runs"][:-1] + disk["meta"].get("runs", []) if r.get("id") != mine.get("id")]
@@ -413,9 +415,12 @@ def apt_settings(doc: dict) -> list[str]:
 def lr_section(doc: dict) -> list[str]:
     L = []
     for fam, v in sorted(doc.get("lr", {}).items()):
+        if v.get("given"):
+            L.append(f"- **{fam}** family: {v['chosen']:g}, given on the command line (not chosen on val)")
+            continue
         trials = ", ".join(f"{float(lr):g}: {acc:.4f}" for lr, acc in sorted(v["val"].items(), key=lambda kv: float(kv[0])))
         L.append(f"- **{fam}** family ({v['method']} at T = {v['budget']}, {v['target']:.0%}, seed {v['seed']}): "
-                 f"val accuracy by lr {trials} → **{v['chosen']:g}**" + (" (given, not chosen)" if v.get("given") else ""))
+                 f"val accuracy by lr {trials} → **{v['chosen']:g}**")
     return L
 
 

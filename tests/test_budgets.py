@@ -86,3 +86,11 @@ def test_smoke_run_writes_the_reports_and_resumes(tmp_path):
     assert B.main(argv + ["--merge"]) == 0  # everything is there already: nothing reruns
     again = json.loads((tmp_path / "budgets.json").read_text())
     assert len(again["rows"]) == n and len(again["meta"]["runs"]) == 2
+    # a rate given on the command line adds rows but keeps the record of the rate chosen on val (CI-free
+    # regression: a --lr run once replaced it and its report crashed on the missing fields)
+    chosen = again["lr"]["apt"]
+    assert B.main(argv + ["--merge", "--budgets", "6", "--methods", "apt", "--seeds", "0",
+                          "--lr", f"apt={chosen['chosen']}"]) == 0
+    third = json.loads((tmp_path / "budgets.json").read_text())
+    assert third["lr"]["apt"] == chosen and len(third["rows"]) == n + 1
+    assert "apt" in (tmp_path / "BUDGETS.md").read_text()
