@@ -606,6 +606,9 @@ def cmd_recover(args) -> None:
               file=sys.stderr)
     if state is not None:
         state.wait_for_everyone()
+        # leave the process group before exit: a gloo group left to the interpreter's teardown aborted a
+        # rank on a loaded machine ("terminate called without an active exception", SIGABRT)
+        torch.distributed.destroy_process_group()
 
 
 def cmd_generate(args) -> None:
