@@ -390,7 +390,10 @@ def _parse_csv(text: str, shown: str, ext: str, text_column: str, label_column: 
     first_line = next((ln for ln in text.split("\n") if ln.strip()), "")
     delimiter = "\t" if ext == ".tsv" else ","
     if ext != ".tsv":
-        header = next(csv.reader([first_line]), [])
+        try:
+            header = next(csv.reader([first_line]), [])
+        except csv.Error:  # e.g. a lone "\r" in the line: the full parse below says what is wrong
+            header = []
         names = [h.strip() for h in header]
         if text_column not in names and text_column.lower() not in [h.lower() for h in names]:
             for d in ("\t", ";", "|"):
