@@ -119,11 +119,12 @@ def budgets_summary_block(doc: dict) -> str:
     """The README's block (bench.readme "budgets-summary"): quality against training steps for the
     design documents' methods (ablation variants left to BUDGETS.md), the chart and each claim's reading."""
     from .budgets import SVG_NAME, apt_settings, claim_summary, header, quality_table
+    plain = {**doc, "rows": [r for r in doc["rows"] if "[" not in r["method"]]}  # "apt[no growth]" etc. left out
     L = [header(doc), ""]
-    for target in sorted({r["target"] for r in doc["rows"] if "[" not in r.get("method", "[")}, reverse=True):
+    for target in sorted({r["target"] for r in plain["rows"]}, reverse=True):
         L += [f"{doc['model']} at **{target:.0%}** removed, test accuracy after T optimiser steps (mean ± std (seeds; "
               f"% of dense {doc['dense']['test']:.4f})):", ""]
-        L += [row for row in quality_table(doc, target) if "[" not in row.split("|")[1]] + [""]
+        L += quality_table(plain, target) + [""]
     L += [f"![quality against steps and wall time](bench/{SVG_NAME})", ""] + claim_summary(doc)
     st = apt_settings(doc)
     if st:
@@ -149,10 +150,9 @@ def phase_seconds(status: list) -> dict[str, float]:
     return out
 
 
-def app_phases_block(doc: dict) -> str:
+def app_phases_block(doc: dict, before: dict | None) -> str:
     """docs/RESULTS.md's block (bench.readme "app-phases"): one reconstructed stage's phases, before
     (bench/app_stage_before.json, the 2026-12-02 run kept verbatim) and after (bench/app_stage.json)."""
-    before = _load(ROOT, "app_stage_before.json")
     cols = []  # (label, phases, total)
     if before:
         cols += [(f"{before['meta']['model']} before, run {i + 1}", phase_seconds(run), run[-1][0])
@@ -206,8 +206,9 @@ def metrics_block(doc: dict) -> str:
     return "\n".join(_demote(render(doc).split("\n", 2)[2].splitlines(), 2)).strip() + "\n"
 
 
-# name -> (the JSON under bench/ it is rendered from, the renderer)
-BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
+# name -> (the JSON under bench/ it is rendered from, the renderer); a renderer of several JSONs names
+# them all (the first decides whether the block is rendered, the others are passed as None when absent)
+BLOCKS: dict[str, tuple[str | tuple[str, ...], Callable[..., str]]] = {
     "make-bench": ("results.json", make_bench_block),
     "recon-long": ("recon.json", recon_long_block),
     "plans": ("plans.json", plans_block),
@@ -215,7 +216,7 @@ BLOCKS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "bigmodel": ("bigmodel.json", bigmodel_block),
     "budgets": ("budgets.json", budgets_block),
     "budgets-summary": ("budgets.json", budgets_summary_block),
-    "app-phases": ("app_stage.json", app_phases_block),
+    "app-phases": (("app_stage.json", "app_stage_before.json"), app_phases_block),
     "app-stage": ("app_stage.json", app_stage_block),
     "app-speed": ("app_stage.json", app_speed_block),
     "metrics": ("metrics.json", metrics_block),
@@ -229,9 +230,9 @@ def blocks(root: Path = ROOT, names=None) -> dict[str, str]:
     out = {}
     for name in (BLOCKS if names is None else names):
         src, render = BLOCKS[name]
-        doc = _load(root, src)
-        if doc is not None:
-            out[name] = render(doc)
+        docs = [_load(root, s) for s in ((src,) if isinstance(src, str) else src)]
+        if docs[0] is not None:
+            out[name] = render(*docs)
     return out
 
 

@@ -386,15 +386,20 @@ def _encode_labels(raw: list[str | int], shown: str, label_column: str) -> tuple
     return [ids[v] for v in values], names
 
 
+def _first_row(text: str) -> list[str]:
+    """The first non-blank row of comma-separated `text`, by the parser's own row rules (quoted line
+    breaks, "\r" ends); [] when it is not valid CSV (the full parse then says what is wrong)."""
+    try:
+        return next((row for row in csv.reader(io.StringIO(text, newline="")) if any(h.strip() for h in row)), [])
+    except csv.Error:
+        return []
+
+
 def _parse_csv(text: str, shown: str, ext: str, text_column: str, label_column: str):
     first_line = next((ln for ln in text.split("\n") if ln.strip()), "")
     delimiter = "\t" if ext == ".tsv" else ","
     if ext != ".tsv":
-        try:
-            header = next(csv.reader([first_line]), [])
-        except csv.Error:  # e.g. a lone "\r" in the line: the full parse below says what is wrong
-            header = []
-        names = [h.strip() for h in header]
+        names = [h.strip() for h in _first_row(text)]
         if text_column not in names and text_column.lower() not in [h.lower() for h in names]:
             for d in ("\t", ";", "|"):
                 if d in first_line:

@@ -147,12 +147,35 @@ class Driver:
     def choose(self, elem_id: str, option: str) -> None:
         self.page.locator(f"#{elem_id} label", has_text=option).first.click()
 
-    def edit_cell(self, elem_id: str, row: int, col: int, text: str) -> None:
-        """Type into one cell of a gr.Dataframe and commit it with Enter."""
-        self.page.locator(f"#{elem_id} [data-testid=cell-{row}-{col}]").dblclick()
-        self.page.keyboard.press("Control+A")
-        self.page.keyboard.type(text)
-        self.page.keyboard.press("Enter")
+    def edit_cell(self, elem_id: str, row: int, col: int, text: str,
+                  until: tuple[str, str] | None = None, tries: int = 3) -> None:
+        """Type into one cell of a gr.Dataframe and commit it with Enter. The keys are typed only once
+        the cell's editor has the focus (on a busy machine a double click can land while the table is
+        still being re-rendered by the previous edit's answer, and the keys would go nowhere); with
+        `until` = (element id, text), the edit is made again until that text shows."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+        cell = self.page.locator(f"#{elem_id} [data-testid=cell-{row}-{col}]")
+        for _ in range(tries):
+            cell.dblclick()
+            try:
+                self.page.wait_for_function(
+                    """id => { const a = document.activeElement, t = document.getElementById(id);
+                               return !!a && !!t && t.contains(a) && ['INPUT', 'TEXTAREA'].includes(a.tagName); }""",
+                    arg=elem_id, timeout=20_000)
+            except PlaywrightTimeout:
+                continue
+            self.page.keyboard.press("Control+A")
+            self.page.keyboard.type(text)
+            self.page.keyboard.press("Enter")
+            if until is None:
+                return
+            try:
+                self.wait_text(*until, timeout_s=self.timeout / 1000 / tries)
+                return
+            except PlaywrightTimeout:
+                continue
+        raise AssertionError(f"#{elem_id} cell ({row}, {col}): the edit {text!r} did not register in {tries} tries"
+                             + (f" (#{until[0]} never showed {until[1]!r})" if until else ""))
 
     def load(self, model: str | None = None, upload: Path | None = None, expect: str = "Loaded") -> str:
         """Load on the Model & data tab: pick `model` (a listed name or typed text), attach `upload`

@@ -9,7 +9,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Results are not reused between tests (tests/test_cache.py and test_predict.py switch the caches on for
 # themselves), and nothing is written to the user's ~/.cache.
 os.environ.setdefault("EXPLORER_CACHE", "0")
-os.environ.setdefault("EXPLORER_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="explorer-cache-tests-"))
+if "EXPLORER_CACHE_DIR" not in os.environ:  # one folder for the session (and its app servers), removed at exit
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["EXPLORER_CACHE_DIR"] = tempfile.mkdtemp(prefix="explorer-cache-tests-")
+    atexit.register(shutil.rmtree, os.environ["EXPLORER_CACHE_DIR"], ignore_errors=True)
 
 import pytest
 import torch

@@ -281,7 +281,8 @@ def test_export_writes_model_zip_reports_and_charts(ready):
     assert "layer importance" in html and "quality" in html
     # where the exported model runs, said in the Export tab as in its card (explorer.deploy): a BERT runs in
     # ONNX Runtime and with transformers, never in llama.cpp (LLaMA family only)
-    assert "Where run" in status and "ONNX Runtime" in status
+    assert re.search(r"\*\*Where the model of run #\d[^'*]*runs\*\*", status), status  # one label, no stray quotes
+    assert "ONNX Runtime" in status
     assert re.search(r"\| llama\.cpp[^|]*\| no \|", status), status
 
 

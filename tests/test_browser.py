@@ -69,10 +69,9 @@ def test_load_importance_allocation_run_and_stop(driver):
     assert "computed in" in d.text("allocation-summary")
 
     # The per-layer table: a non-number gives a message; a number sets that one layer by hand.
-    d.edit_cell("allocation-table", 1, 2, "abc")
-    d.wait_text("allocation-summary", "layer 1: sparsity 'abc' is not a number")
-    d.edit_cell("allocation-table", 1, 2, "0.6")
-    assert "Set by hand: layer(s) 1 (" in d.wait_text("allocation-summary", "Set by hand")
+    d.edit_cell("allocation-table", 1, 2, "abc", until=("allocation-summary", "layer 1: sparsity 'abc' is not a number"))
+    d.edit_cell("allocation-table", 1, 2, "0.6", until=("allocation-summary", "Set by hand"))
+    assert "Set by hand: layer(s) 1 (" in d.text("allocation-summary")
     assert d.wait_plot("allocation-plot", "Math.abs(data[0].y[1] - 0.6) < 1e-9")[0]["y"][1] == 0.6
     d.page.get_by_role("button", name="Reset hand edits").click()
     d.wait_plot("allocation-plot", "Math.abs(data[0].y[1] - 0.6) > 1e-3")
@@ -165,8 +164,8 @@ def test_predicted_quality_follows_a_table_edit_and_the_search_fills_the_table(d
     d.wait_text("allocation-summary", "Predicted val accuracy")
     before = predicted()
     assert before is not None and {"uniform", "this plan"} <= {t["name"] for t in d.plot("predict-plot")}
-    d.edit_cell("allocation-table", 1, 2, "0.9")  # make layer 1 much sparser: the prediction moves
-    d.wait_text("allocation-summary", "Set by hand: layer(s) 1")
+    # make layer 1 much sparser: the prediction moves
+    d.edit_cell("allocation-table", 1, 2, "0.9", until=("allocation-summary", "Set by hand: layer(s) 1"))
     deadline = time.monotonic() + 30
     while predicted() == before and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -180,8 +179,8 @@ def test_predicted_quality_follows_a_table_edit_and_the_search_fills_the_table(d
     curve = d.wait_plot("plan-search-plot", "data.length == 2")
     assert len(curve[1]["x"]) >= 2  # the start and at least one generation
     d.wait_plot("allocation-plot", "layout.title.text.includes('(search')")
-    d.edit_cell("allocation-table", 2, 2, "0.5")  # the searched plan stays editable
-    assert "Set by hand: layer(s) 2" in d.wait_text("allocation-summary", "Set by hand")
+    # the searched plan stays editable
+    d.edit_cell("allocation-table", 2, 2, "0.5", until=("allocation-summary", "Set by hand: layer(s) 2"))
     d.page.get_by_role("button", name="Reset hand edits").click()
     d.choose("mode-input", "exact")
 

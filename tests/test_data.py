@@ -355,3 +355,13 @@ def test_a_lone_carriage_return_in_a_csv_header_is_a_message(tmp_path):
     p.write_bytes("\x80\r ".encode())
     with pytest.raises(ExplorerError, match="no column 'text'"):
         load_data(str(p))
+
+
+def test_a_quoted_line_break_in_the_header_keeps_the_comma(tmp_path):
+    """The header is read by the CSV parser's own row rules: a quoted column name holding a line break and
+    a ';' is one column, not a first line '"a;b' that made ';' the delimiter and lost every column."""
+    p = tmp_path / "x.csv"
+    p.write_text('"notes; a\nsecond line",text,label\n' + "".join(f"n{i},review {i},{i % 2}\n" for i in range(30)))
+    d = load_data(str(p))
+    _check_consistent(d)
+    assert "review 0" in _all_texts(d) and d.label_names == ["0", "1"]

@@ -718,8 +718,8 @@ class ExplorerApp:
                         res = export(model, fmt, out / f"{stem}.{fmt.split('-')[0]}")
                         files.append(Path(res["path"]))
                         checks.append(f"{name}: {res.get('check_summary', 'written')}")
-                    checks.append(table_markdown(model, heading=f"**Where run '{label}''s model runs** (from its "
-                                                                "widths; the model card has the same table)"))
+                    checks.append(table_markdown(model, heading=f"**Where the model of run {label} runs** (from "
+                                                                "its widths; the model card has the same table)"))
         except Exception as e:
             return ExportOut([], warn(f"Export failed, nothing to download ({message(e)}); the pruned model is "
                                       "kept: try again."))
