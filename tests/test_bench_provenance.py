@@ -79,7 +79,7 @@ KNOWN_STALE = {
     "plans.json", "recipe.json", "recon.json", "results.json",
     "deploy.json",  # bench/deploy.py was edited after its run (2026-12-07 03:50)
     # explorer/data.py's CSV header sniff was fixed after their runs (a lone "\r" raised csv.Error)
-    "app_stage.json", "app_memory.json", "metrics.json",
+    "app_stage.json", "metrics.json",
 }
 
 
