@@ -220,7 +220,7 @@ def where_it_runs(source, plan: dict | None = None) -> list[dict]:
 def table_markdown(source, plan: dict | None = None, heading: str = "") -> str:
     """`where_it_runs` as a markdown table (the model card's section, the app's Export tab)."""
     rows = where_it_runs(source, plan)
-    lines = ([heading, ""] if heading else []) + ["| runtime | runs it | how / why not | checked by |",
+    lines = ([heading, ""] if heading else []) + ["| runtime | runs? | how / why not | checked by |",
                                                   "|---|---|---|---|"]
     for r in rows:
         text = (r["how"] if r["works"] else r["why_not"]).replace("|", "\\|")
