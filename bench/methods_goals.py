@@ -28,6 +28,7 @@ DEFAULT_RUNS = ("adaptive@0.3,adaptive@0.5,apt@0.5,adapruner@0.3,lora-before@0.3
 CLAIMS = [  # (better, worse, budget): the claim "better >= worse"
     ("apt", "adaptive", 0.5),
     ("adapruner", "adaptive", 0.3),
+    ("adapruner", "adaptive", 0.5),
     ("lora-prune-ft", "lora-after", 0.3),
     ("lora-after", "lora-before", 0.3),
 ]
