@@ -78,8 +78,6 @@ KNOWN_STALE = {
     "bigmodel.json", "budgets.json", "methods_goals.json",
     "plans.json", "recipe.json", "recon.json", "results.json",
     "deploy.json",  # bench/deploy.py was edited after its run (2026-12-07 03:50)
-    # explorer/data.py's CSV header reading was changed after its run (a lone "\r" raised csv.Error)
-    "metrics.json",
 }
 
 
