@@ -121,10 +121,13 @@ def budgets_summary_block(doc: dict) -> str:
     from .budgets import SVG_NAME, apt_settings, claim_summary, header, quality_table
     plain = {**doc, "rows": [r for r in doc["rows"] if "[" not in r["method"]]}  # "apt[no growth]" etc. left out
     L = [header(doc), ""]
-    for target in sorted({r["target"] for r in plain["rows"]}, reverse=True):
+    targets = sorted({r["target"] for r in plain["rows"]}, reverse=True)
+    for target in targets[:1]:  # the main target; the others in BUDGETS.md (the README stays short)
         L += [f"{doc['model']} at **{target:.0%}** removed, test accuracy after T optimiser steps (mean ± std (seeds; "
               f"% of dense {doc['dense']['test']:.4f})):", ""]
         L += quality_table(plain, target) + [""]
+    if targets[1:]:
+        L += [f"At {', '.join(f'{t:.0%}' for t in targets[1:])} removed: [`bench/BUDGETS.md`](bench/BUDGETS.md).", ""]
     L += [f"![quality against steps and wall time](bench/{SVG_NAME})", ""] + claim_summary(doc)
     st = apt_settings(doc)
     if st:
