@@ -349,8 +349,6 @@ def test_any_texty_content_load_or_dataerror(tmp_path, ext, content):
 
 def test_a_lone_carriage_return_in_a_csv_header_is_a_message(tmp_path):
     """Found by test_any_bytes_load_or_dataerror on a busy run: '\\x80\\r ' raised csv.Error from the header sniff."""
-    from explorer.data import load_data
-    from explorer.errors import ExplorerError
     p = tmp_path / "fuzz.csv"
     p.write_bytes("\x80\r ".encode())
     with pytest.raises(ExplorerError, match="no column 'text'"):
