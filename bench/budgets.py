@@ -500,8 +500,8 @@ def claim_summary(doc: dict) -> list[str]:
         cs = [c for c in cl if (c["better"], c["worse"]) == (better, worse)]
         if not cs:
             out.append(f"- **{better} ≥ {worse}**: not run in this bench" + (
-                " (AdaPruner at its defaults against adaptive at 20 steps, 30 % and 50 %, 3 seeds: "
-                "bench/METHODS.md's one-budget table)." if better == "adapruner" else "."))
+                " (AdaPruner against adaptive at one budget: bench/METHODS.md's claims table)."
+                if better == "adapruner" else "."))
             continue
 
         def at(xs):
