@@ -90,10 +90,38 @@ def test_density_ranks_fewer_params_higher_and_binary_search_meets_budget():
         assert kept <= max(budget, par[forced].sum())
         density = sal / par
         rest = np.flatnonzero(~keep)
-        if len(rest):  # the best unit left out would not have fitted
-            best_out = rest[np.argmax(density[rest])]
-            assert kept + par[best_out] > budget
-            assert density[rest].max() <= thr + 1e-12 or (keep & ~forced).sum() == 0
+        if len(rest):  # no unit left out would have fitted (the prefix's gap is filled)
+            assert kept + par[rest].min() > budget
+            # units ranked above the threshold are left out only as the exchange's payment: smaller
+            # than a kept unit ranked below it
+            above = rest[density[rest] > thr + 1e-12]
+            below = np.flatnonzero(keep & ~forced & (density <= thr + 1e-12))
+            assert not len(above) or (len(below) and par[above].max() < par[below].max())
+
+
+def test_the_gap_a_big_unit_leaves_is_filled_with_later_smaller_units():
+    """APT's 30 % overshoot: the prefix stopped at an attention head that did not fit, leaving up
+    to a head's parameters unspent; the later (smaller) units that fit now fill it."""
+    # densities 3, 2, 1, 0.5: the prefix keeps unit 0 (4), unit 1 (10) does not fit in 8
+    keep, thr = select_by_density([12.0, 20.0, 2.0, 1.0], [4, 10, 2, 2], budget=8)
+    assert keep.tolist() == [True, False, True, True]  # 4 + 2 + 2 = 8: the budget exactly
+    assert thr == 3.0  # the threshold stays the prefix's (the ranking's cut point)
+    keep, _ = select_by_density([12.0, 20.0, 2.0, 1.0], [4, 10, 2, 3], budget=8)
+    assert keep.tolist() == [True, False, True, False]  # unit 3 (3) no longer fits in the 2 left
+
+
+def test_a_gap_no_later_unit_can_fill_is_closed_by_an_exchange():
+    """Every small unit ranks above the big ones (all kept by the prefix), so no later unit fits the
+    gap: the next big unit is kept and paid for with the lowest-ranked small kept units."""
+    sal = [10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0]  # small units 0-4 (density 10..6 each), then heads 5, 6
+    par = [1, 1, 1, 1, 1, 10, 10]
+    keep, thr = select_by_density(sal, par, budget=12)  # prefix: 5 small (5), head 5 does not fit (15)
+    assert keep.tolist() == [True, True, False, False, False, True, False]  # 2 + 10 = 12: the budget
+    assert thr == 6.0  # the prefix's threshold
+    keep, _ = select_by_density(sal, par, budget=5)  # no gap: nothing exchanged
+    assert keep.tolist() == [True] * 5 + [False, False]
+    keep, _ = select_by_density(sal, par, budget=8)  # keeping a head would not fit even without the small ones
+    assert keep.tolist() == [True] * 5 + [False, False]
 
 
 def test_apt_masks_ramp_to_their_targets_within_the_run():

@@ -29,8 +29,11 @@ pruning happens *inside* it, per optimiser step, over the first T_p = round(prun
     At an update at step t < T_p all units of all layers and kinds are ranked together by
     salience density (salience / parameters of the unit) and a binary search keeps the longest
     prefix that fits γ_t'·(dense block parameters), t' = min(t + update_frequency, T_p) (the
-    density due by the next update, so the last update before T_p asks for γ_T); the most
-    salient unit of each (layer, kind) is always kept (`select_by_density`).
+    density due by the next update, so the last update before T_p asks for γ_T); the budget the
+    prefix leaves (less than the next unit, up to one attention head) is filled with the best-ranked
+    later units that still fit (FFN neurons, usually) or, where none is left out, by keeping the
+    next unit and dropping the lowest-ranked smaller kept ones, so the cut is the target to within
+    the smallest unit; the most salient unit of each (layer, kind) is always kept (`select_by_density`).
   * Masks move toward their target τ ∈ {0, 1} by the document's mask_decay_rate α per optimiser step
     (before the first step and after every step t ≤ T_p), α = 1/update_frequency (the document's
     0.01 with its 100: a unit pruned at an update is at 0 by the next one), faster only where the
@@ -209,8 +212,11 @@ def check_schedule(T: int, opts, where: str = "") -> None:
 def select_by_density(salience, params, budget: float, always_keep=None) -> tuple[np.ndarray, float]:
     """Keep the units with the highest salience density (salience / params) whose parameters
     fit in `budget`. Units in `always_keep` are kept first (they count against the budget).
-    Binary search over the ranked list for the longest prefix that fits. Returns (keep mask,
-    density threshold: the density of the last unit kept by the ranking, inf if none)."""
+    Binary search over the ranked list for the longest prefix that fits; then the budget left
+    (smaller than the next unit of the ranking) is filled, in ranking order, with the later units
+    that still fit, so that no unit left out would fit; where that leaves a gap, the next unit is
+    kept in exchange for the lowest-ranked smaller kept units if the gap shrinks. Returns (keep
+    mask, density threshold: the density of the last unit of the prefix, inf if none)."""
     sal = np.asarray(salience, dtype=np.float64)
     par = np.asarray(params, dtype=np.float64)
     n = len(sal)
@@ -229,7 +235,33 @@ def select_by_density(salience, params, budget: float, always_keep=None) -> tupl
             hi = mid - 1
     keep = forced
     keep[rest[:lo]] = True
+    left = _fill(keep, rest, par, budget - spent - cum[lo])  # the prefix's gap: less than par[rest[lo]]
+    if lo < len(rest) and left > 0 and not keep[rest[lo]]:
+        # Still a gap (every later unit that fits is kept already, e.g. all neurons rank above the last
+        # heads): keep the next unit of the ranking and pay for it with the lowest-ranked kept units
+        # smaller than it, when that leaves a smaller gap.
+        j, trial = rest[lo], keep.copy()
+        need = par[j] - left
+        trial[j] = True
+        for u in [u for u in rest if keep[u]][::-1]:  # lowest density first
+            if need <= 0:
+                break
+            if par[u] < par[j]:
+                trial[u] = False
+                need -= par[u]
+        if need <= 0 and _fill(trial, rest, par, -need) < left:
+            keep[:] = trial
     return keep, float(density[rest[lo - 1]]) if lo > 0 else float("inf")
+
+
+def _fill(keep: np.ndarray, ranked: np.ndarray, par: np.ndarray, left: float) -> float:
+    """Keep, in ranking order, every unit left out that still fits in `left` (in place); returns
+    what is left."""
+    for u in ranked:
+        if not keep[u] and par[u] <= left:
+            keep[u] = True
+            left -= par[u]
+    return left
 
 
 def eq5_terms(abs_g: torch.Tensor, abs_x: torch.Tensor, w_moments: list[torch.Tensor],
