@@ -28,7 +28,8 @@ its defaults, ablations at 20 and 400: sized for 2 h on a quiet 2-core machine a
 finished run is written at once (bench/budgets.json through common.write_json, with its provenance)
 and BUDGETS.md, budgets.html (plotly) and budgets.svg (the same chart, for the README) are rendered
 from the JSON; `--merge` keeps the rows of the existing JSON and skips the runs it already holds
-(so a stopped run resumes), `--shard i/n` runs every n-th job (several processes on one JSON: rows
+(so a stopped run resumes; `--redo` runs them again after a change to the code they measure, each
+row naming its run and each run its commit), `--shard i/n` runs every n-th job (several processes on one JSON: rows
 are merged under a file lock), `--render-only` redraws from the JSON. METHODS.md's budget section is
 rendered from the same JSON (bench.methods_goals).
 """
@@ -40,12 +41,13 @@ import json
 import math
 import statistics
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from . import common  # noqa: F401  (offline environment first)
+from . import common  # offline environment first
 from .common import ROOT, generated_line, log, machine, provenance_text, write_json
 
 OUT = ROOT / "bench"
@@ -467,8 +469,8 @@ def header(doc: dict) -> str:
                           None if len(runs) > 1 else doc.get("provenance"))
     if len(runs) > 1:  # --merge runs, some of them side by side (their rows are merged under a lock)
         line += " Runs merged into the same JSON after it: " + "; ".join(
-            f"{r['date']} `{r['command']}` {r['seconds'] / 60:.1f} min, load {r['load_before']} / {r['load_after']}"
-            for r in runs[1:]) + "."
+            f"{r['date']} `{r['command']}`{' at ' + r['commit'] if r.get('commit') else ''} {r['seconds'] / 60:.1f} min, "
+            f"load {r['load_before']} / {r['load_after']}" for r in runs[1:]) + "."
         if doc.get("provenance"):  # the commit is the last writer's, not the first run's
             line += " The JSON as the last of these runs wrote it: " + provenance_text(doc["provenance"])
     return line
@@ -814,6 +816,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--merge", action="store_true", help="keep the existing JSON's rows, skip the runs it holds")
+    ap.add_argument("--redo", action="store_true", help="with --merge: run again the runs the JSON holds, "
+                                                        "replacing their rows (after a change to the code they measure)")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -844,7 +848,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"{path} holds {prev.get('model')}, not {mode.model}: use another --out")
     command = "python -m bench.budgets " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     t0 = time.perf_counter()
-    run_meta = {"id": f"{os.getpid()}-{time.time():.0f}", "command": command, "machine": machine(),
+    git = common.state_at_start()
+    run_meta = {"id": f"{os.getpid()}-{time.time():.0f}-{uuid.uuid4().hex[:6]}", "command": command, "machine": machine(),
+                "commit": (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else ""),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": common.load_average(),
                 "load_after": common.load_average(), "seconds": 0.0, "threads": args.threads}
     if prev:
@@ -856,7 +862,7 @@ def main(argv=None) -> int:
            "meta": {"machine": run_meta["machine"], "runs": (prev or {}).get("meta", {}).get("runs", []) + [run_meta]},
            "lr": dict((prev or {}).get("lr", {})), "rows": list((prev or {}).get("rows", []))}
     earlier = [prev] if prev else []
-    done = {row_key(r) for r in doc["rows"] if not r.get("error")}
+    done = set() if args.redo else {row_key(r) for r in doc["rows"] if not r.get("error")}
 
     first_save = [not args.merge]
 
@@ -864,6 +870,8 @@ def main(argv=None) -> int:
         nonlocal doc
         run_meta.update(load_after=common.load_average(), seconds=time.perf_counter() - t0)
         doc["meta"]["runs"][-1] = run_meta
+        for r in rows:
+            r["run"] = run_meta["id"]  # its commit: meta.runs[id]
         doc = save(out, doc, rows, earlier, start_fresh=first_save[0])
         first_save[0] = False
         doc["meta"]["runs"][-1] = run_meta

@@ -94,3 +94,13 @@ def test_smoke_run_writes_the_reports_and_resumes(tmp_path):
     third = json.loads((tmp_path / "budgets.json").read_text())
     assert third["lr"]["apt"] == chosen and len(third["rows"]) == n + 1
     assert "apt" in (tmp_path / "BUDGETS.md").read_text()
+    # --redo runs a held run again: its row is replaced (same count), names the new run, and that run
+    # its commit
+    first = {r["run"] for r in third["rows"] if r["method"] == "apt" and r["budget"] == 6}
+    assert B.main(argv + ["--merge", "--redo", "--budgets", "6", "--methods", "apt", "--seeds", "0",
+                          "--lr", f"apt={chosen['chosen']}"]) == 0
+    fourth = json.loads((tmp_path / "budgets.json").read_text())
+    redone = [r for r in fourth["rows"] if r["method"] == "apt" and r["budget"] == 6]
+    assert len(fourth["rows"]) == n + 1 and len(redone) == 1 and {redone[0]["run"]} != first
+    run = next(r for r in fourth["meta"]["runs"] if r["id"] == redone[0]["run"])
+    assert run["commit"] and "--redo" in run["command"]
