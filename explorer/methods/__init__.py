@@ -89,7 +89,7 @@ for _method in (
     Method("apt", "APT: LoRA-style adapters with ranks grown in salient layers, Eq. 5 salience re-estimated "
            "during training (EMA), cubic schedule with masks reaching 0 inside training, self-distillation from "
            "the dense model in place, physical removal at the end", apt.make,
-           departs="one protected unit per layer and kind; hidden channels on their own schedule; masks decay at α = 1/update_frequency a step (the document's 0.01 at its 100), faster only where the deadline prune_until needs it; update_frequency scaled with the run (T_p/10, at most 100); the classifier head frozen with adapters"),
+           departs="one protected unit per layer and kind; the budget the density threshold leaves is filled (later units that fit, or the next unit in exchange for smaller kept ones), so the cut is the target to within one neuron; hidden channels on their own schedule; masks decay at α = 1/update_frequency a step (the document's 0.01 at its 100), faster only where the deadline prune_until needs it; update_frequency scaled with the run (T_p/10, at most 100); the classifier head frozen with adapters"),
     Method("adapruner", "AdaPruner: TPE search (50 trials) over categorical calibration subsets, Taylor orders and "
            "the coarse/fine mix, each trial a one-shot cut with a ridge refit scored on val without a model copy; "
            "then staged pruning with the best configuration in every stage", adapruner.make,
