@@ -115,12 +115,30 @@ def budgets_block(doc: dict) -> str:
     return readme_block(doc)
 
 
+def runs_line(doc: dict) -> str:
+    """One line for a JSON many `--merge` runs wrote (BUDGETS.md lists each run's command and load):
+    how many, from when to when, at which commits, on how many threads, under what load."""
+    runs = sorted(doc["meta"]["runs"], key=lambda r: r.get("date", ""))
+    loads = [x for r in runs for k in ("load_before", "load_after") for x in (r.get(k) or [])[:1]]
+    prov = doc.get("provenance") or {}  # the writers' commits, and those the runs record since they do
+    commits = {(m["commit"] or "")[:12] + (" (dirty)" if m.get("dirty") else "")
+               for m in [prov, *prov.get("merged", [])] if m.get("commit")}
+    at = ", ".join(f"`{c}`" for c in sorted(commits | {r["commit"] for r in runs if r.get("commit")}))
+    threads = sorted({r.get("threads") or doc["meta"].get("machine", {}).get("torch_threads") for r in runs} - {None})
+    cpu = doc["meta"].get("machine", {}).get("cpu", "")
+    return (f"From {len(runs)} runs of `python -m bench.budgets` (`--merge`) between {runs[0]['date']} and "
+            f"{runs[-1]['date']} on {cpu}, {'/'.join(map(str, threads)) or '?'} torch thread(s) each, 1-minute load "
+            f"average {min(loads):.1f}-{max(loads):.1f}; the rows were measured at commits {at}. Each run's command, "
+            f"time and load: [`bench/BUDGETS.md`](bench/BUDGETS.md).")
+
+
 def budgets_summary_block(doc: dict) -> str:
     """The README's block (bench.readme "budgets-summary"): quality against training steps for the
     design documents' methods (ablation variants left to BUDGETS.md), the chart and each claim's reading."""
     from .budgets import SVG_NAME, apt_settings, claim_summary, header, quality_table
     plain = {**doc, "rows": [r for r in doc["rows"] if "[" not in r["method"]]}  # "apt[no growth]" etc. left out
-    L = [header(doc), ""]
+    runs = doc["meta"].get("runs", [])
+    L = [header(doc) if len(runs) < 3 else runs_line(doc), ""]
     targets = sorted({r["target"] for r in plain["rows"]}, reverse=True)
     for target in targets[:1]:  # the issue's main target; the others in BUDGETS.md (the README stays short)
         L += [f"{doc['model']} at **{target:.0%}** removed, test accuracy after T optimiser steps (mean ± std (seeds; "

@@ -104,3 +104,21 @@ def test_smoke_run_writes_the_reports_and_resumes(tmp_path):
     assert len(fourth["rows"]) == n + 1 and len(redone) == 1 and {redone[0]["run"]} != first
     run = next(r for r in fourth["meta"]["runs"] if r["id"] == redone[0]["run"])
     assert run["commit"] and "--redo" in run["command"]
+
+
+def test_the_readme_names_many_merged_runs_in_one_line():
+    """The README's summary of a JSON that many --merge runs wrote: one line (how many, when, which
+    commits, the load's range), BUDGETS.md keeping each run's command."""
+    from bench.readme import budgets_summary_block, runs_line
+    doc = _doc([_row("apt", 20, s, 0.7) for s in range(3)] + [_row("adaptive", 20, s, 0.75) for s in range(3)])
+    run = doc["meta"]["runs"][0]
+    doc["meta"]["runs"] = [{**run, "id": str(i), "date": f"2026-12-07 0{i}:00 UTC", "commit": f"c{i}" * 6,
+                            "load_before": [float(i), 0, 0], "load_after": [i + 0.5, 0, 0]} for i in range(4)]
+    doc["provenance"] = {"commit": "f" * 40, "dirty": False, "merged": [{"commit": "e" * 40, "dirty": True}]}
+    line = runs_line(doc)
+    assert line.startswith("From 4 runs of `python -m bench.budgets` (`--merge`) between 2026-12-07 00:00 UTC "
+                           "and 2026-12-07 03:00 UTC")
+    assert "load average 0.0-3.5" in line and "`c0c0c0c0c0c0`" in line and "`eeeeeeeeeeee (dirty)`" in line
+    assert "`ffffffffffff`" in line and "BUDGETS.md" in line
+    block = budgets_summary_block(doc)
+    assert block.startswith(line) and "Runs merged into the same JSON" not in block
