@@ -12,9 +12,9 @@ the CPU, each mode in its own subprocess so that its peak RSS is its own:
             --probe-layers layers, extrapolated to the full depth
 
 The streamed and whole modes reconstruct with a fixed λ and the metric's units (--recon-lambda,
---recon-select): the defaults' λ search and OBS cost ~100 s per block on the 5632-wide down_proj
-on two busy cores (~20 s with the fixed λ), which would put one mode alone past half an hour;
-their memory is measured by the `defaults` probe and given by the formula.
+--recon-select): the defaults' λ search and OBS cost several times the fixed λ's time per block on
+the 5632-wide down_proj (the report's `defaults` row against the streamed one), which would put one
+mode alone past half an hour; their memory is measured by the `defaults` probe and given by the formula.
 
 For each: peak RSS (VmHWM; reset between phases through /proc/self/clear_refs so that the
 build, the analysis and the reconstruction each get their own peak), the bfloat16 weight size,
@@ -267,8 +267,8 @@ def run_shape(mode: str, shape: dict, a) -> tuple[dict, str]:
     --whole-layers), else on as many layers as fit (extrapolated in the report)."""
     if mode == "defaults":
         n = min(a.probe_layers, shape["layers"])
-        return {**shape, "layers": n}, (f"the default reconstruction costs ~100 s per block here: "
-                                        f"--probe-layers {n}" if n < shape["layers"] else "")
+        return {**shape, "layers": n}, (f"the default reconstruction (λ search, structured OBS) is several times "
+                                        f"the fixed-λ one per block (the row's seconds): --probe-layers {n}" if n < shape["layers"] else "")
     if mode != "whole":
         return shape, ""
     if a.whole_layers:
