@@ -476,6 +476,13 @@ def header(doc: dict) -> str:
     return line
 
 
+def commit_name(state: dict) -> str | None:
+    """A run's commit as the reports name it: 12 hex digits, " (dirty)" for an uncommitted tree
+    (state: common.state_at_start() or a provenance record; None when it has no commit)."""
+    c = state.get("commit")
+    return c[:12] + (" (dirty)" if state.get("dirty") else "") if c else None
+
+
 def missing_cells(doc: dict) -> str:
     """The (target, T, method) cells of `--mode full`'s grid (T = 0 for its cut-only methods) that no
     row of `doc` holds, grouped by target and T ("nothing" when the grid is complete)."""
@@ -850,7 +857,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     git = common.state_at_start()
     run_meta = {"id": f"{os.getpid()}-{time.time():.0f}-{uuid.uuid4().hex[:6]}", "command": command, "machine": machine(),
-                "commit": (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else ""),
+                "commit": commit_name(git) or "?",
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": common.load_average(),
                 "load_after": common.load_average(), "seconds": 0.0, "threads": args.threads}
     if prev:

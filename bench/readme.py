@@ -118,12 +118,12 @@ def budgets_block(doc: dict) -> str:
 def runs_line(doc: dict) -> str:
     """One line for a JSON many `--merge` runs wrote (BUDGETS.md lists each run's command and load):
     how many, from when to when, at which commits, on how many threads, under what load."""
+    from .budgets import commit_name
     runs = sorted(doc["meta"]["runs"], key=lambda r: r.get("date", ""))
     loads = [x for r in runs for k in ("load_before", "load_after") for x in (r.get(k) or [])[:1]]
     prov = doc.get("provenance") or {}  # the writers' commits, and those the runs record since they do
-    commits = {(m["commit"] or "")[:12] + (" (dirty)" if m.get("dirty") else "")
-               for m in [prov, *prov.get("merged", [])] if m.get("commit")}
-    at = ", ".join(f"`{c}`" for c in sorted(commits | {r["commit"] for r in runs if r.get("commit")}))
+    commits = {commit_name(m) for m in [prov, *prov.get("merged", [])]} | {r.get("commit") for r in runs}
+    at = ", ".join(f"`{c}`" for c in sorted(commits - {None}))
     threads = sorted({r.get("threads") or doc["meta"].get("machine", {}).get("torch_threads") for r in runs} - {None})
     cpu = doc["meta"].get("machine", {}).get("cpu", "")
     return (f"From {len(runs)} runs of `python -m bench.budgets` (`--merge`) between {runs[0]['date']} and "

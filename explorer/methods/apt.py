@@ -236,14 +236,14 @@ def select_by_density(salience, params, budget: float, always_keep=None) -> tupl
     keep = forced
     keep[rest[:lo]] = True
     left = _fill(keep, rest, par, budget - spent - cum[lo])  # the prefix's gap: less than par[rest[lo]]
-    if lo < len(rest) and left > 0 and not keep[rest[lo]]:
+    if lo < len(rest) and left > 0:  # rest[lo] is left out: it did not fit in the gap
         # Still a gap (every later unit that fits is kept already, e.g. all neurons rank above the last
         # heads): keep the next unit of the ranking and pay for it with the lowest-ranked kept units
         # smaller than it, when that leaves a smaller gap.
         j, trial = rest[lo], keep.copy()
         need = par[j] - left
         trial[j] = True
-        for u in [u for u in rest if keep[u]][::-1]:  # lowest density first
+        for u in rest[keep[rest]][::-1]:  # the kept ones, lowest density first
             if need <= 0:
                 break
             if par[u] < par[j]:
