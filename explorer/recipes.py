@@ -2,7 +2,7 @@
 `python -m bench.recipe` (bench/recipe.py; figures, grid and test tables in bench/RECIPE.md and
 bench/recipe.json), to be applied over the PruneConfig defaults when the user has not set them.
 
-minilm-rt (bench/RECIPE.md, 2026-12-07; one stage at 40 % of the block parameters, adaptive
+minilm-rt (bench/RECIPE.md, 2026-12-02; one stage at 40 % of the block parameters, adaptive
   A = 0.05, reconstruction, seed 0, 500 val examples). Reconstruction alone: val 0.816. None of
   the 11 distillation configurations (lr 1e-5 / 3e-5 / 1e-4, kd_alpha 0.5 / 1, T 1 / 2, hidden
   state none / cosine / mse, batch 16 / 32, 40 / 100 / 200 steps) nor the 2 LoRA ones beat it on
@@ -13,14 +13,14 @@ minilm-rt (bench/RECIPE.md, 2026-12-07; one stage at 40 % of the block parameter
   98-99 % of dense accuracy. The default is reconstruction without training; "kd_fallback" in
   EXTRA is the best distillation setting on val, for users who ask for distillation anyway.
 
-smollm2-135m (bench/RECIPE.md, 2026-12-07; one stage at 20 %, adaptive A = 0.15 rank,
+smollm2-135m (bench/RECIPE.md, 2026-12-02; one stage at 20 %, adaptive A = 0.15 rank,
   reconstruction, seed 0, 2,048 BBC val tokens; dense val 37.36, reconstruction alone 51.61):
   distillation after reconstruction, kd_alpha 1 (pure KL, no next-token loss, as Minitron), T 1,
   logits only, batch 4 (1,024 tokens a step on CPU). Val: lr 1e-4 x 16 steps 48.59, lr 3e-5 x 16
-  steps 49.81, lr 1e-4 x 40 steps 47.11 (chosen; stopped at step 39 by the bench's 10-minute cap on
+  steps 49.81, lr 1e-4 x 40 steps 47.13 (chosen; stopped at step 35 by the bench's 10-minute cap on
   one shared CPU thread, so the schedule had not quite reached 0). Test (BBC 16,384 tokens, seed 0):
-  41.07 -> 36.83 (1.27x dense 29.06; IMDB 87.85 -> 78.39), short of the 1.15x goal within that
-  time. More steps keep helping (16 -> 39 steps: val 48.59 -> 47.11); raise recovery_steps where
+  41.07 -> 36.87 (1.27x dense 29.06; IMDB 87.85 -> 78.45), short of the 1.15x goal within that
+  time. More steps keep helping (16 -> 35 steps: val 48.59 -> 47.13); raise recovery_steps where
   the hardware allows.
 """
 from __future__ import annotations
