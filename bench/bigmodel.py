@@ -267,8 +267,9 @@ def run_shape(mode: str, shape: dict, a) -> tuple[dict, str]:
     --whole-layers), else on as many layers as fit (extrapolated in the report)."""
     if mode == "defaults":
         n = min(a.probe_layers, shape["layers"])
-        return {**shape, "layers": n}, (f"the default reconstruction (λ search, structured OBS) is several times "
-                                        f"the fixed-λ one per block (the row's seconds): --probe-layers {n}" if n < shape["layers"] else "")
+        return {**shape, "layers": n}, (
+            f"the default reconstruction (λ search, structured OBS) is several times the fixed-λ one per "
+            f"block (the row's seconds): --probe-layers {n}" if n < shape["layers"] else "")
     if mode != "whole":
         return shape, ""
     if a.whole_layers:

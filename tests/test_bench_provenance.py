@@ -5,7 +5,10 @@ Each bench JSON records the run that wrote it (bench.common.write_json: `provena
 on a dirty tree the content of every uncommitted file, `dirty_blobs`) and the earlier runs whose
 rows it keeps (`provenance.merged`). A run measured the files of MEASURES[document] as they were
 then: at its commit, with its uncommitted files as recorded. The document is stale when any of
-them differs at HEAD (a file changed, added or removed). A document or merged run that records no
+them differs at HEAD (a file changed, added or removed). A Python file differs when what it does
+differs: its syntax tree without docstrings, so a reworded docstring or comment, or a reflowed line,
+leaves its documents fresh, while any change to a statement, a name or a string the code uses does
+not. A document or merged run that records no
 commit (written before provenance was recorded) is judged from the date it states: the code of
 the last commit before that date. A dirty run without `dirty_blobs` (recorded before they were)
 is judged from its commit alone.
@@ -15,6 +18,7 @@ shallow clone missing those commits) the test is skipped and says why. CI clones
 """
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import json
 import re
@@ -101,6 +105,31 @@ def blobs(rev: str, paths: list[str], cwd: Path = ROOT) -> dict[str, str]:
     return {line.split("\t", 1)[1]: line.split()[2] for line in out.splitlines() if line.strip()}
 
 
+def code_of(path: str, blob: str | None, cwd: Path = ROOT) -> str | None:
+    """What the Python file `blob` does: the dump of its syntax tree with every docstring dropped
+    (comments and layout never reach the tree). None for a file that is not Python, a blob not in
+    the repository (an uncommitted file of a dirty run) or a file that does not parse."""
+    if blob is None or not path.endswith(".py") or (text := git("cat-file", "-p", blob, cwd=cwd)) is None:
+        return None
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def _same_code(path: str, then: str | None, now: str | None, cwd: Path = ROOT) -> bool:
+    if then == now:
+        return True
+    before = code_of(path, then, cwd)
+    return before is not None and before == code_of(path, now, cwd)
+
+
 def _under(path: str, paths: list[str]) -> bool:
     return any(path == p or (p.endswith("/") and path.startswith(p)) for p in paths)
 
@@ -165,7 +194,7 @@ def changed_since(run: Run, paths: list[str], cwd: Path = ROOT) -> list[str]:
             else:
                 then[path] = blob
     now = blobs("HEAD", paths, cwd)
-    return sorted(p for p in set(then) | set(now) if then.get(p) != now.get(p))
+    return sorted(p for p in set(then) | set(now) if not _same_code(p, then.get(p), now.get(p), cwd))
 
 
 def staleness(name: str, cwd: Path = ROOT, measures: dict[str, list[str]] = MEASURES) -> str | None:
@@ -262,6 +291,28 @@ def test_the_check_fails_a_document_whose_code_changed_after_its_run(tmp_path):
     _commit(repo, {"bench/x.json": _doc({"commit": c4, "dirty": False,
                                           "merged": [{"commit": c1, "dirty": False}]})}, "merge")
     assert "lib/a.py" in staleness("x.json", repo, measures)
+
+
+def test_the_check_ignores_docstrings_comments_and_layout_but_not_code(tmp_path):
+    repo = _repo(tmp_path)
+    measures = {"x.json": ["lib/"]}
+    c1 = _commit(repo, {"lib/a.py": '"""Old words."""\nA = 1\nTEXT = "shown"\n\n\ndef f(x):\n    """Doc."""\n    return x + A\n',
+                        "lib/data.txt": "1\n"}, "code")
+    _commit(repo, {"bench/x.json": _doc({"commit": c1, "dirty": False})}, "run on c1")
+    _commit(repo, {"lib/a.py": '"""New words, new figures: 36.83."""\nA = 1  # a comment\nTEXT = "shown"\n\n\n'
+                               'def f(x):\n    """Another doc."""\n    return (x\n            + A)\n'}, "words only")
+    assert staleness("x.json", repo, measures) is None
+    for change in ({"lib/a.py": '"""New words, new figures: 36.83."""\nA = 1\nTEXT = "shown!"\n\n\ndef f(x):\n'
+                                '    return x + A\n'},  # a string the code uses
+                   {"lib/a.py": '"""Old words."""\nA = 2\nTEXT = "shown"\n\n\ndef f(x):\n    return x + A\n'},
+                   {"lib/data.txt": "2\n"}):  # not Python: any change counts
+        repo2 = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        subprocess.run(["git", "clone", "-q", str(repo), str(repo2)], check=True)
+        for args in (["config", "user.email", "t@t"], ["config", "user.name", "t"]):
+            git(*args, cwd=repo2)
+        _commit(repo2, change, "a change the run did not measure")
+        why = staleness("x.json", repo2, measures)
+        assert why is not None and next(iter(change)) in why, change
 
 
 def test_the_check_reads_a_dirty_run_from_its_recorded_blobs(tmp_path):
