@@ -183,6 +183,34 @@ def _recon_row(method, seed, acc, amplitude=None):
     return r
 
 
+def test_recon_seeds_merges_the_seeds_of_runs_made_side_by_side():
+    """bench.recon_seeds: per model the rows of every run, the newest run's meta first; runs of
+    other settings or other dense figures are not one measurement and are refused."""
+    from bench.recon import model_tables
+    from bench.recon_seeds import merge_runs
+
+    def doc(date, model, seeds, command, samples=8, dense=0.83):
+        rows = [_recon_row(m, s, 0.80 + 0.01 * s) for m in ("uniform", "flap") for s in seeds]
+        return {"meta": {"date": date, "command": command},
+                "results": [{"model": model, "task": "classification", "dense": {"accuracy": dense}, "rows": rows,
+                             "block_params_dense": 100,
+                             "case": {"samples": samples, "seeds": seeds, "budgets": [0.6], "test_n": 0}}]}
+    a = doc("2026-12-08 00:37 UTC", "m", [0, 1], "seeds 0,1")
+    b = doc("2026-12-08 01:40 UTC", "m", [2], "seeds 2")
+    other = doc("2026-12-08 00:10 UTC", "other", [0], "other model")
+    meta, results, kept = merge_runs([b, other, a])
+    m = next(r for r in results if r["model"] == "m")
+    assert m["case"]["seeds"] == [0, 1, 2] and len(m["rows"]) == 6 and len(kept) == 3
+    assert {r["model"] for r in results} == {"m", "other"}
+    assert [meta["command"], meta["earlier"]["command"], meta["earlier"]["earlier"]["command"]] == \
+        ["seeds 2", "seeds 0,1", "other model"]
+    assert "| 60% | uniform | 3 | 60.0% | 0.5000 ± 0.0000 | 0.8100 ± 0.0100 |" in "\n".join(model_tables([m]))
+    with pytest.raises(ValueError, match="samples"):
+        merge_runs([a, doc("2026-12-08 01:40 UTC", "m", [2], "16 samples", samples=16)])
+    with pytest.raises(ValueError, match="dense"):
+        merge_runs([a, doc("2026-12-08 01:40 UTC", "m", [2], "another model", dense=0.5)])
+
+
 def test_adaptive_vs_uniform_sets_aside_the_seeds_where_val_chose_uniform():
     """Where val chose A = 0, adaptive is the uniform plan itself (the same accuracy): "val chose uniform",
     tied by construction, never a pass."""
