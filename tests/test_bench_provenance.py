@@ -80,7 +80,6 @@ MEASURES["app_stage_before.json"] = MEASURES["app_stage.json"]
 # expected failure, by name; rerun the bench and delete its name here.
 KNOWN_STALE = {
     "budgets.json",
-    "deploy.json",  # bench/deploy.py was edited after its run (2026-12-07 03:50)
 }
 
 
